@@ -1,0 +1,89 @@
+//! Per-connection ring buffer: the fan-out hot path pushes one shared frame into every
+//! subscriber's ring, and the writer drains it.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mesher::conn::ring::{Kind, Push, Ring};
+use std::hint::black_box;
+use std::sync::Arc;
+
+/// The server's default `--stream-buffer`.
+const STREAM_BUFFER: usize = 100;
+
+fn frame() -> Arc<[u8]> {
+    Arc::from(vec![0x81u8; 256])
+}
+
+fn push_pop(c: &mut Criterion) {
+    let frame = frame();
+    let mut group = c.benchmark_group("ring");
+
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("push_pop_one", |b| {
+        let mut ring = Ring::new(STREAM_BUFFER);
+        b.iter(|| {
+            ring.push(frame.clone(), Kind::Event);
+            black_box(ring.pop())
+        });
+    });
+
+    group.throughput(Throughput::Elements(STREAM_BUFFER as u64));
+    group.bench_function("fill_then_drain", |b| {
+        let mut ring = Ring::new(STREAM_BUFFER);
+        let mut out = Vec::with_capacity(STREAM_BUFFER);
+        b.iter(|| {
+            for _ in 0..STREAM_BUFFER {
+                ring.push(frame.clone(), Kind::Event);
+            }
+            ring.drain_into(&mut out, STREAM_BUFFER);
+            black_box(&out);
+            out.clear();
+        });
+    });
+    group.finish();
+}
+
+fn push_full(c: &mut Criterion) {
+    let frame = frame();
+    let mut group = c.benchmark_group("ring_full");
+    group.throughput(Throughput::Elements(1));
+
+    group.bench_function("drop_oldest_event_at_head", |b| {
+        let mut ring = Ring::new(STREAM_BUFFER);
+        for _ in 0..STREAM_BUFFER {
+            ring.push(frame.clone(), Kind::Event);
+        }
+        b.iter(|| {
+            let outcome = ring.push(frame.clone(), Kind::Event);
+            debug_assert_eq!(outcome, Push::DroppedOldest);
+            black_box(outcome)
+        });
+    });
+
+    // Worst realistic case: half the ring is undroppable, so the oldest event sits mid-ring.
+    group.bench_function("drop_oldest_event_behind_control", |b| {
+        let mut ring = Ring::new(STREAM_BUFFER);
+        for _ in 0..STREAM_BUFFER / 2 {
+            ring.push(frame.clone(), Kind::Control);
+        }
+        for _ in STREAM_BUFFER / 2..STREAM_BUFFER {
+            ring.push(frame.clone(), Kind::Event);
+        }
+        b.iter(|| {
+            let outcome = ring.push(frame.clone(), Kind::Event);
+            debug_assert_eq!(outcome, Push::DroppedOldest);
+            black_box(outcome)
+        });
+    });
+
+    group.bench_function("replace_count", |b| {
+        let mut ring = Ring::new(STREAM_BUFFER);
+        for _ in 0..STREAM_BUFFER - 1 {
+            ring.push(frame.clone(), Kind::Event);
+        }
+        b.iter(|| black_box(ring.push(frame.clone(), Kind::Count)));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, push_pop, push_full);
+criterion_main!(benches);

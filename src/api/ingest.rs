@@ -1,0 +1,99 @@
+//! Ingest: `POST /api/v1/events`, `POST /api/v1/events/bulk` and frames of the `/ingest` socket.
+//!
+//! The accepting shard authenticates, parses and validates; the project's owner shard groups,
+//! streams and queues the events and says what became of each.
+
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{ask, now_us, refusal};
+use crate::auth::presented_key;
+use crate::http::parse::Head;
+use crate::http::response::Response;
+use crate::ingest::event::{parse_bulk, parse_event, parse_frame, Event};
+use crate::metrics::Rejection;
+use crate::shard::mesh::{owner_of, EventOutcome, IngestReply, ShardMsg};
+use crate::shard::Shard;
+use crate::store::Scope;
+
+/// Seconds a client is told to wait when storage is behind.
+const OVERLOADED_RETRY_AFTER_S: u64 = 1;
+
+pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: &mut [u8]) -> Response {
+    let key = presented_key(head);
+    let authorized = shard.directory.borrow().authorize(key.as_deref(), Scope::Ingest, None);
+    let project_id = match authorized {
+        Ok(id) => id,
+        Err(refused) => {
+            shard.counters.rejected(Rejection::Unauthorized, 1);
+            return refusal(refused);
+        }
+    };
+    let events = if bulk { parse_bulk(body) } else { parse_event(body).map(|event| vec![event]) };
+    match events {
+        Ok(events) => submit(shard, project_id, events, bulk).await,
+        Err(error) => {
+            shard.counters.rejected(Rejection::Invalid, 1);
+            Response::error(400, &error.to_string())
+        }
+    }
+}
+
+/// One text frame of an ingest socket (an event or an array of events); returns the reply body.
+pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, mut text: Vec<u8>) -> Vec<u8> {
+    let is_array = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    match parse_frame(&mut text) {
+        Ok(events) => submit(shard, project_id, events, is_array).await.body,
+        Err(error) => {
+            shard.counters.rejected(Rejection::Invalid, 1);
+            Response::error(400, &error.to_string()).body
+        }
+    }
+}
+
+async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Event>, bulk: bool) -> Response {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let owner = owner_of(&project_id, shard.shard_count());
+    shard.mesh.send(owner, ShardMsg::Ingest { project_id, events, received_us: now_us(), reply });
+    match ask(answer).await {
+        Ok(reply) => render(reply, bulk),
+        Err(response) => response,
+    }
+}
+
+fn outcome_json(outcome: &EventOutcome) -> Value {
+    match outcome {
+        EventOutcome::Accepted { event_id, issue_id } => json!({ "event_id": event_id, "issue_id": issue_id }),
+        EventOutcome::Sampled => json!({ "status": "sampled" }),
+        EventOutcome::Discarded => json!({ "status": "discarded" }),
+    }
+}
+
+fn render(reply: IngestReply, bulk: bool) -> Response {
+    match reply {
+        IngestReply::Done(outcomes) if bulk => {
+            let results: Vec<Value> = outcomes.iter().map(outcome_json).collect();
+            Response::of(202, &json!({ "status": "accepted", "results": results }))
+        }
+        IngestReply::Done(outcomes) => match outcomes.first() {
+            Some(EventOutcome::Accepted { event_id, issue_id }) => {
+                Response::of(202, &json!({ "status": "accepted", "event_id": event_id, "issue_id": issue_id }))
+            }
+            Some(EventOutcome::Sampled) => Response::json(202, r#"{"status":"sampled"}"#),
+            Some(EventOutcome::Discarded) => Response::json(202, r#"{"status":"discarded"}"#),
+            None => Response::error(500, "no outcome for the event"),
+        },
+        IngestReply::RateLimited { retry_after_s } => {
+            Response::error(429, "rate limited").with_header("retry-after", retry_after_s.to_string())
+        }
+        IngestReply::Overloaded => {
+            Response::error(503, "overloaded").with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string())
+        }
+        IngestReply::StorageFailed => {
+            Response::error(503, "storage unavailable").with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string())
+        }
+        IngestReply::UnknownProject => Response::not_found(),
+    }
+}

@@ -1,0 +1,161 @@
+//! Issues API (dashboard key): listing with cursor pagination, one issue, its events, status actions.
+
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use super::{ask, project_for, refusal};
+use crate::auth::presented_key;
+use crate::http::parse::Head;
+use crate::http::response::Response;
+use crate::ingest::event::Level;
+use crate::issues::{rfc3339, Cursor, Status};
+use crate::shard::mesh::{owner_of, ListQuery, ShardMsg};
+use crate::shard::Shard;
+use crate::store::Scope;
+
+/// PROTOCOL section 5: page sizes.
+const PAGE_LIMIT_DEFAULT: usize = 25;
+const PAGE_LIMIT_MAX: usize = 100;
+
+fn limit_param(head: &Head) -> Result<usize, Response> {
+    match head.query_param("limit") {
+        None => Ok(PAGE_LIMIT_DEFAULT),
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
+            .ok_or_else(|| Response::error(400, &format!("limit must be a whole number from 1 to {PAGE_LIMIT_MAX}"))),
+    }
+}
+
+pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
+    let project_id = match project_for(shard, head, project, Scope::Dashboard) {
+        Ok(id) => id,
+        Err(response) => return response,
+    };
+    let query = match list_query(head) {
+        Ok(query) => query,
+        Err(response) => return response,
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    shard.mesh.send(owner_of(&project_id, shard.shard_count()), ShardMsg::ListIssues { project_id, query, reply });
+    match ask(answer).await {
+        Ok(page) => {
+            let mut body = Vec::with_capacity(page.data_json.len() + 64);
+            body.extend_from_slice(b"{\"data\":");
+            body.extend_from_slice(page.data_json.as_bytes());
+            body.extend_from_slice(format!(",\"has_more\":{},\"next_cursor\":", page.has_more).as_bytes());
+            body.extend_from_slice(serde_json::to_string(&page.next_cursor).expect("strings serialize").as_bytes());
+            body.push(b'}');
+            Response::json(200, body)
+        }
+        Err(response) => response,
+    }
+}
+
+fn list_query(head: &Head) -> Result<ListQuery, Response> {
+    let status = match head.query_param("status").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(Status::parse(&s).ok_or_else(|| Response::error(400, "status must be unresolved, resolved, archived or discarded"))?),
+    };
+    let level = match head.query_param("level").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(Level::parse(&s).ok_or_else(|| Response::error(400, "level must be fatal, error, warning, info or debug"))?),
+    };
+    let cursor = match head.query_param("cursor").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(s) => Some(Cursor::decode(&s).ok_or_else(|| Response::error(400, "malformed cursor"))?),
+    };
+    Ok(ListQuery { status, level, limit: limit_param(head)?, cursor })
+}
+
+/// The issue id from the path and the project of the dashboard key presented.
+fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid), Response> {
+    let issue_id = Uuid::parse_str(id).map_err(|_| Response::error(400, "malformed issue id"))?;
+    let key = presented_key(head);
+    let project_id = shard.directory.borrow().authorize(key.as_deref(), Scope::Dashboard, None).map_err(refusal)?;
+    Ok((issue_id, project_id))
+}
+
+/// The project has no such issue: 403 if another project has it, else 404.
+async fn missing(shard: &Shard, issue_id: Uuid) -> Response {
+    let mut answers = Vec::new();
+    for to in 0..shard.shard_count() {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        shard.mesh.send(to, ShardMsg::HasIssue { issue_id, reply });
+        answers.push(answer);
+    }
+    for answer in answers {
+        if let Ok(true) = ask(answer).await {
+            return Response::error(403, "forbidden");
+        }
+    }
+    Response::not_found()
+}
+
+async fn issue_json(shard: &Shard, project_id: Uuid, issue_id: Uuid) -> Result<String, Response> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    shard.mesh.send(owner_of(&project_id, shard.shard_count()), ShardMsg::GetIssue { project_id, issue_id, reply });
+    match ask(answer).await? {
+        Some(json) => Ok(json),
+        None => Err(missing(shard, issue_id).await),
+    }
+}
+
+pub async fn get(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
+    let result = async {
+        let (issue_id, project_id) = issue_and_project(shard, head, id)?;
+        issue_json(shard, project_id, issue_id).await
+    };
+    match result.await {
+        Ok(json) => Response::json(200, json),
+        Err(response) => response,
+    }
+}
+
+pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
+    let result = async {
+        let (issue_id, project_id) = issue_and_project(shard, head, id)?;
+        let limit = limit_param(head)?;
+        issue_json(shard, project_id, issue_id).await?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        shard.store.latest_events(issue_id, limit, reply);
+        let rows = ask(answer).await?.map_err(|error| {
+            tracing::error!(%error, "reading events failed");
+            Response::error(503, "storage unavailable").with_header("retry-after", "1")
+        })?;
+        let data: Vec<Value> = rows
+            .iter()
+            .map(|row| {
+                json!({
+                    "id": row.id,
+                    "issue_id": row.issue_id,
+                    "level": row.level,
+                    "received_at": rfc3339(row.received_at_us),
+                    "data": serde_json::from_str::<Value>(&row.payload).unwrap_or(Value::Null),
+                })
+            })
+            .collect();
+        Ok(Response::of(200, &json!({ "data": data })))
+    };
+    result.await.unwrap_or_else(|response| response)
+}
+
+pub async fn action(shard: &Rc<Shard>, head: &Head, id: &str, action: &str) -> Response {
+    let result = async {
+        let status = Status::from_action(action).ok_or_else(Response::not_found)?;
+        let (issue_id, project_id) = issue_and_project(shard, head, id)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        shard.mesh.send(
+            owner_of(&project_id, shard.shard_count()),
+            ShardMsg::SetStatus { project_id, issue_id, status, reply },
+        );
+        match ask(answer).await? {
+            Some(changed) => Ok(Response::of(200, &json!({ "status": "ok", "affected": changed as u8 }))),
+            None => Err(missing(shard, issue_id).await),
+        }
+    };
+    result.await.unwrap_or_else(|response| response)
+}

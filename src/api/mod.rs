@@ -1,0 +1,143 @@
+//! Request handlers: management, ingest, issues, stream upgrades, health and metrics.
+
+mod admin;
+mod ingest;
+mod issues;
+
+use std::rc::Rc;
+
+use uuid::Uuid;
+
+use crate::auth::{presented_key, Refusal};
+use crate::http::parse::Head;
+use crate::http::response::Response;
+use crate::http::router::Route;
+use crate::shard::Shard;
+use crate::store::Scope;
+use crate::ws::codec::accept_key;
+
+/// What a WebSocket connection does once upgraded.
+#[derive(Clone, Debug)]
+pub enum Role {
+    /// A dashboard watching a project's stream.
+    Stream { project_id: Uuid },
+    /// An SDK sending events over a socket.
+    Ingest { project_id: Uuid },
+}
+
+pub enum Handled {
+    Respond(Response),
+    /// Answer 101 with this accept key and run the session.
+    Upgrade(Role, String),
+}
+
+pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, mut body: Vec<u8>) -> Handled {
+    let response = match route {
+        Route::Health => health(shard),
+        Route::Metrics => {
+            let mut response = Response::json(200, shard.metrics.render(&shard.store));
+            response.content_type = "text/plain; version=0.0.4";
+            response
+        }
+        Route::Stream(project) => return upgrade(shard, head, project, Scope::Dashboard, |project_id| Role::Stream { project_id }),
+        Route::IngestSocket => return upgrade_ingest(shard, head),
+        Route::CreateProject | Route::ListProjects | Route::UpdateProject(_) | Route::CreateKey(_) | Route::RevokeKey(_) => {
+            match admin::authorize(shard, head) {
+                Err(response) => response,
+                Ok(()) => admin::handle(shard, route, &body).await,
+            }
+        }
+        Route::Event | Route::Bulk => ingest::handle_http(shard, head, route == Route::Bulk, &mut body).await,
+        Route::ListIssues(project) => issues::list(shard, head, project).await,
+        Route::GetIssue(id) => issues::get(shard, head, id).await,
+        Route::IssueEvents(id) => issues::events(shard, head, id).await,
+        Route::IssueAction(id, action) => issues::action(shard, head, id, action).await,
+    };
+    Handled::Respond(response)
+}
+
+fn health(shard: &Shard) -> Response {
+    if shard.store.healthy() {
+        Response::json(200, r#"{"status":"ok","storage":"ok"}"#)
+    } else {
+        Response::json(503, r#"{"status":"degraded","storage":"down"}"#)
+    }
+}
+
+pub fn refusal(refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::Unauthorized => Response::error(401, "unauthorized"),
+        Refusal::Forbidden => Response::error(403, "forbidden"),
+    }
+}
+
+/// The project a request names (UUID or slug) that its key may use with `scope`:
+/// 401 for a missing or unknown key, 404 for an unknown project, 403 for the wrong project or scope.
+pub fn project_for(shard: &Shard, head: &Head, project: &str, scope: Scope) -> Result<Uuid, Response> {
+    let directory = shard.directory.borrow();
+    let key = presented_key(head);
+    directory.key(key.as_deref()).map_err(refusal)?;
+    let project_id = directory.project(project).map(|p| p.id).ok_or_else(Response::not_found)?;
+    directory.authorize(key.as_deref(), scope, Some(project_id)).map_err(refusal)
+}
+
+fn websocket_accept(head: &Head) -> Result<String, Response> {
+    if !head.is_websocket_upgrade() {
+        return Err(Response::error(400, "websocket upgrade required").with_header("upgrade", "websocket"));
+    }
+    if head.header("sec-websocket-version").map(str::trim) != Some("13") {
+        return Err(Response::error(400, "unsupported websocket version").with_header("sec-websocket-version", "13"));
+    }
+    let key = head.header("sec-websocket-key").map(str::trim).unwrap_or("");
+    if key.is_empty() {
+        return Err(Response::error(400, "missing sec-websocket-key"));
+    }
+    Ok(accept_key(key))
+}
+
+fn upgrade(shard: &Shard, head: &Head, project: &str, scope: Scope, role: impl FnOnce(Uuid) -> Role) -> Handled {
+    let project_id = match project_for(shard, head, project, scope) {
+        Ok(id) => id,
+        Err(response) => return Handled::Respond(response),
+    };
+    match websocket_accept(head) {
+        Ok(accept) => Handled::Upgrade(role(project_id), accept),
+        Err(response) => Handled::Respond(response),
+    }
+}
+
+fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {
+    let key = presented_key(head);
+    let project_id = match shard.directory.borrow().authorize(key.as_deref(), Scope::Ingest, None) {
+        Ok(id) => id,
+        Err(refused) => return Handled::Respond(refusal(refused)),
+    };
+    match websocket_accept(head) {
+        Ok(accept) => Handled::Upgrade(Role::Ingest { project_id }, accept),
+        Err(response) => Handled::Respond(response),
+    }
+}
+
+pub use admin::publish_directory;
+pub use ingest::ingest_frame;
+
+/// Parses a JSON request body of a management or status request.
+fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, Response> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Response::error(400, "invalid JSON: expected an object")),
+        Err(error) => Err(Response::error(400, &format!("invalid JSON: {error}"))),
+    }
+}
+
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or_default()
+}
+
+/// Waits for a reply from a shard; a dropped reply means the shard is gone (shutting down).
+async fn ask<T>(rx: tokio::sync::oneshot::Receiver<T>) -> Result<T, Response> {
+    rx.await.map_err(|_| Response::error(503, "shutting down").with_header("retry-after", "1"))
+}

@@ -1,0 +1,181 @@
+//! Keys, where requests carry them, and each shard's copy of the project and key directory.
+//!
+//! The directory is small and read on every request, so every shard keeps its own copy and
+//! applies changes broadcast over the mesh: lookups take no lock and touch no other core.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::http::parse::Head;
+use crate::store::{KeyRow, ProjectRow, Scope};
+
+/// Random bytes in a key: 24 bytes print as the 48 hex digits the key formats require.
+const KEY_RANDOM_BYTES: usize = 24;
+
+pub const INGEST_KEY_PREFIX: &str = "mshr_";
+pub const DASHBOARD_KEY_PREFIX: &str = "mshd_";
+
+/// A new plain key for `scope`; only its hash is ever stored.
+pub fn generate_key(scope: Scope) -> String {
+    let mut bytes = [0u8; KEY_RANDOM_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    let prefix = match scope {
+        Scope::Ingest => INGEST_KEY_PREFIX,
+        Scope::Dashboard => DASHBOARD_KEY_PREFIX,
+    };
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+pub fn hash_key(plain: &str) -> String {
+    hex::encode(Sha256::digest(plain.as_bytes()))
+}
+
+/// The key a request presents, from the first place that has one (PROTOCOL section 2).
+pub fn presented_key(head: &Head) -> Option<String> {
+    if let Some(value) = head.header("authorization") {
+        let value = value.trim();
+        let key = match value.split_once(' ') {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+            _ => value,
+        };
+        if !key.is_empty() {
+            return Some(key.to_string());
+        }
+    }
+    if let Some(value) = head.header("x-sentry-auth") {
+        if let Some(key) = sentry_key(value) {
+            return Some(key);
+        }
+    }
+    ["key", "token", "sentry_key"]
+        .iter()
+        .find_map(|name| head.query_param(name).filter(|v| !v.is_empty()))
+}
+
+/// `KEY` (Mesher style) or `Sentry sentry_key=KEY, sentry_version=7, ...` (Sentry style).
+fn sentry_key(value: &str) -> Option<String> {
+    let value = value.trim();
+    let Some(rest) = value.strip_prefix("Sentry ").or_else(|| value.strip_prefix("sentry ")) else {
+        return (!value.is_empty() && !value.contains(' ')).then(|| value.to_string());
+    };
+    rest.split(',').find_map(|part| {
+        let (name, key) = part.trim().split_once('=')?;
+        (name.trim() == "sentry_key" && !key.trim().is_empty()).then(|| key.trim().to_string())
+    })
+}
+
+#[derive(Clone, Debug)]
+pub struct KeyEntry {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub scope: Scope,
+    pub revoked: bool,
+}
+
+/// Why a key was refused; each maps to one status code.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Missing or unknown key: 401.
+    Unauthorized,
+    /// A valid key on another project or without the scope: 403.
+    Forbidden,
+}
+
+/// One shard's copy of every project and key.
+#[derive(Default)]
+pub struct Directory {
+    projects: HashMap<Uuid, Arc<ProjectRow>>,
+    slugs: HashMap<String, Uuid>,
+    keys_by_hash: HashMap<String, KeyEntry>,
+    key_rows: HashMap<Uuid, KeyRow>,
+}
+
+impl Directory {
+    pub fn apply_project(&mut self, row: ProjectRow) {
+        if let Some(old) = self.projects.get(&row.id) {
+            if old.slug != row.slug {
+                self.slugs.remove(&old.slug);
+            }
+        }
+        self.slugs.insert(row.slug.clone(), row.id);
+        self.projects.insert(row.id, Arc::new(row));
+    }
+
+    pub fn apply_key(&mut self, row: &KeyRow) {
+        let entry = KeyEntry { id: row.id, project_id: row.project_id, scope: row.scope, revoked: row.revoked };
+        self.keys_by_hash.insert(row.key_hash.clone(), entry);
+        self.key_rows.insert(row.id, row.clone());
+    }
+
+    /// A project by UUID or slug.
+    pub fn project(&self, id_or_slug: &str) -> Option<&Arc<ProjectRow>> {
+        let id = Uuid::parse_str(id_or_slug).ok().or_else(|| self.slugs.get(id_or_slug).copied())?;
+        self.projects.get(&id)
+    }
+
+    pub fn project_by_id(&self, id: &Uuid) -> Option<&Arc<ProjectRow>> {
+        self.projects.get(id)
+    }
+
+    pub fn projects(&self) -> impl Iterator<Item = &Arc<ProjectRow>> {
+        self.projects.values()
+    }
+
+    pub fn slug_taken(&self, slug: &str) -> bool {
+        self.slugs.contains_key(slug)
+    }
+
+    pub fn key_by_id(&self, id: &Uuid) -> Option<&KeyEntry> {
+        self.keys_by_hash.get(&self.key_rows.get(id)?.key_hash)
+    }
+
+    pub fn key_row(&self, id: &Uuid) -> Option<KeyRow> {
+        self.key_rows.get(id).cloned()
+    }
+
+    /// The live key entry for a plain key.
+    pub fn key(&self, plain: Option<&str>) -> Result<&KeyEntry, Refusal> {
+        let plain = plain.ok_or(Refusal::Unauthorized)?;
+        match self.keys_by_hash.get(&hash_key(plain)) {
+            Some(entry) if !entry.revoked => Ok(entry),
+            _ => Err(Refusal::Unauthorized),
+        }
+    }
+
+    /// Checks that `plain` is a live key of `scope`, and of `project` when one is named.
+    pub fn authorize(&self, plain: Option<&str>, scope: Scope, project: Option<Uuid>) -> Result<Uuid, Refusal> {
+        let entry = self.key(plain)?;
+        if entry.scope != scope || project.is_some_and(|p| p != entry.project_id) {
+            return Err(Refusal::Forbidden);
+        }
+        Ok(entry.project_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentry_header_forms() {
+        assert_eq!(sentry_key("mshr_abc").as_deref(), Some("mshr_abc"));
+        assert_eq!(
+            sentry_key("Sentry sentry_version=7, sentry_key=mshr_abc, sentry_client=x/1").as_deref(),
+            Some("mshr_abc")
+        );
+        assert_eq!(sentry_key("Sentry sentry_version=7"), None);
+        assert_eq!(sentry_key(""), None);
+    }
+
+    #[test]
+    fn generated_keys_have_the_documented_format() {
+        let key = generate_key(Scope::Ingest);
+        assert!(key.starts_with("mshr_") && key.len() == 5 + 48);
+        assert!(key[5..].bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(generate_key(Scope::Dashboard).starts_with("mshd_"));
+    }
+}

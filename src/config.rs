@@ -1,0 +1,110 @@
+//! Command line and environment configuration of `mesher serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mesher",
+    version,
+    about = "Mesher: ingest and live-stream server for error events",
+    long_about = "Mesher receives error events from SDKs, groups them into issues, stores them \
+                  (SQLite by default, PostgreSQL with --database-url) and streams every event and \
+                  issue change to the dashboards watching a project over WebSocket."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(Config),
+}
+
+/// When a 202 is sent for an accepted event.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// After the event is grouped, streamed and queued for storage (written within the flush interval).
+    Received,
+    /// After the storage commit that holds the event.
+    Durable,
+}
+
+#[derive(Parser, Debug, Clone)]
+pub struct Config {
+    /// Address to serve HTTP and WebSocket on; repeat for more than one.
+    #[arg(long = "listen", env = "MESHER_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    pub listen: Vec<SocketAddr>,
+
+    /// PostgreSQL URL (postgres://user@host:port/db). Without it the embedded SQLite store is used.
+    #[arg(long, env = "MESHER_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Directory of the embedded SQLite store and of the generated admin token.
+    #[arg(long, env = "MESHER_DATA_DIR", default_value = "./mesher-data")]
+    pub data_dir: PathBuf,
+
+    /// Reactor threads, one io_uring event loop each (default: number of cores).
+    #[arg(long, env = "MESHER_SHARDS")]
+    pub shards: Option<usize>,
+
+    /// Token for the management API; generated and stored in the data directory when absent.
+    #[arg(long, env = "MESHER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// When ingest answers 202: `received` (queued) or `durable` (after the commit).
+    #[arg(long, env = "MESHER_ACK", value_enum, default_value = "received")]
+    pub ack: AckMode,
+
+    /// Messages that may wait per stream connection before the oldest event is dropped.
+    #[arg(long, env = "MESHER_STREAM_BUFFER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub stream_buffer: u32,
+
+    /// Period of the drain tick that writes waiting stream messages, in milliseconds.
+    #[arg(long, env = "MESHER_DRAIN_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub drain_interval_ms: u64,
+
+    /// Seconds a stream client may take nothing while messages wait before it is disconnected.
+    #[arg(long, env = "MESHER_STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub stall_timeout: u64,
+
+    /// Seconds between server pings on WebSocket connections.
+    #[arg(long, env = "MESHER_PING_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_interval: u64,
+
+    /// Seconds a WebSocket client has to answer a ping before it is closed.
+    #[arg(long, env = "MESHER_PONG_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub pong_timeout: u64,
+
+    /// Seconds a started HTTP request may take to arrive completely before 408.
+    #[arg(long, env = "MESHER_REQUEST_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub request_timeout: u64,
+
+    /// Seconds an idle keep-alive connection is kept open.
+    #[arg(long, env = "MESHER_KEEPALIVE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub keepalive_timeout: u64,
+
+    /// Storage flush interval in milliseconds: accepted events are written at least this often.
+    #[arg(long, env = "MESHER_FLUSH_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub flush_interval_ms: u64,
+
+    /// Events per storage transaction at most.
+    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = 2000)]
+    pub batch_events: usize,
+
+    /// Events that may wait for storage before ingest answers 503.
+    #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = 100_000)]
+    pub queue_events: usize,
+}
+
+impl Config {
+    pub fn shard_count(&self) -> usize {
+        self.shards
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+    }
+}

@@ -1,0 +1,4 @@
+//! Connection bookkeeping: generation-checked ids and outgoing frame rings.
+
+pub mod registry;
+pub mod ring;

@@ -1,0 +1,112 @@
+//! The route table: method and path to a `Route` with its path parameters and body limit.
+
+/// Largest body of management and status requests: they are small JSON objects.
+pub const CONTROL_BODY_BYTES_MAX: usize = 64 * 1024;
+/// PROTOCOL section 4: one event.
+pub const EVENT_BODY_BYTES_MAX: usize = 1024 * 1024;
+/// PROTOCOL section 4: a bulk request of up to 100 events.
+pub const BULK_BODY_BYTES_MAX: usize = 5 * 1024 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    Health,
+    Metrics,
+    CreateProject,
+    ListProjects,
+    UpdateProject(&'a str),
+    CreateKey(&'a str),
+    RevokeKey(&'a str),
+    Event,
+    Bulk,
+    IngestSocket,
+    ListIssues(&'a str),
+    GetIssue(&'a str),
+    IssueEvents(&'a str),
+    IssueAction(&'a str, &'a str),
+    Stream(&'a str),
+}
+
+impl Route<'_> {
+    pub fn body_bytes_max(&self) -> usize {
+        match self {
+            Route::Event => EVENT_BODY_BYTES_MAX,
+            Route::Bulk => BULK_BODY_BYTES_MAX,
+            _ => CONTROL_BODY_BYTES_MAX,
+        }
+    }
+}
+
+/// Why no route matched: 404 for an unknown path, 405 for a known path and another method.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoRoute {
+    NotFound,
+    MethodNotAllowed(&'static str),
+}
+
+pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // (allowed methods, route for the request's method)
+    let (allow, found): (&'static str, Option<Route<'a>>) = match segments.as_slice() {
+        ["health"] => ("GET", get(method, Route::Health)),
+        ["metrics"] => ("GET", get(method, Route::Metrics)),
+        ["ingest"] => ("GET", get(method, Route::IngestSocket)),
+        ["stream", "projects", p] | ["ws", "stream", "projects", p] if !p.is_empty() => {
+            ("GET", get(method, Route::Stream(p)))
+        }
+        ["api", "v1", rest @ ..] => match rest {
+            ["projects"] => (
+                "GET, POST",
+                match method {
+                    "GET" => Some(Route::ListProjects),
+                    "POST" => Some(Route::CreateProject),
+                    _ => None,
+                },
+            ),
+            ["projects", p] if !p.is_empty() => ("PATCH", (method == "PATCH").then_some(Route::UpdateProject(p))),
+            ["projects", p, "keys"] if !p.is_empty() => ("POST", post(method, Route::CreateKey(p))),
+            ["projects", p, "issues"] if !p.is_empty() => ("GET", get(method, Route::ListIssues(p))),
+            ["keys", k, "revoke"] if !k.is_empty() => ("POST", post(method, Route::RevokeKey(k))),
+            ["events"] => ("POST", post(method, Route::Event)),
+            ["events", "bulk"] => ("POST", post(method, Route::Bulk)),
+            ["issues", id] if !id.is_empty() => ("GET", get(method, Route::GetIssue(id))),
+            ["issues", id, "events"] if !id.is_empty() => ("GET", get(method, Route::IssueEvents(id))),
+            ["issues", id, action @ ("resolve" | "archive" | "unresolve" | "discard")] if !id.is_empty() => {
+                ("POST", post(method, Route::IssueAction(id, action)))
+            }
+            _ => return Err(NoRoute::NotFound),
+        },
+        _ => return Err(NoRoute::NotFound),
+    };
+    found.ok_or(NoRoute::MethodNotAllowed(allow))
+}
+
+fn get<'a>(method: &str, route: Route<'a>) -> Option<Route<'a>> {
+    (method == "GET" || method == "HEAD").then_some(route)
+}
+
+fn post<'a>(method: &str, route: Route<'a>) -> Option<Route<'a>> {
+    (method == "POST").then_some(route)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_with_parameters() {
+        assert_eq!(route("GET", "/health"), Ok(Route::Health));
+        assert_eq!(route("POST", "/api/v1/projects/shop/keys"), Ok(Route::CreateKey("shop")));
+        assert_eq!(route("GET", "/ws/stream/projects/shop"), Ok(Route::Stream("shop")));
+        assert_eq!(route("POST", "/api/v1/issues/abc/resolve"), Ok(Route::IssueAction("abc", "resolve")));
+        assert_eq!(route("POST", "/api/v1/events/bulk"), Ok(Route::Bulk));
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        assert_eq!(route("GET", "/nope"), Err(NoRoute::NotFound));
+        assert_eq!(route("GET", "/api/v1/issues/abc/explode"), Err(NoRoute::NotFound));
+        assert_eq!(route("GET", "/api/v1/events"), Err(NoRoute::MethodNotAllowed("POST")));
+        assert_eq!(route("DELETE", "/api/v1/projects"), Err(NoRoute::MethodNotAllowed("GET, POST")));
+        assert_eq!(route("GET", "/stream/projects/"), Err(NoRoute::NotFound));
+    }
+}

@@ -1,0 +1,317 @@
+//! Grouping key of an event (PROTOCOL "Grouping"): events with the same key in a project
+//! belong to one issue.
+//!
+//! The key is built from the decoded event as sent. It works on any JSON value, validated or
+//! not: a field of the wrong type counts as missing, so the function never fails.
+
+use simd_json::OwnedValue;
+
+/// Separates the parts of an array `fingerprint`.
+const CUSTOM_PART_SEPARATOR: char = '\n';
+/// Separates the file from the function inside one stack frame.
+const FRAME_FIELD_SEPARATOR: char = '|';
+/// Separates consecutive stack frames.
+const FRAME_SEPARATOR: char = ';';
+/// Prefix of the message-only key (rule 4), fixed by the protocol.
+const MESSAGE_KEY_PREFIX: &str = "msg:";
+
+/// Lowercase, remove every `0x`, trim: memory addresses and case then stop splitting issues.
+///
+/// `0x` is removed after lowercasing (so `0X` goes too), in one left-to-right pass like
+/// `str::replace`, and the result is trimmed last.
+pub fn normalise(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    push_normalised(&mut out, s);
+    out
+}
+
+/// The grouping key of an event, by the first rule that applies:
+/// 1. `fingerprint` (a string, or an array joined with `\n`);
+/// 2. a non-empty `stacktrace`: `filename|function_name` per frame joined by `;`, then `:` and
+///    the normalised message (line and column never count);
+/// 3. an `exception` object: `type_name:` + normalised `value`;
+/// 4. `msg:` + normalised `message`.
+pub fn fingerprint(value: &OwnedValue) -> String {
+    let object = match value {
+        OwnedValue::Object(object) => object,
+        _ => return MESSAGE_KEY_PREFIX.to_owned(),
+    };
+    let message = string_field(object.get("message")).unwrap_or("");
+
+    match object.get("fingerprint") {
+        Some(OwnedValue::String(custom)) if !custom.is_empty() => return custom.clone(),
+        Some(OwnedValue::Array(parts)) if !parts.is_empty() => {
+            let mut key = String::new();
+            for (index, part) in parts.iter().enumerate() {
+                if index > 0 {
+                    key.push(CUSTOM_PART_SEPARATOR);
+                }
+                key.push_str(string_field(Some(part)).unwrap_or(""));
+            }
+            return key;
+        }
+        _ => {}
+    }
+
+    if let Some(OwnedValue::Array(frames)) = object.get("stacktrace") {
+        if !frames.is_empty() {
+            let mut key = String::with_capacity(frames.len() * 48 + message.len() + 1);
+            for (index, frame) in frames.iter().enumerate() {
+                if index > 0 {
+                    key.push(FRAME_SEPARATOR);
+                }
+                if let OwnedValue::Object(frame) = frame {
+                    key.push_str(string_field(frame.get("filename")).unwrap_or(""));
+                    key.push(FRAME_FIELD_SEPARATOR);
+                    key.push_str(string_field(frame.get("function_name")).unwrap_or(""));
+                } else {
+                    key.push(FRAME_FIELD_SEPARATOR);
+                }
+            }
+            key.push(':');
+            push_normalised(&mut key, message);
+            return key;
+        }
+    }
+
+    if let Some(OwnedValue::Object(exception)) = object.get("exception") {
+        let type_name = string_field(exception.get("type_name")).unwrap_or("");
+        let exception_value = string_field(exception.get("value")).unwrap_or("");
+        let mut key = String::with_capacity(type_name.len() + 1 + exception_value.len());
+        key.push_str(type_name);
+        key.push(':');
+        push_normalised(&mut key, exception_value);
+        return key;
+    }
+
+    let mut key = String::with_capacity(MESSAGE_KEY_PREFIX.len() + message.len());
+    key.push_str(MESSAGE_KEY_PREFIX);
+    push_normalised(&mut key, message);
+    key
+}
+
+fn string_field(value: Option<&OwnedValue>) -> Option<&str> {
+    match value {
+        Some(OwnedValue::String(s)) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// Appends `normalise(s)` to `out` without an intermediate string in the common ASCII case.
+fn push_normalised(out: &mut String, s: &str) {
+    let start = out.len();
+    if s.is_ascii() {
+        let bytes = s.as_bytes();
+        let mut index = 0;
+        while index < bytes.len() {
+            let byte = bytes[index].to_ascii_lowercase();
+            let next = bytes.get(index + 1).map(u8::to_ascii_lowercase);
+            if byte == b'0' && next == Some(b'x') {
+                index += 2;
+                continue;
+            }
+            out.push(char::from(byte));
+            index += 1;
+        }
+    } else {
+        // Full Unicode lowercasing (context-dependent, e.g. final sigma) needs the whole string.
+        let lower = s.to_lowercase();
+        let mut rest = lower.as_str();
+        while let Some(position) = rest.find("0x") {
+            out.push_str(&rest[..position]);
+            rest = &rest[position + 2..];
+        }
+        out.push_str(rest);
+    }
+
+    let kept_len = out[start..].trim_end().len();
+    out.truncate(start + kept_len);
+    let leading_len = kept_len - out[start..].trim_start().len();
+    out.drain(start..start + leading_len);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> OwnedValue {
+        let mut bytes = json.as_bytes().to_vec();
+        simd_json::to_owned_value(&mut bytes).expect("test JSON is valid")
+    }
+
+    fn reference_normalise(s: &str) -> String {
+        s.to_lowercase().replace("0x", "").trim().to_owned()
+    }
+
+    /// Small deterministic generator so failures reproduce.
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn normalise_lowercases_removes_hex_prefix_and_trims() {
+        assert_eq!(
+            normalise("  Segfault at 0xDEADBEEF \n"),
+            "segfault at deadbeef"
+        );
+        assert_eq!(normalise("0X1F and 0x2a"), "1f and 2a");
+        assert_eq!(normalise("00x"), "0");
+        assert_eq!(normalise("0xx"), "x");
+        assert_eq!(normalise(" 0x "), "");
+        assert_eq!(normalise("0x 1"), "1");
+        assert_eq!(normalise(""), "");
+        assert_eq!(normalise("ÄÖÜ 0XFF\u{3000}"), "äöü ff");
+        assert_eq!(normalise("ΣΑΣ"), "σας");
+    }
+
+    #[test]
+    fn normalise_matches_its_definition_on_random_text() {
+        let alphabet: Vec<char> = "0xX 0Xa\t\nÄσΣİ\u{3000}1\u{2028}".chars().collect();
+        let mut random = XorShift(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let len = (random.next() % 12) as usize;
+            let text: String = (0..len)
+                .map(|_| alphabet[(random.next() % alphabet.len() as u64) as usize])
+                .collect();
+            assert_eq!(normalise(&text), reference_normalise(&text), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn push_normalised_keeps_what_came_before() {
+        let mut key = String::from(" a:");
+        push_normalised(&mut key, "  B 0x1 ");
+        assert_eq!(key, " a:b 1");
+    }
+
+    #[test]
+    fn rule_1_custom_string_wins_over_everything() {
+        let event = parse(
+            r#"{"fingerprint":"Checkout-Timeout","message":"m","exception":{"type_name":"E"},
+                "stacktrace":[{"filename":"a.js","function_name":"f"}]}"#,
+        );
+        assert_eq!(fingerprint(&event), "Checkout-Timeout");
+    }
+
+    #[test]
+    fn rule_1_custom_array_is_joined_with_newlines() {
+        let event = parse(r#"{"fingerprint":["db","Timeout","x"],"message":"m"}"#);
+        assert_eq!(fingerprint(&event), "db\nTimeout\nx");
+        let single = parse(r#"{"fingerprint":["only"],"message":"m"}"#);
+        assert_eq!(fingerprint(&single), "only");
+    }
+
+    #[test]
+    fn rule_1_skipped_when_custom_key_is_empty() {
+        let event = parse(r#"{"fingerprint":[],"message":"Boom"}"#);
+        assert_eq!(fingerprint(&event), "msg:boom");
+        let event = parse(r#"{"fingerprint":"","message":"Boom"}"#);
+        assert_eq!(fingerprint(&event), "msg:boom");
+    }
+
+    #[test]
+    fn rule_2_frames_in_order_then_normalised_message() {
+        let event = parse(
+            r#"{"message":" Null at 0xFF ","exception":{"type_name":"E","value":"v"},
+                "stacktrace":[
+                  {"filename":"app.js","function_name":"main","lineno":10,"colno":2},
+                  {"filename":"lib.js","function_name":"helper","context_line":"x()"},
+                  {"function_name":"anon"},
+                  {"filename":"tail.js"},
+                  {}
+                ]}"#,
+        );
+        assert_eq!(
+            fingerprint(&event),
+            "app.js|main;lib.js|helper;|anon;tail.js|;|:null at ff"
+        );
+    }
+
+    #[test]
+    fn rule_2_without_message_ends_with_colon() {
+        let event = parse(
+            r#"{"exception":{"type_name":"E"},"stacktrace":[{"filename":"a","function_name":"b"}]}"#,
+        );
+        assert_eq!(fingerprint(&event), "a|b:");
+    }
+
+    #[test]
+    fn rule_2_ignores_line_and_column_numbers() {
+        let first = parse(
+            r#"{"message":"x","stacktrace":[{"filename":"a.py","function_name":"f","lineno":1,"colno":1,"in_app":true}]}"#,
+        );
+        let moved = parse(
+            r#"{"message":"x","stacktrace":[{"filename":"a.py","function_name":"f","lineno":907,"colno":33,"in_app":false}]}"#,
+        );
+        assert_eq!(fingerprint(&first), fingerprint(&moved));
+        let other_function = parse(
+            r#"{"message":"x","stacktrace":[{"filename":"a.py","function_name":"g","lineno":1,"colno":1}]}"#,
+        );
+        assert_ne!(fingerprint(&first), fingerprint(&other_function));
+    }
+
+    #[test]
+    fn rule_2_frame_order_matters() {
+        let forward = parse(
+            r#"{"message":"x","stacktrace":[{"filename":"a","function_name":"f"},{"filename":"b","function_name":"g"}]}"#,
+        );
+        let reversed = parse(
+            r#"{"message":"x","stacktrace":[{"filename":"b","function_name":"g"},{"filename":"a","function_name":"f"}]}"#,
+        );
+        assert_ne!(fingerprint(&forward), fingerprint(&reversed));
+    }
+
+    #[test]
+    fn rule_2_skipped_for_empty_stacktrace() {
+        let event = parse(r#"{"message":"Boom","stacktrace":[]}"#);
+        assert_eq!(fingerprint(&event), "msg:boom");
+    }
+
+    #[test]
+    fn rule_3_exception_type_and_normalised_value() {
+        let event = parse(
+            r#"{"message":"ignored","exception":{"type_name":"TypeError","value":"Cannot read 0x1F of UNDEFINED","module_name":"m"}}"#,
+        );
+        assert_eq!(fingerprint(&event), "TypeError:cannot read 1f of undefined");
+        let bare = parse(r#"{"exception":{}}"#);
+        assert_eq!(fingerprint(&bare), ":");
+    }
+
+    #[test]
+    fn rule_3_groups_addresses_and_case() {
+        let first = parse(r#"{"exception":{"type_name":"Segv","value":"fault at 0x7FFE12"}}"#);
+        let second = parse(r#"{"exception":{"type_name":"Segv","value":"FAULT AT 7ffe12  "}}"#);
+        assert_eq!(fingerprint(&first), fingerprint(&second));
+        // The type name is kept as sent: different types stay apart.
+        let other_type = parse(r#"{"exception":{"type_name":"segv","value":"fault at 7ffe12"}}"#);
+        assert_ne!(fingerprint(&first), fingerprint(&other_type));
+    }
+
+    #[test]
+    fn rule_4_message_only() {
+        let event = parse(r#"{"message":"  Payment FAILED for 0xABC  "}"#);
+        assert_eq!(fingerprint(&event), "msg:payment failed for abc");
+        let same = parse(r#"{"message":"payment failed for abc"}"#);
+        assert_eq!(fingerprint(&event), fingerprint(&same));
+    }
+
+    #[test]
+    fn wrong_types_count_as_missing() {
+        let event = parse(
+            r#"{"fingerprint":7,"message":5,"stacktrace":[3,{"filename":1,"function_name":"f"}],"exception":"x"}"#,
+        );
+        assert_eq!(fingerprint(&event), "|;|f:");
+        assert_eq!(fingerprint(&parse("[1,2]")), "msg:");
+        assert_eq!(
+            fingerprint(&parse(r#"{"fingerprint":["a",1,null]}"#)),
+            "a\n\n"
+        );
+    }
+}

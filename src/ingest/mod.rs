@@ -1,0 +1,4 @@
+//! Event decoding, validation and grouping keys.
+
+pub mod event;
+pub mod fingerprint;

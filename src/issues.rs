@@ -1,0 +1,358 @@
+//! Issue grouping and lifecycle: the state of one project, owned by exactly one shard.
+//!
+//! Only the owner shard touches a project's `ProjectState`, so grouping, counting, rate limiting
+//! and status changes need no lock and no database round trip; the store gets a full row of
+//! every issue that changed.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::ingest::event::Level;
+use crate::store::IssueRow;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Unresolved,
+    Resolved,
+    Archived,
+    Discarded,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Unresolved => "unresolved",
+            Status::Resolved => "resolved",
+            Status::Archived => "archived",
+            Status::Discarded => "discarded",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "unresolved" => Some(Status::Unresolved),
+            "resolved" => Some(Status::Resolved),
+            "archived" => Some(Status::Archived),
+            "discarded" => Some(Status::Discarded),
+            _ => None,
+        }
+    }
+    /// The status an API action sets: `resolve` -> resolved, and so on.
+    pub fn from_action(action: &str) -> Option<Status> {
+        match action {
+            "resolve" => Some(Status::Resolved),
+            "archive" => Some(Status::Archived),
+            "unresolve" => Some(Status::Unresolved),
+            "discard" => Some(Status::Discarded),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Issue {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub fingerprint: String,
+    pub title: String,
+    pub level: Level,
+    pub status: Status,
+    pub event_count: u64,
+    pub first_seen_us: i64,
+    pub last_seen_us: i64,
+}
+
+/// The issue as the API and the stream show it.
+#[derive(Serialize)]
+pub struct IssueView<'a> {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub title: &'a str,
+    pub level: &'static str,
+    pub status: &'static str,
+    pub event_count: u64,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+impl Issue {
+    pub fn view(&self) -> IssueView<'_> {
+        IssueView {
+            id: self.id,
+            project_id: self.project_id,
+            title: &self.title,
+            level: self.level.as_str(),
+            status: self.status.as_str(),
+            event_count: self.event_count,
+            first_seen: rfc3339(self.first_seen_us),
+            last_seen: rfc3339(self.last_seen_us),
+        }
+    }
+
+    pub fn row(&self) -> IssueRow {
+        IssueRow {
+            id: self.id,
+            project_id: self.project_id,
+            fingerprint: self.fingerprint.clone(),
+            title: self.title.clone(),
+            level: self.level.as_str().to_string(),
+            status: self.status.as_str().to_string(),
+            event_count: self.event_count,
+            first_seen_us: self.first_seen_us,
+            last_seen_us: self.last_seen_us,
+        }
+    }
+
+    pub fn from_row(row: &IssueRow) -> Issue {
+        Issue {
+            id: row.id,
+            project_id: row.project_id,
+            fingerprint: row.fingerprint.clone(),
+            title: row.title.clone(),
+            level: Level::parse(&row.level).unwrap_or(Level::Error),
+            status: Status::parse(&row.status).unwrap_or(Status::Unresolved),
+            event_count: row.event_count,
+            first_seen_us: row.first_seen_us,
+            last_seen_us: row.last_seen_us,
+        }
+    }
+}
+
+pub fn rfc3339(unix_us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_us as i128 * 1000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+/// What grouping one event did to its issue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Grouped {
+    Created,
+    Regressed,
+    Counted,
+    Discarded,
+}
+
+/// A listing position: issues strictly after (last_seen, id) in newest-first order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub last_seen_us: i64,
+    pub id: Uuid,
+}
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.last_seen_us, self.id.simple())
+    }
+    pub fn decode(s: &str) -> Option<Cursor> {
+        let (at, id) = s.split_once('.')?;
+        Some(Cursor { last_seen_us: at.parse().ok()?, id: Uuid::parse_str(id).ok()? })
+    }
+}
+
+/// Per-minute ingest budget of a project.
+#[derive(Default)]
+struct RateWindow {
+    minute: i64,
+    used: u64,
+}
+
+#[derive(Default)]
+pub struct ProjectState {
+    issues: HashMap<Uuid, Issue>,
+    by_fingerprint: HashMap<String, Uuid>,
+    unresolved: u64,
+    rate: RateWindow,
+    /// Stream subscribers of this project on each shard; fan-out goes to shards with any.
+    pub subscribers_by_shard: Vec<u32>,
+}
+
+impl ProjectState {
+    pub fn new(shard_count: usize) -> ProjectState {
+        ProjectState { subscribers_by_shard: vec![0; shard_count], ..Default::default() }
+    }
+
+    pub fn restore(&mut self, issue: Issue) {
+        if issue.status == Status::Unresolved {
+            self.unresolved += 1;
+        }
+        self.by_fingerprint.insert(issue.fingerprint.clone(), issue.id);
+        self.issues.insert(issue.id, issue);
+    }
+
+    pub fn unresolved_count(&self) -> u64 {
+        self.unresolved
+    }
+
+    pub fn issue(&self, id: &Uuid) -> Option<&Issue> {
+        self.issues.get(id)
+    }
+
+    /// Takes `events` from this minute's budget, or says in how many seconds the next minute starts.
+    pub fn take_rate(&mut self, limit_per_minute: u32, events: u64, now_us: i64) -> Result<(), u64> {
+        if limit_per_minute == 0 {
+            return Ok(());
+        }
+        let minute = now_us.div_euclid(60_000_000);
+        if self.rate.minute != minute {
+            self.rate = RateWindow { minute, used: 0 };
+        }
+        if self.rate.used + events > limit_per_minute as u64 {
+            let next_minute_us = (minute + 1) * 60_000_000;
+            return Err(((next_minute_us - now_us + 999_999) / 1_000_000).max(1) as u64);
+        }
+        self.rate.used += events;
+        Ok(())
+    }
+
+    /// Whether an event with this fingerprint would be discarded (checked before any state changes).
+    pub fn is_discarded(&self, fingerprint: &str) -> bool {
+        self.by_fingerprint
+            .get(fingerprint)
+            .and_then(|id| self.issues.get(id))
+            .is_some_and(|issue| issue.status == Status::Discarded)
+    }
+
+    /// Groups one event into its issue; returns what happened and the issue.
+    pub fn group(
+        &mut self,
+        project_id: Uuid,
+        fingerprint: &str,
+        title: &str,
+        level: Level,
+        seen_us: i64,
+    ) -> (Grouped, &Issue) {
+        let id = match self.by_fingerprint.get(fingerprint) {
+            Some(id) => *id,
+            None => {
+                let id = Uuid::now_v7();
+                let issue = Issue {
+                    id,
+                    project_id,
+                    fingerprint: fingerprint.to_string(),
+                    title: title.to_string(),
+                    level,
+                    status: Status::Unresolved,
+                    event_count: 1,
+                    first_seen_us: seen_us,
+                    last_seen_us: seen_us,
+                };
+                self.unresolved += 1;
+                self.by_fingerprint.insert(issue.fingerprint.clone(), id);
+                return (Grouped::Created, self.issues.entry(id).or_insert(issue));
+            }
+        };
+        let issue = self.issues.get_mut(&id).expect("fingerprint index points at a live issue");
+        let grouped = match issue.status {
+            Status::Discarded => return (Grouped::Discarded, issue),
+            Status::Resolved => {
+                issue.status = Status::Unresolved;
+                self.unresolved += 1;
+                Grouped::Regressed
+            }
+            Status::Unresolved | Status::Archived => Grouped::Counted,
+        };
+        issue.event_count += 1;
+        issue.last_seen_us = issue.last_seen_us.max(seen_us);
+        (grouped, issue)
+    }
+
+    /// Sets an issue's status; None if the issue is not in this project, else whether it changed.
+    pub fn set_status(&mut self, id: &Uuid, status: Status) -> Option<(bool, &Issue)> {
+        let issue = self.issues.get_mut(id)?;
+        if issue.status == status {
+            return Some((false, issue));
+        }
+        if issue.status == Status::Unresolved {
+            self.unresolved -= 1;
+        }
+        if status == Status::Unresolved {
+            self.unresolved += 1;
+        }
+        issue.status = status;
+        Some((true, issue))
+    }
+
+    /// Newest `last_seen` first, after `cursor`, at most `limit`; also whether more follow.
+    pub fn list(
+        &self,
+        status: Option<Status>,
+        level: Option<Level>,
+        limit: usize,
+        cursor: Option<Cursor>,
+    ) -> (Vec<&Issue>, bool) {
+        let after = |issue: &Issue| match cursor {
+            None => true,
+            Some(c) => (issue.last_seen_us, issue.id) < (c.last_seen_us, c.id),
+        };
+        let mut found: Vec<&Issue> = self
+            .issues
+            .values()
+            .filter(|i| status.is_none_or(|s| i.status == s) && level.is_none_or(|l| i.level == l) && after(i))
+            .collect();
+        found.sort_unstable_by(|a, b| (b.last_seen_us, b.id).cmp(&(a.last_seen_us, a.id)));
+        let has_more = found.len() > limit;
+        found.truncate(limit);
+        (found, has_more)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> (ProjectState, Uuid) {
+        (ProjectState::new(1), Uuid::new_v4())
+    }
+
+    #[test]
+    fn lifecycle_counts_unresolved() {
+        let (mut s, p) = state();
+        let (g, issue) = s.group(p, "fp", "boom", Level::Error, 1);
+        let id = issue.id;
+        assert_eq!(g, Grouped::Created);
+        assert_eq!(s.unresolved_count(), 1);
+        assert_eq!(s.group(p, "fp", "boom", Level::Error, 2).0, Grouped::Counted);
+        assert_eq!(s.set_status(&id, Status::Resolved).map(|r| r.0), Some(true));
+        assert_eq!(s.set_status(&id, Status::Resolved).map(|r| r.0), Some(false));
+        assert_eq!(s.unresolved_count(), 0);
+        let (g, issue) = s.group(p, "fp", "boom", Level::Error, 3);
+        assert_eq!((g, issue.event_count, issue.status), (Grouped::Regressed, 3, Status::Unresolved));
+        assert_eq!(s.unresolved_count(), 1);
+        s.set_status(&id, Status::Archived);
+        assert_eq!(s.group(p, "fp", "boom", Level::Error, 4).0, Grouped::Counted);
+        assert_eq!(s.issue(&id).unwrap().status, Status::Archived);
+        s.set_status(&id, Status::Discarded);
+        assert!(s.is_discarded("fp"));
+        assert_eq!(s.group(p, "fp", "boom", Level::Error, 5).0, Grouped::Discarded);
+        assert_eq!(s.issue(&id).unwrap().event_count, 4);
+    }
+
+    #[test]
+    fn rate_window_resets_each_minute() {
+        let (mut s, _) = state();
+        assert_eq!(s.take_rate(2, 2, 60_000_000), Ok(()));
+        assert_eq!(s.take_rate(2, 1, 61_000_000), Err(59));
+        assert_eq!(s.take_rate(2, 1, 120_000_000), Ok(()));
+        assert_eq!(s.take_rate(0, 1_000, 120_000_000), Ok(()));
+    }
+
+    #[test]
+    fn listing_pages_newest_first() {
+        let (mut s, p) = state();
+        for n in 0..5 {
+            s.group(p, &format!("fp{n}"), "t", Level::Error, n);
+        }
+        let (page, more) = s.list(None, None, 2, None);
+        assert!(more);
+        assert_eq!(page.iter().map(|i| i.last_seen_us).collect::<Vec<_>>(), vec![4, 3]);
+        let cursor = Cursor { last_seen_us: page[1].last_seen_us, id: page[1].id };
+        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
+        let (page, more) = s.list(None, None, 10, Some(cursor));
+        assert!(!more);
+        assert_eq!(page.iter().map(|i| i.last_seen_us).collect::<Vec<_>>(), vec![2, 1, 0]);
+        assert_eq!(Cursor::decode("garbage"), None);
+    }
+}

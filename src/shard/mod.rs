@@ -1,0 +1,509 @@
+//! One shard: a thread running its own io_uring reactor, listeners, connections and projects.
+//!
+//! Everything in `Shard` belongs to its thread (`Rc`, `RefCell`); other shards reach it only
+//! through its mesh queue. Borrows of the `RefCell`s are never held across an `.await`.
+
+pub mod mesh;
+pub mod owner;
+pub mod wheel;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, Notify};
+use uuid::Uuid;
+
+use crate::auth::Directory;
+use crate::config::Config;
+use crate::conn::registry::{ConnId, Registry};
+use crate::conn::ring::{Kind, Push, Ring};
+use crate::issues::ProjectState;
+use crate::metrics::{CloseReason, ConnKind, Metrics, ShardMetrics};
+use crate::http::response::Response;
+use crate::store::{Change, KeyRow, ProjectRow, Store};
+use crate::stream::{Filters, Published};
+use mesh::{Mesh, ShardMsg};
+use wheel::{TimerKey, TimerWheel};
+
+/// Resolution of the shard's timer wheel; every timeout and the drain tick round up to it.
+pub const TICK_MS: u64 = 50;
+/// Wheel slots: one revolution covers 2^10 x 50 ms = 51 s, longer timers take extra rounds.
+const WHEEL_SLOTS: usize = 1024;
+/// Mesh messages handled in one go before the reactor turns to I/O again.
+const INBOX_BATCH_MAX: usize = 256;
+
+/// What a connection's timer does when it fires.
+#[derive(Clone, Copy, Debug)]
+pub enum Timer {
+    /// A started request did not complete in time: answer 408 and close.
+    Request(ConnId),
+    /// A keep-alive connection sat idle too long.
+    Idle(ConnId),
+    /// Time to ping a WebSocket client.
+    Ping(ConnId),
+    /// The client did not answer the ping.
+    Pong(ConnId),
+    /// The periodic drain of waiting stream messages.
+    Drain,
+}
+
+/// A WebSocket connection's outgoing side: its ring of waiting frames and its writer's state.
+pub struct Socket {
+    pub ring: Ring<Bytes>,
+    pub wake: Rc<Notify>,
+    pub writing: bool,
+    /// Set once a close frame is queued: the writer shuts the socket after writing it.
+    pub closing: bool,
+    pub last_progress_tick: u64,
+    pub pong_timer: Option<TimerKey>,
+    /// For stream subscribers: the project and filters.
+    pub subscription: Option<Subscription>,
+}
+
+pub struct Subscription {
+    pub project_id: Uuid,
+    pub filters: Filters,
+    /// The owner's welcome arrived: fan-out reaches this connection from now on.
+    pub welcomed: bool,
+}
+
+pub struct ConnEntry {
+    pub fd: RawFd,
+    pub kind: ConnKind,
+    /// A request is partly read or being answered (HTTP), so shutdown lets it finish.
+    pub busy: bool,
+    pub timer: Option<TimerKey>,
+    /// Why the server ended the connection, when it did.
+    pub close_reason: Option<CloseReason>,
+    pub socket: Option<Socket>,
+}
+
+pub struct Shard {
+    pub index: usize,
+    pub config: Arc<Config>,
+    pub admin_token: Arc<str>,
+    pub mesh: Rc<Mesh>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub counters: Arc<ShardMetrics>,
+    pub directory: RefCell<Directory>,
+    /// State of the projects this shard owns.
+    pub owned: RefCell<HashMap<Uuid, ProjectState>>,
+    pub conns: RefCell<Registry<ConnEntry>>,
+    /// Welcomed local subscribers of each project.
+    pub subscribers: RefCell<HashMap<Uuid, Vec<ConnId>>>,
+    pub wheel: RefCell<TimerWheel<Timer>>,
+    pub draining: Cell<bool>,
+    /// Slugs of projects being created (shard 0 only).
+    pending_slugs: RefCell<std::collections::HashSet<String>>,
+    started: Instant,
+}
+
+/// Everything a shard thread starts from.
+pub struct ShardInit {
+    pub index: usize,
+    pub config: Arc<Config>,
+    pub admin_token: Arc<str>,
+    pub senders: Vec<mpsc::Sender<ShardMsg>>,
+    pub inbox: mpsc::Receiver<ShardMsg>,
+    pub listeners: Vec<std::net::TcpListener>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub directory: Directory,
+    pub owned: HashMap<Uuid, ProjectState>,
+    /// Told when this shard has no connections left after `Drain`.
+    pub drained: std::sync::mpsc::Sender<usize>,
+}
+
+impl Shard {
+    pub fn shard_count(&self) -> usize {
+        self.mesh.shard_count()
+    }
+
+    pub fn now_tick(&self) -> u64 {
+        self.wheel.borrow().now_tick()
+    }
+
+    pub fn ticks(duration_ms: u64) -> u64 {
+        duration_ms.div_ceil(TICK_MS).max(1)
+    }
+
+    pub fn schedule(&self, after_ms: u64, timer: Timer) -> TimerKey {
+        self.wheel.borrow_mut().schedule(Self::ticks(after_ms), timer)
+    }
+
+    pub fn cancel(&self, key: Option<TimerKey>) {
+        if let Some(key) = key {
+            self.wheel.borrow_mut().cancel(key);
+        }
+    }
+
+    pub fn register(&self, fd: RawFd) -> ConnId {
+        self.counters.conns_accepted.fetch_add(1, Relaxed);
+        self.counters.opened(ConnKind::Http);
+        self.conns.borrow_mut().insert(ConnEntry {
+            fd,
+            kind: ConnKind::Http,
+            busy: false,
+            timer: None,
+            close_reason: None,
+            socket: None,
+        })
+    }
+
+    /// Forgets a connection at once: timers, subscription, slab slot.
+    pub fn unregister(&self, id: ConnId, default_reason: CloseReason) {
+        let Some(entry) = self.conns.borrow_mut().remove(id) else { return };
+        self.cancel(entry.timer);
+        if let Some(socket) = &entry.socket {
+            self.cancel(socket.pong_timer);
+            if let Some(sub) = &socket.subscription {
+                if sub.welcomed {
+                    let mut subscribers = self.subscribers.borrow_mut();
+                    if let Some(list) = subscribers.get_mut(&sub.project_id) {
+                        list.retain(|c| *c != id);
+                        if list.is_empty() {
+                            subscribers.remove(&sub.project_id);
+                        }
+                    }
+                }
+                self.counters.stream_subscriptions.fetch_sub(1, Relaxed);
+                let owner = mesh::owner_of(&sub.project_id, self.shard_count());
+                self.mesh.send(owner, ShardMsg::Unwatch { project_id: sub.project_id, shard: self.index });
+            }
+        }
+        self.counters.closed(entry.kind, entry.close_reason.unwrap_or(default_reason));
+        if self.draining.get() && self.conns.borrow().is_empty() {
+            self.report_drained();
+        }
+    }
+
+    /// Ends a connection from the server side: records why and shuts the socket so its tasks
+    /// see the end of their pending reads and writes.
+    pub fn force_close(&self, id: ConnId, reason: CloseReason) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(id) else { return };
+        entry.close_reason.get_or_insert(reason);
+        // SAFETY: fd belongs to a live connection (the entry exists); shutdown does not close it.
+        unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
+    }
+
+    /// Ends only the read side, so the connection can still write its answer (408).
+    pub fn interrupt_read(&self, id: ConnId, reason: CloseReason) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(id) else { return };
+        entry.close_reason.get_or_insert(reason);
+        // SAFETY: as in force_close.
+        unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
+    }
+
+    /// Queues a frame on a WebSocket connection and wakes its writer; false if the ring refused it.
+    pub fn enqueue(&self, id: ConnId, frame: Bytes, kind: Kind) -> bool {
+        let mut conns = self.conns.borrow_mut();
+        let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else { return false };
+        match socket.ring.push(frame, kind) {
+            Push::Overflow => false,
+            outcome => {
+                if outcome == Push::DroppedOldest {
+                    self.counters.stream_messages_dropped.fetch_add(1, Relaxed);
+                }
+                socket.wake.notify_one();
+                true
+            }
+        }
+    }
+
+    /// Queues a close frame: the writer sends what waits, then the close, then shuts the socket.
+    pub fn close_socket(&self, id: ConnId, frame: Bytes, reason: CloseReason) {
+        let mut conns = self.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(id) else { return };
+        entry.close_reason.get_or_insert(reason);
+        let Some(socket) = entry.socket.as_mut() else { return };
+        if !socket.closing {
+            socket.closing = true;
+            if socket.ring.push(frame, Kind::Control) == Push::Overflow {
+                // SAFETY: as in force_close.
+                unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
+            }
+            socket.wake.notify_one();
+        }
+    }
+
+    /// Pushes a project's messages into the rings of the matching local subscribers.
+    fn deliver(&self, project_id: &Uuid, items: &[Published]) {
+        let subscribers = self.subscribers.borrow();
+        let Some(list) = subscribers.get(project_id) else { return };
+        let mut overflowed = Vec::new();
+        let mut conns = self.conns.borrow_mut();
+        for id in list {
+            let Some(socket) = conns.get_mut(*id).and_then(|e| e.socket.as_mut()) else { continue };
+            let Some(sub) = &socket.subscription else { continue };
+            let mut queued = false;
+            for item in items {
+                if !sub.filters.matches(item) {
+                    continue;
+                }
+                match socket.ring.push(item.frame.clone(), item.kind) {
+                    Push::Queued => queued = true,
+                    Push::DroppedOldest => {
+                        queued = true;
+                        self.counters.stream_messages_dropped.fetch_add(1, Relaxed);
+                    }
+                    Push::Overflow => {
+                        overflowed.push(*id);
+                        break;
+                    }
+                }
+            }
+            if queued && !socket.writing {
+                socket.wake.notify_one();
+            }
+        }
+        drop(conns);
+        drop(subscribers);
+        for id in overflowed {
+            self.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
+            self.force_close(id, CloseReason::SlowClient);
+        }
+    }
+
+    fn welcome(&self, id: ConnId, project_id: Uuid, frame: Bytes) {
+        {
+            let mut conns = self.conns.borrow_mut();
+            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else { return };
+            let Some(sub) = socket.subscription.as_mut() else { return };
+            sub.welcomed = true;
+        }
+        self.subscribers.borrow_mut().entry(project_id).or_default().push(id);
+        self.enqueue(id, frame, Kind::Count);
+    }
+
+    fn handle(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Project(row, ack) => {
+                if mesh::owner_of(&row.id, self.shard_count()) == self.index {
+                    let shards = self.shard_count();
+                    self.owned.borrow_mut().entry(row.id).or_insert_with(|| ProjectState::new(shards));
+                }
+                self.directory.borrow_mut().apply_project(row);
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
+            ShardMsg::Key(row, ack) => {
+                self.directory.borrow_mut().apply_key(&row);
+                if let Some(ack) = ack {
+                    let _ = ack.send(());
+                }
+            }
+            ShardMsg::Welcome { conn, project_id, frame } => self.welcome(conn, project_id, frame),
+            ShardMsg::Publish { project_id, items } => self.deliver(&project_id, &items),
+            ShardMsg::CreateProject { project, keys, reply } => self.create_project(project, keys, reply),
+            ShardMsg::Drain => self.begin_drain(),
+            ShardMsg::Exit => {}
+            other => self.handle_owned(other),
+        }
+    }
+
+    /// Runs on shard 0 only, so a slug is checked and taken in one place.
+    fn create_project(self: &Rc<Self>, project: ProjectRow, keys: Vec<KeyRow>, reply: mesh::Reply<Result<(), Response>>) {
+        debug_assert_eq!(self.index, 0);
+        if self.directory.borrow().slug_taken(&project.slug) || !self.pending_slugs.borrow_mut().insert(project.slug.clone()) {
+            let _ = reply.send(Err(Response::error(409, "slug already taken")));
+            return;
+        }
+        let shard = self.clone();
+        tokio_uring::spawn(async move {
+            let slug = project.slug.clone();
+            let mut changes = vec![Change::Project(project)];
+            changes.extend(keys.into_iter().map(Change::Key));
+            let result = crate::api::publish_directory(&shard, changes).await;
+            shard.pending_slugs.borrow_mut().remove(&slug);
+            let _ = reply.send(result);
+        });
+    }
+
+    /// Shutdown, first step: no new connections; WebSockets get 1001; idle HTTP connections close.
+    fn begin_drain(&self) {
+        self.draining.set(true);
+        let ids = self.conns.borrow().ids();
+        for id in ids {
+            let (is_socket, busy) = match self.conns.borrow().get(id) {
+                Some(entry) => (entry.socket.is_some(), entry.busy),
+                None => continue,
+            };
+            if is_socket {
+                self.close_socket(id, crate::ws::codec::encode_close(1001, "server shutting down").into(), CloseReason::Shutdown);
+            } else if !busy {
+                self.force_close(id, CloseReason::Shutdown);
+            }
+        }
+        if self.conns.borrow().is_empty() {
+            self.report_drained();
+        }
+    }
+
+    fn report_drained(&self) {
+        let _ = DRAINED.with(|d| d.borrow().as_ref().map(|tx| tx.send(self.index)));
+    }
+
+    /// One wheel tick: fire due timers; on the drain tick, write what waits and find stalled clients.
+    fn on_tick(self: &Rc<Self>, tick: u64) {
+        let mut fired = Vec::new();
+        self.wheel.borrow_mut().advance(tick, &mut fired);
+        for timer in fired {
+            match timer {
+                Timer::Request(id) => self.interrupt_read(id, CloseReason::RequestTimeout),
+                Timer::Idle(id) => self.force_close(id, CloseReason::IdleTimeout),
+                Timer::Ping(id) => self.ping(id),
+                Timer::Pong(id) => self.force_close(id, CloseReason::PongTimeout),
+                Timer::Drain => self.drain_tick(),
+            }
+        }
+    }
+
+    fn ping(&self, id: ConnId) {
+        if !self.conns.borrow().contains(id) {
+            return;
+        }
+        let pong_key = self.schedule(self.config.pong_timeout * 1000, Timer::Pong(id));
+        let next_ping = self.schedule(self.config.ping_interval * 1000, Timer::Ping(id));
+        let old_pong = {
+            let mut conns = self.conns.borrow_mut();
+            let entry = conns.get_mut(id).expect("checked above");
+            entry.timer = Some(next_ping);
+            entry.socket.as_mut().and_then(|socket| socket.pong_timer.replace(pong_key))
+        };
+        self.cancel(old_pong);
+        self.enqueue(id, Bytes::from_static(PING_FRAME), Kind::Control);
+    }
+
+    fn drain_tick(&self) {
+        let now = self.now_tick();
+        let stall_ticks = Self::ticks(self.config.stall_timeout * 1000);
+        let mut stalled = Vec::new();
+        for (id, entry) in self.conns.borrow().iter() {
+            let Some(socket) = &entry.socket else { continue };
+            let waiting = socket.writing || !socket.ring.is_empty();
+            if waiting && now.saturating_sub(socket.last_progress_tick) >= stall_ticks {
+                stalled.push(id);
+            } else if !socket.ring.is_empty() && !socket.writing {
+                socket.wake.notify_one();
+            }
+        }
+        for id in stalled {
+            self.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
+            self.force_close(id, CloseReason::SlowClient);
+        }
+        self.schedule(self.config.drain_interval_ms, Timer::Drain);
+    }
+}
+
+/// A server ping frame with an empty payload.
+const PING_FRAME: &[u8] = &[0x89, 0x00];
+
+thread_local! {
+    static DRAINED: RefCell<Option<std::sync::mpsc::Sender<usize>>> = const { RefCell::new(None) };
+}
+
+/// Runs one shard to completion on the current thread.
+pub fn run(init: ShardInit) -> Result<(), String> {
+    let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(1024))
+        .map_err(|e| crate::io_uring_error(&e))?;
+    DRAINED.with(|d| *d.borrow_mut() = Some(init.drained.clone()));
+    runtime.block_on(async move {
+        let counters = init.metrics.shards[init.index].clone();
+        let shard = Rc::new(Shard {
+            index: init.index,
+            config: init.config.clone(),
+            admin_token: init.admin_token,
+            mesh: Rc::new(Mesh::new(init.senders, counters.clone())),
+            store: init.store,
+            metrics: init.metrics,
+            counters,
+            directory: RefCell::new(init.directory),
+            owned: RefCell::new(init.owned),
+            conns: RefCell::new(Registry::new()),
+            subscribers: RefCell::new(HashMap::new()),
+            wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS)),
+            draining: Cell::new(false),
+            pending_slugs: RefCell::new(Default::default()),
+            started: Instant::now(),
+        });
+        let mut accept_tasks = Vec::new();
+        for listener in init.listeners {
+            let listener = tokio_uring::net::TcpListener::from_std(listener);
+            accept_tasks.push(tokio_uring::spawn(accept_loop(shard.clone(), listener)));
+        }
+        tokio_uring::spawn(shard.mesh.clone().forward());
+        tokio_uring::spawn(tick_loop(shard.clone()));
+        shard.schedule(shard.config.drain_interval_ms, Timer::Drain);
+        let mut inbox = init.inbox;
+        while let Some(msg) = inbox.recv().await {
+            let mut next = Some(msg);
+            let mut handled = 0;
+            while let Some(msg) = next.take() {
+                match msg {
+                    ShardMsg::Exit => return,
+                    ShardMsg::Drain => {
+                        for task in &accept_tasks {
+                            task.abort();
+                        }
+                        shard.handle(ShardMsg::Drain);
+                    }
+                    msg => shard.handle(msg),
+                }
+                handled += 1;
+                if handled < INBOX_BATCH_MAX {
+                    next = inbox.try_recv().ok();
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) {
+    let mut backoff_ms = 10;
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                backoff_ms = 10;
+                if shard.draining.get() {
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                tokio_uring::spawn(crate::http::conn::serve(shard.clone(), stream));
+            }
+            Err(error) => {
+                // EMFILE and friends: wait for connections to close instead of spinning.
+                tracing::warn!(shard = shard.index, %error, "accept failed; retrying in {backoff_ms} ms");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(1000);
+            }
+        }
+    }
+}
+
+/// Advances the wheel every tick and records how late the tick ran (the loop lag).
+async fn tick_loop(shard: Rc<Shard>) {
+    let period = Duration::from_millis(TICK_MS);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let scheduled = interval.tick().await;
+        let lag_us = scheduled.elapsed().as_micros() as u64;
+        shard.counters.loop_lag_us.store(lag_us, Relaxed);
+        shard.counters.loop_lag_max_us.fetch_max(lag_us, Relaxed);
+        let tick = (shard.started.elapsed().as_millis() as u64) / TICK_MS;
+        if tick > shard.now_tick() {
+            shard.on_tick(tick);
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The owner side of a shard: the only writer of its projects' issue state.
+//!
+//! Ingest, status changes and subscriptions of a project all arrive here as mesh messages, in
+//! order, so grouping needs no lock and stream messages leave in the order they were made.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use super::mesh::{EventOutcome, IngestReply, IssuePage, ListQuery, Reply, ShardMsg};
+use super::Shard;
+use crate::config::AckMode;
+use crate::ingest::event::Event;
+use crate::issues::{Cursor, Grouped, ProjectState, Status};
+use crate::metrics::Rejection;
+use crate::store::{Change, EventRow};
+use crate::stream::{self, Attributes, Published};
+
+impl Shard {
+    pub(super) fn handle_owned(self: &Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Ingest { project_id, events, received_us, reply } => {
+                self.ingest(project_id, events, received_us, reply)
+            }
+            ShardMsg::SetStatus { project_id, issue_id, status, reply } => {
+                let _ = reply.send(self.set_status(project_id, issue_id, status));
+            }
+            ShardMsg::GetIssue { project_id, issue_id, reply } => {
+                let owned = self.owned.borrow();
+                let issue = owned.get(&project_id).and_then(|state| state.issue(&issue_id));
+                let _ = reply.send(issue.map(|i| serde_json::to_string(&i.view()).expect("issues serialize")));
+            }
+            ShardMsg::HasIssue { issue_id, reply } => {
+                let _ = reply.send(self.owned.borrow().values().any(|state| state.issue(&issue_id).is_some()));
+            }
+            ShardMsg::ListIssues { project_id, query, reply } => {
+                let _ = reply.send(self.list_issues(project_id, query));
+            }
+            ShardMsg::Watch { project_id, shard, conn } => {
+                let count = self.with_state(project_id, |state| {
+                    state.subscribers_by_shard[shard] += 1;
+                    state.unresolved_count()
+                });
+                let frame = stream::issue_count_message(project_id, count).frame;
+                self.mesh.send(shard, ShardMsg::Welcome { conn, project_id, frame });
+            }
+            ShardMsg::Unwatch { project_id, shard } => {
+                self.with_state(project_id, |state| {
+                    state.subscribers_by_shard[shard] = state.subscribers_by_shard[shard].saturating_sub(1)
+                });
+            }
+            _ => unreachable!("shard-wide messages are handled in Shard::handle"),
+        }
+    }
+
+    fn with_state<T>(&self, project_id: Uuid, f: impl FnOnce(&mut ProjectState) -> T) -> T {
+        let shards = self.shard_count();
+        let mut owned = self.owned.borrow_mut();
+        f(owned.entry(project_id).or_insert_with(|| ProjectState::new(shards)))
+    }
+
+    /// Sends a project's new messages to every shard with subscribers of it.
+    fn fan_out(&self, project_id: Uuid, subscribers_by_shard: &[u32], items: Vec<Published>) {
+        if items.is_empty() {
+            return;
+        }
+        let items: Arc<[Published]> = items.into();
+        for (shard, subscribers) in subscribers_by_shard.iter().enumerate() {
+            if *subscribers > 0 {
+                self.mesh.send(shard, ShardMsg::Publish { project_id, items: items.clone() });
+            }
+        }
+    }
+
+    fn ingest(self: &Rc<Self>, project_id: Uuid, events: Vec<Event>, received_us: i64, reply: Reply<IngestReply>) {
+        let Some(project) = self.directory.borrow().project_by_id(&project_id).cloned() else {
+            let _ = reply.send(IngestReply::UnknownProject);
+            return;
+        };
+        let batch = events.len() as u64;
+        if self.store.stats().queue_depth_events as u64 + batch > self.config.queue_events as u64 {
+            self.counters.rejected(Rejection::Overloaded, batch);
+            let _ = reply.send(IngestReply::Overloaded);
+            return;
+        }
+        let shards = self.shard_count();
+        let mut owned = self.owned.borrow_mut();
+        let state = owned.entry(project_id).or_insert_with(|| ProjectState::new(shards));
+        if let Err(retry_after_s) = state.take_rate(project.rate_limit_per_minute, batch, received_us) {
+            self.counters.rejected(Rejection::RateLimited, batch);
+            let _ = reply.send(IngestReply::RateLimited { retry_after_s });
+            return;
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut changes = Vec::with_capacity(events.len() * 2);
+        let mut items = Vec::with_capacity(events.len() * 2);
+        for event in events {
+            if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
+                self.counters.rejected(Rejection::Sampled, 1);
+                outcomes.push(EventOutcome::Sampled);
+                continue;
+            }
+            if state.is_discarded(&event.fingerprint) {
+                self.counters.rejected(Rejection::Discarded, 1);
+                outcomes.push(EventOutcome::Discarded);
+                continue;
+            }
+            let count_before = state.unresolved_count();
+            let (grouped, issue) =
+                state.group(project_id, &event.fingerprint, &event.title, event.level, received_us);
+            let attributes = Attributes { level: event.level, environment: event.environment.as_deref().map(Arc::from) };
+            match grouped {
+                Grouped::Created => items.push(stream::issue_opened_message("created", &issue.view(), attributes.clone())),
+                Grouped::Regressed => {
+                    items.push(stream::issue_opened_message("regressed", &issue.view(), attributes.clone()))
+                }
+                Grouped::Counted | Grouped::Discarded => {}
+            }
+            let event_id = Uuid::now_v7();
+            let issue_id = issue.id;
+            let mut json = Vec::with_capacity(512);
+            event.write_json(&mut json);
+            items.push(stream::event_message(event_id, issue_id, &json, attributes));
+            changes.push(Change::Issue(issue.row()));
+            changes.push(Change::Event(EventRow {
+                id: event_id,
+                project_id,
+                issue_id,
+                level: event.level.as_str().to_string(),
+                received_at_us: received_us,
+                payload: String::from_utf8(json).expect("event JSON is UTF-8"),
+            }));
+            if state.unresolved_count() != count_before {
+                items.push(stream::issue_count_message(project_id, state.unresolved_count()));
+            }
+            outcomes.push(EventOutcome::Accepted { event_id, issue_id });
+        }
+        let accepted = outcomes.iter().filter(|o| matches!(o, EventOutcome::Accepted { .. })).count();
+        self.counters.events_accepted.fetch_add(accepted as u64, Relaxed);
+        let subscribers_by_shard = state.subscribers_by_shard.clone();
+        drop(owned);
+        self.fan_out(project_id, &subscribers_by_shard, items);
+        if changes.is_empty() {
+            let _ = reply.send(IngestReply::Done(outcomes));
+            return;
+        }
+        // Room was checked above; another shard may have filled the queue since, by at most a
+        // batch each, which `submit` absorbs rather than lose what was grouped and streamed.
+        if self.config.ack == AckMode::Durable {
+            let (ack, committed) = tokio::sync::oneshot::channel();
+            self.store.submit(changes, Some(ack));
+            tokio_uring::spawn(async move {
+                let answer = match committed.await {
+                    Ok(Ok(())) => IngestReply::Done(outcomes),
+                    _ => IngestReply::StorageFailed,
+                };
+                let _ = reply.send(answer);
+            });
+        } else {
+            self.store.submit(changes, None);
+            let _ = reply.send(IngestReply::Done(outcomes));
+        }
+    }
+
+    fn set_status(&self, project_id: Uuid, issue_id: Uuid, status: Status) -> Option<bool> {
+        let mut owned = self.owned.borrow_mut();
+        let state = owned.get_mut(&project_id)?;
+        let count_before = state.unresolved_count();
+        let (changed, issue) = state.set_status(&issue_id, status)?;
+        if !changed {
+            return Some(false);
+        }
+        self.store.submit(vec![Change::Issue(issue.row())], None);
+        let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
+        if state.unresolved_count() != count_before {
+            items.push(stream::issue_count_message(project_id, state.unresolved_count()));
+        }
+        let subscribers_by_shard = state.subscribers_by_shard.clone();
+        drop(owned);
+        self.fan_out(project_id, &subscribers_by_shard, items);
+        Some(true)
+    }
+
+    fn list_issues(&self, project_id: Uuid, query: ListQuery) -> IssuePage {
+        let owned = self.owned.borrow();
+        let Some(state) = owned.get(&project_id) else {
+            return IssuePage { data_json: "[]".into(), has_more: false, next_cursor: None };
+        };
+        let (issues, has_more) = state.list(query.status, query.level, query.limit, query.cursor);
+        let views: Vec<_> = issues.iter().map(|i| i.view()).collect();
+        let next_cursor = has_more
+            .then(|| issues.last().map(|i| Cursor { last_seen_us: i.last_seen_us, id: i.id }.encode()))
+            .flatten();
+        IssuePage { data_json: serde_json::to_string(&views).expect("issues serialize"), has_more, next_cursor }
+    }
+}

@@ -1,0 +1,615 @@
+//! `Store`: the reactors' non-blocking handle, and the writer thread behind it.
+//!
+//! The handle only counts and sends; the writer thread owns the backend. It groups submissions
+//! into batches (one transaction each), fires every submission's ack after the commit that holds
+//! it (group commit), and answers reads only after everything submitted before them is
+//! committed. A failed commit keeps its batch and is retried with backoff until it succeeds;
+//! meanwhile new submissions wait in the queue until its bound makes `try_submit` refuse.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{now_us, Backend, Change, EventRow, Snapshot, StoreError, StoreErrorKind};
+
+/// First wait after a failed commit; doubled after each further failure.
+const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
+/// Longest wait between retries, so recovery is noticed within this once the database is back.
+const RETRY_BACKOFF_MAX_MS: u64 = 2_000;
+/// How long shutdown keeps retrying an unreachable database before it gives up on the rows still
+/// queued (and logs how many); without a bound a dead database would hang the exit forever.
+const SHUTDOWN_COMMIT_DEADLINE_MS: u64 = 15_000;
+/// Housekeeping (partitions ahead, retention) runs this often.
+const MAINTAIN_INTERVAL_MS: u64 = 3_600_000;
+/// After a failed housekeeping run, the next try comes this much sooner than the hourly one.
+const MAINTAIN_RETRY_INTERVAL_MS: u64 = 60_000;
+/// A batch also closes at this many changes per allowed event: a submission carries an event
+/// and its issue upsert, and a flood of admin or status changes must not grow one transaction
+/// without bound.
+const BATCH_CHANGES_PER_EVENT_MAX: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriterConfig {
+    /// A submission waits at most this long before its batch is committed.
+    pub flush_interval_ms: u64,
+    /// A batch is committed as soon as it holds this many events.
+    pub batch_events_max: usize,
+    /// Events queued and not yet committed beyond which `try_submit` answers `Overloaded`.
+    pub queue_events_max: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> WriterConfig {
+        WriterConfig {
+            flush_interval_ms: 50,
+            batch_events_max: 2_000,
+            queue_events_max: 100_000,
+        }
+    }
+}
+
+/// Fired with the commit's outcome once the submission is in storage (or refused).
+pub type Ack = oneshot::Sender<Result<(), StoreError>>;
+
+/// The storage queue is full (or the writer has stopped): nothing was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overloaded;
+
+impl fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("storage queue full")
+    }
+}
+
+impl std::error::Error for Overloaded {}
+
+/// Counters of the writer, read from atomics (each one is exact, together they are not a
+/// single instant's picture).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Events submitted and not yet committed (or refused).
+    pub queue_depth_events: u64,
+    pub batches_committed: u64,
+    /// Changes committed, events included.
+    pub rows_committed: u64,
+    pub events_committed: u64,
+    /// Changes the database refused for good (their acks got the error), or given up at
+    /// shutdown because the database stayed unreachable.
+    pub rows_rejected: u64,
+    /// Failed commit attempts, retried ones included.
+    pub commit_failures: u64,
+    /// Time spent in successful commits; with `flush_latency_us_count` it gives the mean.
+    pub flush_latency_us_sum: u64,
+    pub flush_latency_us_count: u64,
+    /// Changes per committed batch, summed; divided by `batches_committed` it is the mean batch
+    /// size.
+    pub batch_rows_sum: u64,
+}
+
+enum Command {
+    Submit {
+        changes: Vec<Change>,
+        events: usize,
+        ack: Option<Ack>,
+    },
+    LatestEvents {
+        issue_id: Uuid,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<EventRow>, StoreError>>,
+    },
+    CountEvents {
+        project_id: Option<Uuid>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Shutdown,
+}
+
+#[derive(Default)]
+struct Shared {
+    queue_depth_events: AtomicUsize,
+    healthy: AtomicBool,
+    shutdown_requested: AtomicBool,
+    batches_committed: AtomicU64,
+    rows_committed: AtomicU64,
+    events_committed: AtomicU64,
+    rows_rejected: AtomicU64,
+    commit_failures: AtomicU64,
+    flush_latency_us_sum: AtomicU64,
+    flush_latency_us_count: AtomicU64,
+    batch_rows_sum: AtomicU64,
+}
+
+/// Handle to the writer thread: cheap to clone, safe to share, and its submit and query methods
+/// never block.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: Sender<Command>,
+    shared: Arc<Shared>,
+    queue_events_max: usize,
+    backend_name: &'static str,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Migrates and loads on the calling thread, then hands the backend to the writer thread.
+    pub fn start(
+        mut backend: Box<dyn Backend>,
+        config: WriterConfig,
+    ) -> Result<(Store, Snapshot), StoreError> {
+        assert!(config.flush_interval_ms > 0, "flush interval must be positive");
+        assert!(config.batch_events_max > 0, "batch must hold at least one event");
+        assert!(config.queue_events_max > 0, "queue must hold at least one event");
+        backend.migrate()?;
+        let snapshot = backend.load()?;
+        let backend_name = backend.name();
+        let shared = Arc::new(Shared::default());
+        shared.healthy.store(true, Ordering::Release);
+        let (commands, receiver) = mpsc::channel();
+        let writer = Writer {
+            backend,
+            commands: receiver,
+            shared: Arc::clone(&shared),
+            config,
+            pending: Pending::default(),
+            next_maintain_at: Instant::now(),
+        };
+        let writer_thread = std::thread::Builder::new()
+            .name(format!("mesher-store-{backend_name}"))
+            .spawn(move || writer.run())
+            .map_err(|error| {
+                StoreError::new(
+                    backend_name,
+                    "start writer thread",
+                    StoreErrorKind::Unavailable,
+                    error,
+                )
+            })?;
+        let inner = Inner {
+            commands,
+            shared,
+            queue_events_max: config.queue_events_max,
+            backend_name,
+            writer_thread: Mutex::new(Some(writer_thread)),
+        };
+        Ok((
+            Store {
+                inner: Arc::new(inner),
+            },
+            snapshot,
+        ))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend_name
+    }
+
+    /// Queues the changes unless their events would take the queue past `queue_events_max`;
+    /// then nothing is queued and the caller answers 503.
+    pub fn try_submit(&self, changes: Vec<Change>, ack: Option<Ack>) -> Result<(), Overloaded> {
+        let events = count_events(&changes);
+        let limit = self.inner.queue_events_max;
+        let reserved = self.inner.shared.queue_depth_events.fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |depth| {
+                let after = depth.checked_add(events)?;
+                (after <= limit).then_some(after)
+            },
+        );
+        if reserved.is_err() {
+            return Err(Overloaded);
+        }
+        self.send_submission(changes, events, ack).map_err(|()| Overloaded)
+    }
+
+    /// Queues the changes whatever the queue depth: for the few admin and status changes that
+    /// must not be refused.
+    pub fn submit(&self, changes: Vec<Change>, ack: Option<Ack>) {
+        let events = count_events(&changes);
+        self.inner
+            .shared
+            .queue_depth_events
+            .fetch_add(events, Ordering::AcqRel);
+        if self.send_submission(changes, events, ack).is_err() {
+            tracing::error!(
+                backend = self.inner.backend_name,
+                "change submitted after the store stopped; not written"
+            );
+        }
+    }
+
+    /// Sends a submission whose events are already counted in the depth; when the writer has
+    /// stopped, uncounts them and fails the ack.
+    fn send_submission(
+        &self,
+        changes: Vec<Change>,
+        events: usize,
+        ack: Option<Ack>,
+    ) -> Result<(), ()> {
+        let command = Command::Submit {
+            changes,
+            events,
+            ack,
+        };
+        let Err(mpsc::SendError(command)) = self.inner.commands.send(command) else {
+            return Ok(());
+        };
+        self.inner
+            .shared
+            .queue_depth_events
+            .fetch_sub(events, Ordering::AcqRel);
+        if let Command::Submit { ack: Some(ack), .. } = command {
+            let _ = ack.send(Err(self.closed_error("submit")));
+        }
+        Err(())
+    }
+
+    /// The newest `limit` events of an issue, answered after everything submitted before it is
+    /// committed.
+    pub fn latest_events(
+        &self,
+        issue_id: Uuid,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<EventRow>, StoreError>>,
+    ) {
+        let command = Command::LatestEvents {
+            issue_id,
+            limit,
+            reply,
+        };
+        if let Err(mpsc::SendError(Command::LatestEvents { reply, .. })) =
+            self.inner.commands.send(command)
+        {
+            let _ = reply.send(Err(self.closed_error("latest events")));
+        }
+    }
+
+    /// Stored events of one project (or all), counted after everything submitted before it is
+    /// committed.
+    pub fn count_events(
+        &self,
+        project_id: Option<Uuid>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    ) {
+        let command = Command::CountEvents { project_id, reply };
+        if let Err(mpsc::SendError(Command::CountEvents { reply, .. })) =
+            self.inner.commands.send(command)
+        {
+            let _ = reply.send(Err(self.closed_error("count events")));
+        }
+    }
+
+    /// False from a failed commit until the next successful one.
+    pub fn healthy(&self) -> bool {
+        self.inner.shared.healthy.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let shared = &self.inner.shared;
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StoreStats {
+            queue_depth_events: shared.queue_depth_events.load(Ordering::Relaxed) as u64,
+            batches_committed: read(&shared.batches_committed),
+            rows_committed: read(&shared.rows_committed),
+            events_committed: read(&shared.events_committed),
+            rows_rejected: read(&shared.rows_rejected),
+            commit_failures: read(&shared.commit_failures),
+            flush_latency_us_sum: read(&shared.flush_latency_us_sum),
+            flush_latency_us_count: read(&shared.flush_latency_us_count),
+            batch_rows_sum: read(&shared.batch_rows_sum),
+        }
+    }
+
+    /// Commits everything queued, stops the writer thread and waits for it. Blocks; later calls
+    /// return at once, and later submissions are refused.
+    pub fn shutdown(&self) {
+        let writer_thread = match self.inner.writer_thread.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        let Some(writer_thread) = writer_thread else {
+            return;
+        };
+        self.inner
+            .shared
+            .shutdown_requested
+            .store(true, Ordering::Release);
+        let _ = self.inner.commands.send(Command::Shutdown);
+        if writer_thread.join().is_err() {
+            tracing::error!(
+                backend = self.inner.backend_name,
+                "store writer thread panicked"
+            );
+        }
+    }
+
+    fn closed_error(&self, operation: &'static str) -> StoreError {
+        StoreError::new(
+            self.inner.backend_name,
+            operation,
+            StoreErrorKind::Closed,
+            "the store writer has stopped",
+        )
+    }
+}
+
+fn count_events(changes: &[Change]) -> usize {
+    changes.iter().filter(|change| change.is_event()).count()
+}
+
+/// Submissions gathered for the next transaction.
+#[derive(Default)]
+struct Pending {
+    changes: Vec<Change>,
+    parts: Vec<Part>,
+    events: usize,
+    oldest_at: Option<Instant>,
+}
+
+/// One submission inside a pending batch: `changes[previous part's end..end]`.
+struct Part {
+    end: usize,
+    events: usize,
+    ack: Option<Ack>,
+}
+
+impl Pending {
+    fn push(&mut self, changes: Vec<Change>, events: usize, ack: Option<Ack>) {
+        if self.parts.is_empty() {
+            self.oldest_at = Some(Instant::now());
+        }
+        if self.changes.is_empty() {
+            self.changes = changes;
+        } else {
+            self.changes.extend(changes);
+        }
+        self.events += events;
+        self.parts.push(Part {
+            end: self.changes.len(),
+            events,
+            ack,
+        });
+        self.check_invariants();
+    }
+
+    fn check_invariants(&self) {
+        debug_assert_eq!(
+            self.parts.last().map_or(0, |part| part.end),
+            self.changes.len()
+        );
+        debug_assert_eq!(
+            self.parts.iter().map(|part| part.events).sum::<usize>(),
+            self.events
+        );
+        debug_assert_eq!(self.parts.is_empty(), self.oldest_at.is_none());
+    }
+}
+
+struct Writer {
+    backend: Box<dyn Backend>,
+    commands: Receiver<Command>,
+    shared: Arc<Shared>,
+    config: WriterConfig,
+    pending: Pending,
+    next_maintain_at: Instant,
+}
+
+impl Writer {
+    fn run(mut self) {
+        self.maintain();
+        loop {
+            let now = Instant::now();
+            let wake_at = match self.flush_due_at() {
+                Some(flush_at) => flush_at.min(self.next_maintain_at),
+                None => self.next_maintain_at,
+            };
+            match self.commands.recv_timeout(wake_at.saturating_duration_since(now)) {
+                Ok(Command::Shutdown) => break,
+                Ok(command) => self.handle(command),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if self.flush_due_at().is_some_and(|flush_at| now >= flush_at) {
+                self.flush();
+            }
+            if now >= self.next_maintain_at {
+                self.maintain();
+            }
+        }
+        // Whatever raced with the shutdown request is still written.
+        while let Ok(command) = self.commands.try_recv() {
+            if !matches!(command, Command::Shutdown) {
+                self.handle(command);
+            }
+        }
+        self.flush();
+        debug_assert_eq!(self.pending.events, 0);
+    }
+
+    fn flush_due_at(&self) -> Option<Instant> {
+        let interval = Duration::from_millis(self.config.flush_interval_ms);
+        self.pending.oldest_at.map(|oldest_at| oldest_at + interval)
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Submit {
+                changes,
+                events,
+                ack,
+            } => {
+                self.pending.push(changes, events, ack);
+                let changes_max = self
+                    .config
+                    .batch_events_max
+                    .saturating_mul(BATCH_CHANGES_PER_EVENT_MAX);
+                if self.pending.events >= self.config.batch_events_max
+                    || self.pending.changes.len() >= changes_max
+                {
+                    self.flush();
+                }
+            }
+            Command::LatestEvents {
+                issue_id,
+                limit,
+                reply,
+            } => {
+                self.flush();
+                let result = self.query(|backend| backend.latest_events(issue_id, limit));
+                let _ = reply.send(result);
+            }
+            Command::CountEvents { project_id, reply } => {
+                self.flush();
+                let result = self.query(|backend| backend.count_events(project_id));
+                let _ = reply.send(result);
+            }
+            Command::Shutdown => unreachable!("shutdown is handled by the loop"),
+        }
+    }
+
+    /// A read, tried a second time on a fresh connection if the first failed to reach the
+    /// database.
+    fn query<T>(
+        &mut self,
+        read: impl Fn(&mut dyn Backend) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match read(self.backend.as_mut()) {
+            Err(error) if error.is_retryable() => {
+                tracing::warn!(%error, "store read failed; reconnecting once");
+                if let Err(error) = self.backend.reconnect() {
+                    return Err(error);
+                }
+                read(self.backend.as_mut())
+            }
+            result => result,
+        }
+    }
+
+    /// Commits the pending batch, retrying until it is written. If the database refuses the
+    /// batch's rows for good, each submission is committed on its own so one bad submission
+    /// costs only its own rows (its ack gets the error).
+    fn flush(&mut self) {
+        let batch = std::mem::take(&mut self.pending);
+        if batch.parts.is_empty() {
+            return;
+        }
+        let outcome = self.commit_with_retry(&batch.changes, batch.events);
+        let split = matches!(&outcome, Err(error) if !error.is_retryable())
+            && batch.parts.len() > 1;
+        if split {
+            let mut start = 0;
+            for part in batch.parts {
+                let changes = &batch.changes[start..part.end];
+                start = part.end;
+                let outcome = self.commit_with_retry(changes, part.events);
+                self.settle(changes.len(), part.ack, outcome);
+            }
+        } else {
+            for part in batch.parts {
+                self.settle(0, part.ack, outcome.clone());
+            }
+            if outcome.is_err() {
+                self.settle(batch.changes.len(), None, outcome);
+            }
+        }
+        self.shared
+            .queue_depth_events
+            .fetch_sub(batch.events, Ordering::AcqRel);
+    }
+
+    /// Fires an ack and counts `rows` as refused when the outcome is an error.
+    fn settle(&self, rows: usize, ack: Option<Ack>, outcome: Result<(), StoreError>) {
+        if let Err(error) = &outcome {
+            if rows > 0 {
+                self.shared
+                    .rows_rejected
+                    .fetch_add(rows as u64, Ordering::Relaxed);
+                tracing::error!(%error, rows, "store refused rows; they are not written");
+            }
+        }
+        if let Some(ack) = ack {
+            let _ = ack.send(outcome);
+        }
+    }
+
+    /// One transaction for `changes`, retried with backoff (and a reconnect before each retry)
+    /// while the database is unreachable. Returns an error only when the database refuses the
+    /// rows, or at shutdown once the database has stayed unreachable past the deadline.
+    fn commit_with_retry(&mut self, changes: &[Change], events: usize) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut backoff_ms = RETRY_BACKOFF_INITIAL_MS;
+        let mut shutdown_seen_at: Option<Instant> = None;
+        loop {
+            let started_at = Instant::now();
+            let error = match self.backend.commit(changes) {
+                Ok(()) => {
+                    self.count_commit(changes.len(), events, started_at.elapsed());
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            self.shared.commit_failures.fetch_add(1, Ordering::Relaxed);
+            if !error.is_retryable() {
+                return Err(error);
+            }
+            if self.shared.healthy.swap(false, Ordering::AcqRel) {
+                tracing::warn!(%error, "store commit failed; retrying until it succeeds");
+            } else {
+                tracing::debug!(%error, "store commit failed again");
+            }
+            if self.shared.shutdown_requested.load(Ordering::Acquire) {
+                let seen_at = *shutdown_seen_at.get_or_insert_with(Instant::now);
+                if seen_at.elapsed() >= Duration::from_millis(SHUTDOWN_COMMIT_DEADLINE_MS) {
+                    tracing::error!(%error, "storage still unreachable at shutdown; giving up");
+                    return Err(error);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(backoff_ms));
+            backoff_ms = (backoff_ms * 2).min(RETRY_BACKOFF_MAX_MS);
+            if let Err(error) = self.backend.reconnect() {
+                tracing::debug!(%error, "store reconnect failed");
+            }
+        }
+    }
+
+    fn count_commit(&self, rows: usize, events: usize, latency: Duration) {
+        let shared = &self.shared;
+        shared.batches_committed.fetch_add(1, Ordering::Relaxed);
+        shared.rows_committed.fetch_add(rows as u64, Ordering::Relaxed);
+        shared.events_committed.fetch_add(events as u64, Ordering::Relaxed);
+        shared.batch_rows_sum.fetch_add(rows as u64, Ordering::Relaxed);
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        shared.flush_latency_us_sum.fetch_add(latency_us, Ordering::Relaxed);
+        shared.flush_latency_us_count.fetch_add(1, Ordering::Relaxed);
+        if !shared.healthy.swap(true, Ordering::AcqRel) {
+            tracing::info!("store commits succeed again");
+        }
+    }
+
+    fn maintain(&mut self) {
+        let interval_ms = match self.backend.maintain(now_us()) {
+            Ok(()) => MAINTAIN_INTERVAL_MS,
+            Err(error) => {
+                tracing::warn!(%error, "store housekeeping failed; trying again later");
+                if error.is_retryable() {
+                    let _ = self.backend.reconnect();
+                }
+                MAINTAIN_RETRY_INTERVAL_MS
+            }
+        };
+        self.next_maintain_at = Instant::now() + Duration::from_millis(interval_ms);
+    }
+}

@@ -1,0 +1,254 @@
+//! A WebSocket connection after the upgrade: a reader task that decodes client frames and a
+//! writer task that sends whatever waits in the connection's ring in one vectored write.
+
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio_uring::net::TcpStream;
+
+use super::codec::{encode_close, encode_pong, encode_text, Decoder, Message, MESSAGE_BYTES_MAX};
+use crate::api::{ingest_frame, Role};
+use crate::conn::registry::ConnId;
+use crate::conn::ring::{Kind, Ring};
+use crate::http::conn::read_more;
+use crate::metrics::{CloseReason, ConnKind};
+use crate::shard::mesh::{owner_of, ShardMsg};
+use crate::shard::{Shard, Socket, Subscription, Timer};
+use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
+
+/// Client messages are small (a subscribe, an event); reads ask for this much at a time so an
+/// idle connection holds little memory.
+const READ_CHUNK_BYTES: usize = 1024;
+/// Frames gathered into one vectored write; well under the kernel's 1024 iovec limit.
+const WRITE_BATCH_MAX: usize = 256;
+
+pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: Vec<u8>, role: Role) {
+    let wake = Rc::new(Notify::new());
+    let kind = match role {
+        Role::Stream { .. } => ConnKind::Stream,
+        Role::Ingest { .. } => ConnKind::IngestSocket,
+    };
+    let ping = shard.schedule(shard.config.ping_interval * 1000, Timer::Ping(id));
+    let old_timer = {
+        let mut conns = shard.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(id) else { return };
+        shard.counters.changed_kind(entry.kind, kind);
+        entry.kind = kind;
+        entry.busy = false;
+        entry.socket = Some(Socket {
+            ring: Ring::new(shard.config.stream_buffer as usize),
+            wake: wake.clone(),
+            writing: false,
+            closing: false,
+            last_progress_tick: shard.now_tick(),
+            pong_timer: None,
+            subscription: match role {
+                Role::Stream { project_id } => Some(Subscription { project_id, filters: Filters::default(), welcomed: false }),
+                Role::Ingest { .. } => None,
+            },
+        });
+        entry.timer.replace(ping)
+    };
+    shard.cancel(old_timer);
+    if let Role::Stream { project_id } = role {
+        shard.counters.stream_subscriptions.fetch_add(1, Relaxed);
+        let owner = owner_of(&project_id, shard.shard_count());
+        shard.mesh.send(owner, ShardMsg::Watch { project_id, shard: shard.index, conn: id });
+    }
+    let writer = tokio_uring::spawn(write_loop(shard.clone(), id, stream.clone(), wake.clone()));
+    let mut buf = Vec::with_capacity(READ_CHUNK_BYTES.max(leftover.len()));
+    buf.extend_from_slice(&leftover);
+    drop(leftover);
+    let reason = read_loop(&shard, id, &stream, buf, &role).await;
+    // Let the writer send what waits (a close frame, maybe) and stop.
+    if let Some(socket) = shard.conns.borrow_mut().get_mut(id).and_then(|e| e.socket.as_mut()) {
+        socket.closing = true;
+        socket.wake.notify_one();
+    }
+    let _ = writer.await;
+    shard.unregister(id, reason);
+}
+
+async fn read_loop(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream, mut buf: Vec<u8>, role: &Role) -> CloseReason {
+    let mut decoder = Decoder::new(MESSAGE_BYTES_MAX);
+    loop {
+        let mut start = 0;
+        loop {
+            match decoder.decode(&buf[start..]) {
+                Ok(Some((message, used))) => {
+                    start += used;
+                    match message {
+                        Message::Text(text) => on_text(shard, id, role, text).await,
+                        Message::Binary(_) => reply_error(shard, id, role, "binary frames are not supported"),
+                        Message::Ping(payload) => {
+                            shard.enqueue(id, Bytes::from(encode_pong(&payload)), Kind::Control);
+                        }
+                        Message::Pong(_) => {
+                            let key = shard
+                                .conns
+                                .borrow_mut()
+                                .get_mut(id)
+                                .and_then(|e| e.socket.as_mut())
+                                .and_then(|s| s.pong_timer.take());
+                            shard.cancel(key);
+                        }
+                        Message::Close(code) => {
+                            let code = code.map_or(1000, |(code, _)| code);
+                            shard.close_socket(id, Bytes::from(encode_close(code, "")), CloseReason::Normal);
+                            return CloseReason::Normal;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    let reason = if error.code == 1009 || error.code == 1007 || error.code == 1002 {
+                        CloseReason::ProtocolError
+                    } else {
+                        CloseReason::BadRequest
+                    };
+                    shard.close_socket(id, Bytes::from(encode_close(error.code, error.reason)), reason);
+                    return reason;
+                }
+            }
+        }
+        buf.drain(..start);
+        let (result, returned) = read_more(stream, buf, READ_CHUNK_BYTES).await;
+        buf = returned;
+        match result {
+            Ok(n) if n > 0 => {}
+            Ok(_) => return closed_reason(shard, id).unwrap_or(CloseReason::Normal),
+            Err(_) => return closed_reason(shard, id).unwrap_or(CloseReason::IoError),
+        }
+    }
+}
+
+fn closed_reason(shard: &Shard, id: ConnId) -> Option<CloseReason> {
+    shard.conns.borrow().get(id).and_then(|e| e.close_reason)
+}
+
+fn reply_error(shard: &Shard, id: ConnId, role: &Role, message: &str) {
+    let frame = match role {
+        Role::Stream { .. } => error_frame(message),
+        Role::Ingest { .. } => {
+            Bytes::from(encode_text(serde_json::json!({ "error": message }).to_string().as_bytes()))
+        }
+    };
+    reply(shard, id, frame);
+}
+
+/// Replies are never dropped; a client that lets a full ring of them pile up is cut off.
+fn reply(shard: &Shard, id: ConnId, frame: Bytes) {
+    if !shard.enqueue(id, frame, Kind::Control) {
+        shard.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
+        shard.force_close(id, CloseReason::SlowClient);
+    }
+}
+
+async fn on_text(shard: &Rc<Shard>, id: ConnId, role: &Role, text: String) {
+    match role {
+        Role::Ingest { project_id } => {
+            let answer = ingest_frame(shard, *project_id, text.into_bytes()).await;
+            reply(shard, id, Bytes::from(encode_text(&answer)));
+        }
+        Role::Stream { .. } => match subscribe_filters(&text) {
+            Ok(filters) => {
+                let frame = filters_updated_frame(&filters);
+                if let Some(sub) = shard
+                    .conns
+                    .borrow_mut()
+                    .get_mut(id)
+                    .and_then(|e| e.socket.as_mut())
+                    .and_then(|s| s.subscription.as_mut())
+                {
+                    sub.filters = filters;
+                }
+                reply(shard, id, frame);
+            }
+            Err(message) => reply(shard, id, error_frame(&message)),
+        },
+    }
+}
+
+/// The filters of a `{"type":"subscribe","filters":{...}}` message, or what is wrong with it.
+fn subscribe_filters(text: &str) -> Result<Filters, String> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let object = value.as_object().ok_or("expected a JSON object with a type")?;
+    match object.get("type").and_then(|t| t.as_str()) {
+        Some("subscribe") => Filters::parse(object.get("filters")),
+        Some(other) => Err(format!("unknown message type: {other}")),
+        None => Err("expected a JSON object with a type".into()),
+    }
+}
+
+async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: Rc<Notify>) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        let finished = {
+            let mut conns = shard.conns.borrow_mut();
+            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else { return };
+            let dropped = socket.ring.take_dropped();
+            if dropped > 0 {
+                batch.push(dropped_frame(dropped));
+            }
+            socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
+            if batch.is_empty() {
+                socket.writing = false;
+                socket.last_progress_tick = shard.now_tick();
+                socket.closing
+            } else {
+                if !socket.writing {
+                    // The stall clock starts when there is something to take.
+                    socket.writing = true;
+                    socket.last_progress_tick = shard.now_tick();
+                }
+                false
+            }
+        };
+        if finished {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            return;
+        }
+        if batch.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        let frames = batch.len() as u64;
+        if !write_frames(&stream, &mut batch).await {
+            shard.force_close(id, CloseReason::IoError);
+            return;
+        }
+        shard.counters.stream_messages_sent.fetch_add(frames, Relaxed);
+        if let Some(socket) = shard.conns.borrow_mut().get_mut(id).and_then(|e| e.socket.as_mut()) {
+            socket.last_progress_tick = shard.now_tick();
+        }
+    }
+}
+
+/// Writes every frame, resuming after partial writes; false if the socket failed.
+async fn write_frames(stream: &TcpStream, batch: &mut Vec<Bytes>) -> bool {
+    let mut pending = std::mem::take(batch);
+    while !pending.is_empty() {
+        let (result, mut frames) = stream.writev(pending).await;
+        let mut written = match result {
+            Ok(n) if n > 0 => n,
+            _ => return false,
+        };
+        let done = frames.iter().take_while(|f| {
+            let whole = written >= f.len();
+            if whole {
+                written -= f.len();
+            }
+            whole
+        });
+        let done = done.count();
+        frames.drain(..done);
+        if written > 0 {
+            frames[0] = frames[0].slice(written..);
+        }
+        pending = frames;
+    }
+    *batch = pending;
+    true
+}
