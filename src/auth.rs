@@ -59,7 +59,10 @@ pub fn presented_key(head: &Head) -> Option<String> {
 /// `KEY` (Mesher style) or `Sentry sentry_key=KEY, sentry_version=7, ...` (Sentry style).
 fn sentry_key(value: &str) -> Option<String> {
     let value = value.trim();
-    let Some(rest) = value.strip_prefix("Sentry ").or_else(|| value.strip_prefix("sentry ")) else {
+    let Some(rest) = value
+        .strip_prefix("Sentry ")
+        .or_else(|| value.strip_prefix("sentry "))
+    else {
         return (!value.is_empty() && !value.contains(' ')).then(|| value.to_string());
     };
     rest.split(',').find_map(|part| {
@@ -106,14 +109,21 @@ impl Directory {
     }
 
     pub fn apply_key(&mut self, row: &KeyRow) {
-        let entry = KeyEntry { id: row.id, project_id: row.project_id, scope: row.scope, revoked: row.revoked };
+        let entry = KeyEntry {
+            id: row.id,
+            project_id: row.project_id,
+            scope: row.scope,
+            revoked: row.revoked,
+        };
         self.keys_by_hash.insert(row.key_hash.clone(), entry);
         self.key_rows.insert(row.id, row.clone());
     }
 
     /// A project by UUID or slug.
     pub fn project(&self, id_or_slug: &str) -> Option<&Arc<ProjectRow>> {
-        let id = Uuid::parse_str(id_or_slug).ok().or_else(|| self.slugs.get(id_or_slug).copied())?;
+        let id = Uuid::parse_str(id_or_slug)
+            .ok()
+            .or_else(|| self.slugs.get(id_or_slug).copied())?;
         self.projects.get(&id)
     }
 
@@ -147,7 +157,12 @@ impl Directory {
     }
 
     /// Checks that `plain` is a live key of `scope`, and of `project` when one is named.
-    pub fn authorize(&self, plain: Option<&str>, scope: Scope, project: Option<Uuid>) -> Result<Uuid, Refusal> {
+    pub fn authorize(
+        &self,
+        plain: Option<&str>,
+        scope: Scope,
+        project: Option<Uuid>,
+    ) -> Result<Uuid, Refusal> {
         let entry = self.key(plain)?;
         if entry.scope != scope || project.is_some_and(|p| p != entry.project_id) {
             return Err(Refusal::Forbidden);
@@ -164,7 +179,8 @@ mod tests {
     fn sentry_header_forms() {
         assert_eq!(sentry_key("mshr_abc").as_deref(), Some("mshr_abc"));
         assert_eq!(
-            sentry_key("Sentry sentry_version=7, sentry_key=mshr_abc, sentry_client=x/1").as_deref(),
+            sentry_key("Sentry sentry_version=7, sentry_key=mshr_abc, sentry_client=x/1")
+                .as_deref(),
             Some("mshr_abc")
         );
         assert_eq!(sentry_key("Sentry sentry_version=7"), None);

@@ -37,7 +37,12 @@ pub enum AckMode {
 #[derive(Parser, Debug, Clone)]
 pub struct Config {
     /// Address to serve HTTP and WebSocket on; repeat for more than one.
-    #[arg(long = "listen", env = "MESHER_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    #[arg(
+        long = "listen",
+        env = "MESHER_LISTEN",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: Vec<SocketAddr>,
 
     /// PostgreSQL URL (postgres://user@host:port/db). Without it the embedded SQLite store is used.
@@ -103,8 +108,10 @@ pub struct Config {
 
 impl Config {
     pub fn shard_count(&self) -> usize {
-        self.shards
-            .filter(|n| *n > 0)
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        self.shards.filter(|n| *n > 0).unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
     }
 }

@@ -122,7 +122,10 @@ impl Issue {
 pub fn rfc3339(unix_us: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(unix_us as i128 * 1000)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
 
@@ -148,7 +151,10 @@ impl Cursor {
     }
     pub fn decode(s: &str) -> Option<Cursor> {
         let (at, id) = s.split_once('.')?;
-        Some(Cursor { last_seen_us: at.parse().ok()?, id: Uuid::parse_str(id).ok()? })
+        Some(Cursor {
+            last_seen_us: at.parse().ok()?,
+            id: Uuid::parse_str(id).ok()?,
+        })
     }
 }
 
@@ -171,14 +177,18 @@ pub struct ProjectState {
 
 impl ProjectState {
     pub fn new(shard_count: usize) -> ProjectState {
-        ProjectState { subscribers_by_shard: vec![0; shard_count], ..Default::default() }
+        ProjectState {
+            subscribers_by_shard: vec![0; shard_count],
+            ..Default::default()
+        }
     }
 
     pub fn restore(&mut self, issue: Issue) {
         if issue.status == Status::Unresolved {
             self.unresolved += 1;
         }
-        self.by_fingerprint.insert(issue.fingerprint.clone(), issue.id);
+        self.by_fingerprint
+            .insert(issue.fingerprint.clone(), issue.id);
         self.issues.insert(issue.id, issue);
     }
 
@@ -191,7 +201,12 @@ impl ProjectState {
     }
 
     /// Takes `events` from this minute's budget, or says in how many seconds the next minute starts.
-    pub fn take_rate(&mut self, limit_per_minute: u32, events: u64, now_us: i64) -> Result<(), u64> {
+    pub fn take_rate(
+        &mut self,
+        limit_per_minute: u32,
+        events: u64,
+        now_us: i64,
+    ) -> Result<(), u64> {
         if limit_per_minute == 0 {
             return Ok(());
         }
@@ -244,7 +259,10 @@ impl ProjectState {
                 return (Grouped::Created, self.issues.entry(id).or_insert(issue));
             }
         };
-        let issue = self.issues.get_mut(&id).expect("fingerprint index points at a live issue");
+        let issue = self
+            .issues
+            .get_mut(&id)
+            .expect("fingerprint index points at a live issue");
         let grouped = match issue.status {
             Status::Discarded => return (Grouped::Discarded, issue),
             Status::Resolved => {
@@ -290,7 +308,11 @@ impl ProjectState {
         let mut found: Vec<&Issue> = self
             .issues
             .values()
-            .filter(|i| status.is_none_or(|s| i.status == s) && level.is_none_or(|l| i.level == l) && after(i))
+            .filter(|i| {
+                status.is_none_or(|s| i.status == s)
+                    && level.is_none_or(|l| i.level == l)
+                    && after(i)
+            })
             .collect();
         found.sort_unstable_by(|a, b| (b.last_seen_us, b.id).cmp(&(a.last_seen_us, a.id)));
         let has_more = found.len() > limit;
@@ -314,19 +336,34 @@ mod tests {
         let id = issue.id;
         assert_eq!(g, Grouped::Created);
         assert_eq!(s.unresolved_count(), 1);
-        assert_eq!(s.group(p, "fp", "boom", Level::Error, 2).0, Grouped::Counted);
+        assert_eq!(
+            s.group(p, "fp", "boom", Level::Error, 2).0,
+            Grouped::Counted
+        );
         assert_eq!(s.set_status(&id, Status::Resolved).map(|r| r.0), Some(true));
-        assert_eq!(s.set_status(&id, Status::Resolved).map(|r| r.0), Some(false));
+        assert_eq!(
+            s.set_status(&id, Status::Resolved).map(|r| r.0),
+            Some(false)
+        );
         assert_eq!(s.unresolved_count(), 0);
         let (g, issue) = s.group(p, "fp", "boom", Level::Error, 3);
-        assert_eq!((g, issue.event_count, issue.status), (Grouped::Regressed, 3, Status::Unresolved));
+        assert_eq!(
+            (g, issue.event_count, issue.status),
+            (Grouped::Regressed, 3, Status::Unresolved)
+        );
         assert_eq!(s.unresolved_count(), 1);
         s.set_status(&id, Status::Archived);
-        assert_eq!(s.group(p, "fp", "boom", Level::Error, 4).0, Grouped::Counted);
+        assert_eq!(
+            s.group(p, "fp", "boom", Level::Error, 4).0,
+            Grouped::Counted
+        );
         assert_eq!(s.issue(&id).unwrap().status, Status::Archived);
         s.set_status(&id, Status::Discarded);
         assert!(s.is_discarded("fp"));
-        assert_eq!(s.group(p, "fp", "boom", Level::Error, 5).0, Grouped::Discarded);
+        assert_eq!(
+            s.group(p, "fp", "boom", Level::Error, 5).0,
+            Grouped::Discarded
+        );
         assert_eq!(s.issue(&id).unwrap().event_count, 4);
     }
 
@@ -347,12 +384,21 @@ mod tests {
         }
         let (page, more) = s.list(None, None, 2, None);
         assert!(more);
-        assert_eq!(page.iter().map(|i| i.last_seen_us).collect::<Vec<_>>(), vec![4, 3]);
-        let cursor = Cursor { last_seen_us: page[1].last_seen_us, id: page[1].id };
+        assert_eq!(
+            page.iter().map(|i| i.last_seen_us).collect::<Vec<_>>(),
+            vec![4, 3]
+        );
+        let cursor = Cursor {
+            last_seen_us: page[1].last_seen_us,
+            id: page[1].id,
+        };
         assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
         let (page, more) = s.list(None, None, 10, Some(cursor));
         assert!(!more);
-        assert_eq!(page.iter().map(|i| i.last_seen_us).collect::<Vec<_>>(), vec![2, 1, 0]);
+        assert_eq!(
+            page.iter().map(|i| i.last_seen_us).collect::<Vec<_>>(),
+            vec![2, 1, 0]
+        );
         assert_eq!(Cursor::decode("garbage"), None);
     }
 }

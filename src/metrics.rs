@@ -139,7 +139,10 @@ impl ShardMetrics {
         self.conns_closed[reason as usize].fetch_add(1, Relaxed);
     }
     pub fn responded(&self, status: u16) {
-        let index = STATUSES.iter().position(|s| *s == status).unwrap_or(STATUSES.len());
+        let index = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len());
         self.responses[index].fetch_add(1, Relaxed);
     }
     pub fn rejected(&self, why: Rejection, events: u64) {
@@ -158,8 +161,12 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new(shard_count: usize) -> Metrics {
-        let shards = (0..shard_count).map(|_| Arc::new(ShardMetrics::default())).collect();
-        Metrics { shards: Arc::new(shards) }
+        let shards = (0..shard_count)
+            .map(|_| Arc::new(ShardMetrics::default()))
+            .collect();
+        Metrics {
+            shards: Arc::new(shards),
+        }
     }
 
     fn sum(&self, read: impl Fn(&ShardMetrics) -> u64) -> u64 {
@@ -169,13 +176,25 @@ impl Metrics {
     /// Prometheus text exposition of every counter, summed over shards (loop lag per shard).
     pub fn render(&self, store: &Store) -> String {
         let mut out = String::with_capacity(4096);
-        header(&mut out, "mesher_connections_accepted_total", "counter", "TCP connections accepted.");
-        let _ = writeln!(
-            out,
-            "mesher_connections_accepted_total {}",
-            self.sum(|m| m.conns_accepted.load(Relaxed))
+        header(
+            &mut out,
+            "mesher_connections_accepted_total",
+            "counter",
+            "TCP connections accepted, per shard.",
         );
-        header(&mut out, "mesher_connections_open", "gauge", "Open connections by kind.");
+        for (shard, m) in self.shards.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "mesher_connections_accepted_total{{shard=\"{shard}\"}} {}",
+                m.conns_accepted.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "mesher_connections_open",
+            "gauge",
+            "Open connections by kind.",
+        );
         for kind in ConnKind::ALL {
             let _ = writeln!(
                 out,
@@ -184,7 +203,12 @@ impl Metrics {
                 self.sum(|m| m.open(kind))
             );
         }
-        header(&mut out, "mesher_connections_closed_total", "counter", "Closed connections by reason.");
+        header(
+            &mut out,
+            "mesher_connections_closed_total",
+            "counter",
+            "Closed connections by reason.",
+        );
         for reason in CloseReason::ALL {
             let _ = writeln!(
                 out,
@@ -193,7 +217,12 @@ impl Metrics {
                 self.sum(|m| m.conns_closed[reason as usize].load(Relaxed))
             );
         }
-        header(&mut out, "mesher_http_responses_total", "counter", "HTTP responses by status.");
+        header(
+            &mut out,
+            "mesher_http_responses_total",
+            "counter",
+            "HTTP responses by status.",
+        );
         for (index, status) in STATUSES.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -206,9 +235,23 @@ impl Metrics {
             "mesher_http_responses_total{{status=\"other\"}} {}",
             self.sum(|m| m.responses[STATUSES.len()].load(Relaxed))
         );
-        header(&mut out, "mesher_events_accepted_total", "counter", "Events accepted (202 accepted).");
-        let _ = writeln!(out, "mesher_events_accepted_total {}", self.sum(|m| m.events_accepted.load(Relaxed)));
-        header(&mut out, "mesher_events_rejected_total", "counter", "Events not stored, by reason.");
+        header(
+            &mut out,
+            "mesher_events_accepted_total",
+            "counter",
+            "Events accepted (202 accepted).",
+        );
+        let _ = writeln!(
+            out,
+            "mesher_events_accepted_total {}",
+            self.sum(|m| m.events_accepted.load(Relaxed))
+        );
+        header(
+            &mut out,
+            "mesher_events_rejected_total",
+            "counter",
+            "Events not stored, by reason.",
+        );
         for why in Rejection::ALL {
             let _ = writeln!(
                 out,
@@ -218,28 +261,47 @@ impl Metrics {
             );
         }
         let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 5] = [
-            ("mesher_stream_messages_sent_total", "Stream messages written to subscribers.", |m| {
-                m.stream_messages_sent.load(Relaxed)
-            }),
-            ("mesher_stream_messages_dropped_total", "Stream messages dropped for slow subscribers.", |m| {
-                m.stream_messages_dropped.load(Relaxed)
-            }),
-            ("mesher_stream_slow_disconnects_total", "Stream subscribers disconnected for taking nothing.", |m| {
-                m.stream_slow_disconnects.load(Relaxed)
-            }),
-            ("mesher_stream_subscriptions", "Stream subscriptions held in shard memory.", |m| {
-                m.stream_subscriptions.load(Relaxed)
-            }),
-            ("mesher_mesh_backlog_messages", "Cross-shard messages waiting for room in a full queue.", |m| {
-                m.mesh_backlog.load(Relaxed)
-            }),
+            (
+                "mesher_stream_messages_sent_total",
+                "Stream messages written to subscribers.",
+                |m| m.stream_messages_sent.load(Relaxed),
+            ),
+            (
+                "mesher_stream_messages_dropped_total",
+                "Stream messages dropped for slow subscribers.",
+                |m| m.stream_messages_dropped.load(Relaxed),
+            ),
+            (
+                "mesher_stream_slow_disconnects_total",
+                "Stream subscribers disconnected for taking nothing.",
+                |m| m.stream_slow_disconnects.load(Relaxed),
+            ),
+            (
+                "mesher_stream_subscriptions",
+                "Stream subscriptions held in shard memory.",
+                |m| m.stream_subscriptions.load(Relaxed),
+            ),
+            (
+                "mesher_mesh_backlog_messages",
+                "Cross-shard messages waiting for room in a full queue.",
+                |m| m.mesh_backlog.load(Relaxed),
+            ),
         ];
         for (name, help, read) in counters {
-            let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
+            let kind = if name.ends_with("_total") {
+                "counter"
+            } else {
+                "gauge"
+            };
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {}", self.sum(read));
         }
-        header(&mut out, "mesher_loop_lag_microseconds", "gauge", "Reactor loop lag at the last tick, per shard.");
+        header(
+            &mut out,
+            "mesher_loop_lag_microseconds",
+            "gauge",
+            "Reactor loop lag at the last tick, per shard.",
+        );
         for (shard, m) in self.shards.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -247,7 +309,12 @@ impl Metrics {
                 m.loop_lag_us.load(Relaxed)
             );
         }
-        header(&mut out, "mesher_loop_lag_max_microseconds", "gauge", "Largest reactor loop lag seen, per shard.");
+        header(
+            &mut out,
+            "mesher_loop_lag_max_microseconds",
+            "gauge",
+            "Largest reactor loop lag seen, per shard.",
+        );
         for (shard, m) in self.shards.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -257,19 +324,59 @@ impl Metrics {
         }
         let stats = store.stats();
         let store_values: [(&str, &str, &str, u64); 7] = [
-            ("mesher_storage_queue_events", "gauge", "Events waiting to be written.", stats.queue_depth_events as u64),
-            ("mesher_storage_batches_total", "counter", "Storage transactions committed.", stats.batches_committed),
-            ("mesher_storage_rows_total", "counter", "Rows committed.", stats.rows_committed),
-            ("mesher_storage_commit_failures_total", "counter", "Failed storage commits (retried).", stats.commit_failures),
-            ("mesher_storage_flush_latency_microseconds_sum", "counter", "Time spent in commits.", stats.flush_latency_us_sum),
-            ("mesher_storage_flush_latency_microseconds_count", "counter", "Commits timed.", stats.flush_latency_us_count),
-            ("mesher_storage_batch_rows_sum", "counter", "Rows over all batches (divide by batches for the mean size).", stats.batch_rows_sum),
+            (
+                "mesher_storage_queue_events",
+                "gauge",
+                "Events waiting to be written.",
+                stats.queue_depth_events as u64,
+            ),
+            (
+                "mesher_storage_batches_total",
+                "counter",
+                "Storage transactions committed.",
+                stats.batches_committed,
+            ),
+            (
+                "mesher_storage_rows_total",
+                "counter",
+                "Rows committed.",
+                stats.rows_committed,
+            ),
+            (
+                "mesher_storage_commit_failures_total",
+                "counter",
+                "Failed storage commits (retried).",
+                stats.commit_failures,
+            ),
+            (
+                "mesher_storage_flush_latency_microseconds_sum",
+                "counter",
+                "Time spent in commits.",
+                stats.flush_latency_us_sum,
+            ),
+            (
+                "mesher_storage_flush_latency_microseconds_count",
+                "counter",
+                "Commits timed.",
+                stats.flush_latency_us_count,
+            ),
+            (
+                "mesher_storage_batch_rows_sum",
+                "counter",
+                "Rows over all batches (divide by batches for the mean size).",
+                stats.batch_rows_sum,
+            ),
         ];
         for (name, kind, help, value) in store_values {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
         }
-        header(&mut out, "mesher_storage_up", "gauge", "1 while storage commits succeed.");
+        header(
+            &mut out,
+            "mesher_storage_up",
+            "gauge",
+            "1 while storage commits succeed.",
+        );
         let _ = writeln!(out, "mesher_storage_up {}", store.healthy() as u8);
         out
     }

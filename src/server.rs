@@ -25,8 +25,12 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 /// Runs the server until SIGTERM or SIGINT; Ok after a clean shutdown.
 pub fn run(config: Config) -> Result<(), String> {
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|e| format!("cannot create data directory {}: {e}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        format!(
+            "cannot create data directory {}: {e}",
+            config.data_dir.display()
+        )
+    })?;
     let admin_token: Arc<str> = admin_token(&config)?.into();
     probe_io_uring()?;
 
@@ -40,7 +44,8 @@ pub fn run(config: Config) -> Result<(), String> {
         batch_events_max: config.batch_events.max(1),
         queue_events_max: config.queue_events.max(1),
     };
-    let (store, snapshot) = Store::start(backend, writer).map_err(|e| format!("cannot start storage: {e}"))?;
+    let (store, snapshot) =
+        Store::start(backend, writer).map_err(|e| format!("cannot start storage: {e}"))?;
 
     let shard_count = config.shard_count();
     let listeners = bind_all(&config.listen, shard_count)?;
@@ -51,7 +56,9 @@ pub fn run(config: Config) -> Result<(), String> {
     }
 
     let metrics = Metrics::new(shard_count);
-    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count).map(|_| mpsc::channel(SHARD_QUEUE_MAX)).unzip();
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| mpsc::channel(SHARD_QUEUE_MAX))
+        .unzip();
     let (drained_tx, drained_rx) = std::sync::mpsc::channel();
     let mut owned = split_state(&snapshot, shard_count);
     let mut threads = Vec::new();
@@ -122,12 +129,17 @@ pub fn io_uring_error(error: &std::io::Error) -> String {
 
 /// Fails fast, before anything else starts, when io_uring is unavailable.
 fn probe_io_uring() -> Result<(), String> {
-    tokio_uring::Runtime::new(&tokio_uring::builder()).map(drop).map_err(|e| io_uring_error(&e))
+    tokio_uring::Runtime::new(&tokio_uring::builder())
+        .map(drop)
+        .map_err(|e| io_uring_error(&e))
 }
 
 fn wait_for_signal() -> Result<(), String> {
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     signals.forever().next();
     Ok(())
 }
@@ -149,7 +161,12 @@ fn bind_all(addresses: &[SocketAddr], shard_count: usize) -> Result<Vec<Vec<TcpL
 
 fn bind_one(address: SocketAddr) -> Result<TcpListener, String> {
     let fail = |e: std::io::Error| format!("cannot listen on {address}: {e}");
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP)).map_err(fail)?;
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(fail)?;
     socket.set_reuse_address(true).map_err(fail)?;
     socket.set_reuse_port(true).map_err(fail)?;
     socket.bind(&address.into()).map_err(fail)?;
@@ -172,7 +189,8 @@ fn directory(snapshot: &Snapshot) -> Directory {
 fn split_state(snapshot: &Snapshot, shard_count: usize) -> Vec<HashMap<uuid::Uuid, ProjectState>> {
     let mut owned: Vec<HashMap<_, _>> = (0..shard_count).map(|_| HashMap::new()).collect();
     for project in &snapshot.projects {
-        owned[owner_of(&project.id, shard_count)].insert(project.id, ProjectState::new(shard_count));
+        owned[owner_of(&project.id, shard_count)]
+            .insert(project.id, ProjectState::new(shard_count));
     }
     for row in &snapshot.issues {
         let shard = owner_of(&row.project_id, shard_count);
@@ -196,16 +214,26 @@ fn admin_token(config: &Config) -> Result<String, String> {
             return Ok(token);
         }
     }
-    let token = crate::auth::generate_key(store::Scope::Dashboard).replacen("mshd_", "mesh_admin_", 1);
-    write_private(&path, &token).map_err(|e| format!("cannot store the admin token in {}: {e}", path.display()))?;
-    eprintln!("mesher: generated admin token (stored in {}): {token}", path.display());
+    let token =
+        crate::auth::generate_key(store::Scope::Dashboard).replacen("mshd_", "mesh_admin_", 1);
+    write_private(&path, &token)
+        .map_err(|e| format!("cannot store the admin token in {}: {e}", path.display()))?;
+    eprintln!(
+        "mesher: generated admin token (stored in {}): {token}",
+        path.display()
+    );
     Ok(token)
 }
 
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(contents.as_bytes())?;
     file.write_all(b"\n")
 }

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use publisher::{PubContext, PubOutcome, PubSpec};
 use stats::{percentiles_us, Counters, ProjectCounts, ShardedHistogram, SubOutcome};
@@ -183,14 +183,15 @@ struct Plan {
 impl Plan {
     fn from_cli(cli: &Cli) -> Plan {
         use Scenario::*;
-        // (subscribers, projects, event bytes, rate, connections, inflight, duration, filter)
-        let (subscribers, projects, event_bytes, rate, connections, inflight, duration_s, filter) =
+        // (subscribers, projects, event bytes, rate, connections, window per connection,
+        //  duration, filter)
+        let (subscribers, projects, event_bytes, rate, connections, window, duration_s, filter) =
             match cli.scenario {
                 Fanout | Slow => (1000, 1, 512, 0.0, 1, 1, 10.0, FilterMode::None),
-                Rooms => (10_000, 1000, 512, 0.0, 4, 4, 10.0, FilterMode::None),
+                Rooms => (10_000, 1000, 512, 0.0, 4, 1, 10.0, FilterMode::None),
                 Filters => (1000, 1, 512, 0.0, 1, 1, 10.0, FilterMode::Half),
-                Ingest => (0, 1, 1024, 0.0, 64, 64, 10.0, FilterMode::None),
-                E2e => (1000, 20, 512, 2000.0, 4, 64, 10.0, FilterMode::All),
+                Ingest => (0, 1, 1024, 0.0, 64, 1, 10.0, FilterMode::None),
+                E2e => (1000, 20, 512, 2000.0, 4, 16, 10.0, FilterMode::All),
                 Conns => (18_000, 1, 512, 0.0, 0, 0, 5.0, FilterMode::None),
             };
         let slow_secs = cli.slow_secs.unwrap_or(60.0);
@@ -205,7 +206,7 @@ impl Plan {
             FilterMode::All => vec!["error", "warning"],
         };
         let connections = cli.connections.unwrap_or(connections);
-        let inflight = cli.inflight.unwrap_or(inflight.max(connections));
+        let inflight = cli.inflight.unwrap_or(window * connections);
         Plan {
             scenario: cli.scenario,
             target: cli.target,
@@ -258,11 +259,15 @@ fn main() {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // Pinned to one CPU, a single-threaded runtime spends less per wake-up.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = builder.enable_all().build().expect("tokio runtime");
     let json_output = cli.json;
     match runtime.block_on(run(cli)) {
         Ok(report) => {
@@ -400,7 +405,7 @@ async fn run(cli: Cli) -> Result<Report, String> {
 struct Subscribers {
     ctx: Arc<SubContext>,
     handles: Vec<tokio::task::JoinHandle<SubOutcome>>,
-    stop: watch::Sender<bool>,
+    stops: Vec<oneshot::Sender<()>>,
     start: watch::Sender<Option<u64>>,
 }
 
@@ -411,7 +416,6 @@ fn spawn_subscribers(
     counters: Arc<Counters>,
     read_buffer_bytes: usize,
 ) -> Subscribers {
-    let (stop, stop_rx) = watch::channel(false);
     let (start, start_rx) = watch::channel(None);
     let ctx = Arc::new(SubContext {
         routes,
@@ -424,12 +428,15 @@ fn spawn_subscribers(
         read_buffer_bytes,
         slow_secs: plan.slow_secs,
     });
+    let mut stops = Vec::with_capacity(plan.subscribers);
     let handles = (0..plan.subscribers)
         .map(|index| {
+            let (stop, stop_rx) = oneshot::channel();
+            stops.push(stop);
             tokio::spawn(subscriber::run_subscriber(
                 ctx.clone(),
                 plan.sub_spec(index),
-                stop_rx.clone(),
+                stop_rx,
                 start_rx.clone(),
             ))
         })
@@ -437,7 +444,7 @@ fn spawn_subscribers(
     Subscribers {
         ctx,
         handles,
-        stop,
+        stops,
         start,
     }
 }
@@ -469,7 +476,9 @@ async fn wait_ready(cli: &Cli, plan: &Plan, counters: &Counters) -> f64 {
 }
 
 async fn collect_subscribers(subs: Subscribers) -> (Vec<SubOutcome>, usize) {
-    let _ = subs.stop.send(true);
+    for stop in subs.stops {
+        let _ = stop.send(());
+    }
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(TEARDOWN_S);
     let mut outcomes = Vec::with_capacity(subs.handles.len());
     let mut lost = 0;

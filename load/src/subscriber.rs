@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
 use crate::frame::{
     encode_client_frame, FrameReader, Message, OPCODE_CLOSE, OPCODE_PONG, OPCODE_TEXT,
@@ -230,12 +230,13 @@ async fn set_up(
     Ok(stream)
 }
 
-/// Runs one subscriber until `stop` turns true; `start` carries the publish start time
-/// (monotonic µs) that slow subscribers count their pause from.
+/// Runs one subscriber until `stop` fires (or its sender is dropped); `start` carries the
+/// publish start time (monotonic µs) that slow subscribers count their pause from. `stop` is a
+/// oneshot per subscriber because polling it costs no shared lock in the hot read loop.
 pub async fn run_subscriber(
     ctx: Arc<SubContext>,
     spec: SubSpec,
-    mut stop: watch::Receiver<bool>,
+    mut stop: oneshot::Receiver<()>,
     mut start: watch::Receiver<Option<u64>>,
 ) -> SubOutcome {
     let mut outcome = SubOutcome {
@@ -287,7 +288,7 @@ pub async fn run_subscriber(
         };
         tokio::select! {
             _ = pause => {}
-            _ = stop.wait_for(|s| *s) => {
+            _ = &mut stop => {
                 return outcome;
             }
         }
@@ -322,7 +323,7 @@ async fn read_loop(
     spec: SubSpec,
     stream: &mut TcpStream,
     reader: &mut FrameReader,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut oneshot::Receiver<()>,
     outcome: &mut SubOutcome,
 ) {
     let dialect = ctx.routes.kind.dialect();
@@ -339,7 +340,7 @@ async fn read_loop(
         if !have_bytes {
             let read = tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return,
+                _ = &mut *stop => return,
                 read = stream.read(reader.spare()) => read,
             };
             match read {

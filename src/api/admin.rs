@@ -80,15 +80,25 @@ pub fn slugify(name: &str) -> String {
 fn valid_slug(slug: &str) -> bool {
     !slug.is_empty()
         && slug.len() <= NAME_CHARS_MAX
-        && slug.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && slug
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && Uuid::parse_str(slug).is_err()
 }
 
-fn string_field(body: &serde_json::Map<String, Value>, name: &str) -> Result<Option<String>, Response> {
+fn string_field(
+    body: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<String>, Response> {
     match body.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.chars().count() <= NAME_CHARS_MAX => Ok(Some(s.trim().to_string())),
-        Some(Value::String(_)) => Err(Response::error(400, &format!("{name} is longer than {NAME_CHARS_MAX} characters"))),
+        Some(Value::String(s)) if s.chars().count() <= NAME_CHARS_MAX => {
+            Ok(Some(s.trim().to_string()))
+        }
+        Some(Value::String(_)) => Err(Response::error(
+            400,
+            &format!("{name} is longer than {NAME_CHARS_MAX} characters"),
+        )),
         Some(_) => Err(Response::error(400, &format!("{name} must be a string"))),
     }
 }
@@ -116,7 +126,10 @@ async fn create_project(shard: &Rc<Shard>, body: &[u8]) -> Result<Response, Resp
         _ => slugify(&name),
     };
     if !valid_slug(&slug) {
-        return Err(Response::error(400, "slug must be lowercase letters, digits and dashes, and not a UUID"));
+        return Err(Response::error(
+            400,
+            "slug must be lowercase letters, digits and dashes, and not a UUID",
+        ));
     }
     let project = ProjectRow {
         id: Uuid::now_v7(),
@@ -128,11 +141,19 @@ async fn create_project(shard: &Rc<Shard>, body: &[u8]) -> Result<Response, Resp
         retention_days: RETENTION_DAYS_DEFAULT,
     };
     let (ingest_key, ingest_row) = new_key(project.id, Scope::Ingest, Some("default".into()));
-    let (dashboard_key, dashboard_row) = new_key(project.id, Scope::Dashboard, Some("default".into()));
+    let (dashboard_key, dashboard_row) =
+        new_key(project.id, Scope::Dashboard, Some("default".into()));
     let shown = project_json(&project);
     // Shard 0 decides slug uniqueness, so two shards can never both take a slug.
     let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(0, ShardMsg::CreateProject { project, keys: vec![ingest_row, dashboard_row], reply });
+    shard.mesh.send(
+        0,
+        ShardMsg::CreateProject {
+            project,
+            keys: vec![ingest_row, dashboard_row],
+            reply,
+        },
+    );
     ask(answer).await??;
     let mut shown = shown;
     shown["ingest_key"] = json!(ingest_key);
@@ -171,11 +192,18 @@ pub async fn publish_directory(shard: &Shard, changes: Vec<Change>) -> Result<()
     Ok(())
 }
 
-async fn update_project(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Response, Response> {
+async fn update_project(
+    shard: &Rc<Shard>,
+    project: &str,
+    body: &[u8],
+) -> Result<Response, Response> {
     let body = json_body(body)?;
     let mut row = {
         let directory = shard.directory.borrow();
-        directory.project(project).map(|p| (**p).clone()).ok_or_else(Response::not_found)?
+        directory
+            .project(project)
+            .map(|p| (**p).clone())
+            .ok_or_else(Response::not_found)?
     };
     for (name, value) in &body {
         match name.as_str() {
@@ -183,20 +211,29 @@ async fn update_project(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result
                 row.rate_limit_per_minute = value
                     .as_u64()
                     .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| Response::error(400, "rate_limit_per_minute must be a whole number >= 0 (0: no limit)"))?
+                    .ok_or_else(|| {
+                        Response::error(
+                            400,
+                            "rate_limit_per_minute must be a whole number >= 0 (0: no limit)",
+                        )
+                    })?
             }
             "sample_rate" => {
                 row.sample_rate = value
                     .as_f64()
                     .filter(|r| (0.0..=1.0).contains(r))
-                    .ok_or_else(|| Response::error(400, "sample_rate must be a number from 0 to 1"))?
+                    .ok_or_else(|| {
+                        Response::error(400, "sample_rate must be a number from 0 to 1")
+                    })?
             }
             "retention_days" => {
                 row.retention_days = value
                     .as_u64()
                     .and_then(|n| u32::try_from(n).ok())
                     .filter(|n| *n >= 1)
-                    .ok_or_else(|| Response::error(400, "retention_days must be a whole number >= 1"))?
+                    .ok_or_else(|| {
+                        Response::error(400, "retention_days must be a whole number >= 1")
+                    })?
             }
             "name" => {
                 row.name = string_field(&body, "name")?
@@ -213,23 +250,43 @@ async fn update_project(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result
 
 async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Response, Response> {
     let body = json_body(body)?;
-    let project_id = shard.directory.borrow().project(project).map(|p| p.id).ok_or_else(Response::not_found)?;
+    let project_id = shard
+        .directory
+        .borrow()
+        .project(project)
+        .map(|p| p.id)
+        .ok_or_else(Response::not_found)?;
     let scope = match body.get("scope").and_then(Value::as_str) {
         Some("ingest") => Scope::Ingest,
         Some("dashboard") => Scope::Dashboard,
-        _ => return Err(Response::error(400, "scope must be \"ingest\" or \"dashboard\"")),
+        _ => {
+            return Err(Response::error(
+                400,
+                "scope must be \"ingest\" or \"dashboard\"",
+            ))
+        }
     };
     let label = string_field(&body, "label")?;
     let (plain, row) = new_key(project_id, scope, label.clone());
     let id = row.id;
     publish_directory(shard, vec![Change::Key(row)]).await?;
-    Ok(Response::of(201, &json!({ "id": id, "key": plain, "scope": scope.as_str(), "label": label })))
+    Ok(Response::of(
+        201,
+        &json!({ "id": id, "key": plain, "scope": scope.as_str(), "label": label }),
+    ))
 }
 
 async fn revoke_key(shard: &Rc<Shard>, key_id: &str) -> Result<Response, Response> {
     let id = Uuid::parse_str(key_id).map_err(|_| Response::error(400, "malformed key id"))?;
-    let row = shard.directory.borrow().key_row(&id).ok_or_else(Response::not_found)?;
-    let row = KeyRow { revoked: true, ..row };
+    let row = shard
+        .directory
+        .borrow()
+        .key_row(&id)
+        .ok_or_else(Response::not_found)?;
+    let row = KeyRow {
+        revoked: true,
+        ..row
+    };
     publish_directory(shard, vec![Change::Key(row)]).await?;
     Ok(Response::json(200, r#"{"status":"ok"}"#))
 }

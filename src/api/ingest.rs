@@ -23,7 +23,10 @@ const OVERLOADED_RETRY_AFTER_S: u64 = 1;
 
 pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: &mut [u8]) -> Response {
     let key = presented_key(head);
-    let authorized = shard.directory.borrow().authorize(key.as_deref(), Scope::Ingest, None);
+    let authorized = shard
+        .directory
+        .borrow()
+        .authorize(key.as_deref(), Scope::Ingest, None);
     let project_id = match authorized {
         Ok(id) => id,
         Err(refused) => {
@@ -31,7 +34,11 @@ pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: &mut 
             return refusal(refused);
         }
     };
-    let events = if bulk { parse_bulk(body) } else { parse_event(body).map(|event| vec![event]) };
+    let events = if bulk {
+        parse_bulk(body)
+    } else {
+        parse_event(body).map(|event| vec![event])
+    };
     match events {
         Ok(events) => submit(shard, project_id, events, bulk).await,
         Err(error) => {
@@ -56,7 +63,15 @@ pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, mut text: Vec<u8>
 async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Event>, bulk: bool) -> Response {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let owner = owner_of(&project_id, shard.shard_count());
-    shard.mesh.send(owner, ShardMsg::Ingest { project_id, events, received_us: now_us(), reply });
+    shard.mesh.send(
+        owner,
+        ShardMsg::Ingest {
+            project_id,
+            events,
+            received_us: now_us(),
+            reply,
+        },
+    );
     match ask(answer).await {
         Ok(reply) => render(reply, bulk),
         Err(response) => response,
@@ -65,7 +80,9 @@ async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Event>, bulk: bool)
 
 fn outcome_json(outcome: &EventOutcome) -> Value {
     match outcome {
-        EventOutcome::Accepted { event_id, issue_id } => json!({ "event_id": event_id, "issue_id": issue_id }),
+        EventOutcome::Accepted { event_id, issue_id } => {
+            json!({ "event_id": event_id, "issue_id": issue_id })
+        }
         EventOutcome::Sampled => json!({ "status": "sampled" }),
         EventOutcome::Discarded => json!({ "status": "discarded" }),
     }
@@ -78,22 +95,20 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
             Response::of(202, &json!({ "status": "accepted", "results": results }))
         }
         IngestReply::Done(outcomes) => match outcomes.first() {
-            Some(EventOutcome::Accepted { event_id, issue_id }) => {
-                Response::of(202, &json!({ "status": "accepted", "event_id": event_id, "issue_id": issue_id }))
-            }
+            Some(EventOutcome::Accepted { event_id, issue_id }) => Response::of(
+                202,
+                &json!({ "status": "accepted", "event_id": event_id, "issue_id": issue_id }),
+            ),
             Some(EventOutcome::Sampled) => Response::json(202, r#"{"status":"sampled"}"#),
             Some(EventOutcome::Discarded) => Response::json(202, r#"{"status":"discarded"}"#),
             None => Response::error(500, "no outcome for the event"),
         },
-        IngestReply::RateLimited { retry_after_s } => {
-            Response::error(429, "rate limited").with_header("retry-after", retry_after_s.to_string())
-        }
-        IngestReply::Overloaded => {
-            Response::error(503, "overloaded").with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string())
-        }
-        IngestReply::StorageFailed => {
-            Response::error(503, "storage unavailable").with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string())
-        }
+        IngestReply::RateLimited { retry_after_s } => Response::error(429, "rate limited")
+            .with_header("retry-after", retry_after_s.to_string()),
+        IngestReply::Overloaded => Response::error(503, "overloaded")
+            .with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string()),
+        IngestReply::StorageFailed => Response::error(503, "storage unavailable")
+            .with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string()),
         IngestReply::UnknownProject => Response::not_found(),
     }
 }

@@ -26,7 +26,12 @@ fn limit_param(head: &Head) -> Result<usize, Response> {
             .parse::<usize>()
             .ok()
             .filter(|n| (1..=PAGE_LIMIT_MAX).contains(n))
-            .ok_or_else(|| Response::error(400, &format!("limit must be a whole number from 1 to {PAGE_LIMIT_MAX}"))),
+            .ok_or_else(|| {
+                Response::error(
+                    400,
+                    &format!("limit must be a whole number from 1 to {PAGE_LIMIT_MAX}"),
+                )
+            }),
     }
 }
 
@@ -40,14 +45,27 @@ pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
         Err(response) => return response,
     };
     let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(owner_of(&project_id, shard.shard_count()), ShardMsg::ListIssues { project_id, query, reply });
+    shard.mesh.send(
+        owner_of(&project_id, shard.shard_count()),
+        ShardMsg::ListIssues {
+            project_id,
+            query,
+            reply,
+        },
+    );
     match ask(answer).await {
         Ok(page) => {
             let mut body = Vec::with_capacity(page.data_json.len() + 64);
             body.extend_from_slice(b"{\"data\":");
             body.extend_from_slice(page.data_json.as_bytes());
-            body.extend_from_slice(format!(",\"has_more\":{},\"next_cursor\":", page.has_more).as_bytes());
-            body.extend_from_slice(serde_json::to_string(&page.next_cursor).expect("strings serialize").as_bytes());
+            body.extend_from_slice(
+                format!(",\"has_more\":{},\"next_cursor\":", page.has_more).as_bytes(),
+            );
+            body.extend_from_slice(
+                serde_json::to_string(&page.next_cursor)
+                    .expect("strings serialize")
+                    .as_bytes(),
+            );
             body.push(b'}');
             Response::json(200, body)
         }
@@ -58,24 +76,42 @@ pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
 fn list_query(head: &Head) -> Result<ListQuery, Response> {
     let status = match head.query_param("status").filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(Status::parse(&s).ok_or_else(|| Response::error(400, "status must be unresolved, resolved, archived or discarded"))?),
+        Some(s) => Some(Status::parse(&s).ok_or_else(|| {
+            Response::error(
+                400,
+                "status must be unresolved, resolved, archived or discarded",
+            )
+        })?),
     };
     let level = match head.query_param("level").filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(Level::parse(&s).ok_or_else(|| Response::error(400, "level must be fatal, error, warning, info or debug"))?),
+        Some(s) => Some(Level::parse(&s).ok_or_else(|| {
+            Response::error(400, "level must be fatal, error, warning, info or debug")
+        })?),
     };
     let cursor = match head.query_param("cursor").filter(|s| !s.is_empty()) {
         None => None,
-        Some(s) => Some(Cursor::decode(&s).ok_or_else(|| Response::error(400, "malformed cursor"))?),
+        Some(s) => {
+            Some(Cursor::decode(&s).ok_or_else(|| Response::error(400, "malformed cursor"))?)
+        }
     };
-    Ok(ListQuery { status, level, limit: limit_param(head)?, cursor })
+    Ok(ListQuery {
+        status,
+        level,
+        limit: limit_param(head)?,
+        cursor,
+    })
 }
 
 /// The issue id from the path and the project of the dashboard key presented.
 fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid), Response> {
     let issue_id = Uuid::parse_str(id).map_err(|_| Response::error(400, "malformed issue id"))?;
     let key = presented_key(head);
-    let project_id = shard.directory.borrow().authorize(key.as_deref(), Scope::Dashboard, None).map_err(refusal)?;
+    let project_id = shard
+        .directory
+        .borrow()
+        .authorize(key.as_deref(), Scope::Dashboard, None)
+        .map_err(refusal)?;
     Ok((issue_id, project_id))
 }
 
@@ -97,7 +133,14 @@ async fn missing(shard: &Shard, issue_id: Uuid) -> Response {
 
 async fn issue_json(shard: &Shard, project_id: Uuid, issue_id: Uuid) -> Result<String, Response> {
     let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(owner_of(&project_id, shard.shard_count()), ShardMsg::GetIssue { project_id, issue_id, reply });
+    shard.mesh.send(
+        owner_of(&project_id, shard.shard_count()),
+        ShardMsg::GetIssue {
+            project_id,
+            issue_id,
+            reply,
+        },
+    );
     match ask(answer).await? {
         Some(json) => Ok(json),
         None => Err(missing(shard, issue_id).await),
@@ -150,10 +193,18 @@ pub async fn action(shard: &Rc<Shard>, head: &Head, id: &str, action: &str) -> R
         let (reply, answer) = tokio::sync::oneshot::channel();
         shard.mesh.send(
             owner_of(&project_id, shard.shard_count()),
-            ShardMsg::SetStatus { project_id, issue_id, status, reply },
+            ShardMsg::SetStatus {
+                project_id,
+                issue_id,
+                status,
+                reply,
+            },
         );
         match ask(answer).await? {
-            Some(changed) => Ok(Response::of(200, &json!({ "status": "ok", "affected": changed as u8 }))),
+            Some(changed) => Ok(Response::of(
+                200,
+                &json!({ "status": "ok", "affected": changed as u8 }),
+            )),
             None => Err(missing(shard, issue_id).await),
         }
     };

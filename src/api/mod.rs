@@ -31,7 +31,12 @@ pub enum Handled {
     Upgrade(Role, String),
 }
 
-pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, mut body: Vec<u8>) -> Handled {
+pub async fn handle(
+    shard: &Rc<Shard>,
+    head: &Head,
+    route: Route<'_>,
+    mut body: Vec<u8>,
+) -> Handled {
     let response = match route {
         Route::Health => health(shard),
         Route::Metrics => {
@@ -39,15 +44,23 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, mut body: 
             response.content_type = "text/plain; version=0.0.4";
             response
         }
-        Route::Stream(project) => return upgrade(shard, head, project, Scope::Dashboard, |project_id| Role::Stream { project_id }),
-        Route::IngestSocket => return upgrade_ingest(shard, head),
-        Route::CreateProject | Route::ListProjects | Route::UpdateProject(_) | Route::CreateKey(_) | Route::RevokeKey(_) => {
-            match admin::authorize(shard, head) {
-                Err(response) => response,
-                Ok(()) => admin::handle(shard, route, &body).await,
-            }
+        Route::Stream(project) => {
+            return upgrade(shard, head, project, Scope::Dashboard, |project_id| {
+                Role::Stream { project_id }
+            })
         }
-        Route::Event | Route::Bulk => ingest::handle_http(shard, head, route == Route::Bulk, &mut body).await,
+        Route::IngestSocket => return upgrade_ingest(shard, head),
+        Route::CreateProject
+        | Route::ListProjects
+        | Route::UpdateProject(_)
+        | Route::CreateKey(_)
+        | Route::RevokeKey(_) => match admin::authorize(shard, head) {
+            Err(response) => response,
+            Ok(()) => admin::handle(shard, route, &body).await,
+        },
+        Route::Event | Route::Bulk => {
+            ingest::handle_http(shard, head, route == Route::Bulk, &mut body).await
+        }
         Route::ListIssues(project) => issues::list(shard, head, project).await,
         Route::GetIssue(id) => issues::get(shard, head, id).await,
         Route::IssueEvents(id) => issues::events(shard, head, id).await,
@@ -73,29 +86,51 @@ pub fn refusal(refusal: Refusal) -> Response {
 
 /// The project a request names (UUID or slug) that its key may use with `scope`:
 /// 401 for a missing or unknown key, 404 for an unknown project, 403 for the wrong project or scope.
-pub fn project_for(shard: &Shard, head: &Head, project: &str, scope: Scope) -> Result<Uuid, Response> {
+pub fn project_for(
+    shard: &Shard,
+    head: &Head,
+    project: &str,
+    scope: Scope,
+) -> Result<Uuid, Response> {
     let directory = shard.directory.borrow();
     let key = presented_key(head);
     directory.key(key.as_deref()).map_err(refusal)?;
-    let project_id = directory.project(project).map(|p| p.id).ok_or_else(Response::not_found)?;
-    directory.authorize(key.as_deref(), scope, Some(project_id)).map_err(refusal)
+    let project_id = directory
+        .project(project)
+        .map(|p| p.id)
+        .ok_or_else(Response::not_found)?;
+    directory
+        .authorize(key.as_deref(), scope, Some(project_id))
+        .map_err(refusal)
 }
 
 fn websocket_accept(head: &Head) -> Result<String, Response> {
     if !head.is_websocket_upgrade() {
-        return Err(Response::error(400, "websocket upgrade required").with_header("upgrade", "websocket"));
+        return Err(
+            Response::error(400, "websocket upgrade required").with_header("upgrade", "websocket")
+        );
     }
     if head.header("sec-websocket-version").map(str::trim) != Some("13") {
-        return Err(Response::error(400, "unsupported websocket version").with_header("sec-websocket-version", "13"));
+        return Err(Response::error(400, "unsupported websocket version")
+            .with_header("sec-websocket-version", "13"));
     }
-    let key = head.header("sec-websocket-key").map(str::trim).unwrap_or("");
+    let key = head
+        .header("sec-websocket-key")
+        .map(str::trim)
+        .unwrap_or("");
     if key.is_empty() {
         return Err(Response::error(400, "missing sec-websocket-key"));
     }
     Ok(accept_key(key))
 }
 
-fn upgrade(shard: &Shard, head: &Head, project: &str, scope: Scope, role: impl FnOnce(Uuid) -> Role) -> Handled {
+fn upgrade(
+    shard: &Shard,
+    head: &Head,
+    project: &str,
+    scope: Scope,
+    role: impl FnOnce(Uuid) -> Role,
+) -> Handled {
     let project_id = match project_for(shard, head, project, scope) {
         Ok(id) => id,
         Err(response) => return Handled::Respond(response),
@@ -108,7 +143,11 @@ fn upgrade(shard: &Shard, head: &Head, project: &str, scope: Scope, role: impl F
 
 fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {
     let key = presented_key(head);
-    let project_id = match shard.directory.borrow().authorize(key.as_deref(), Scope::Ingest, None) {
+    let project_id = match shard
+        .directory
+        .borrow()
+        .authorize(key.as_deref(), Scope::Ingest, None)
+    {
         Ok(id) => id,
         Err(refused) => return Handled::Respond(refusal(refused)),
     };
@@ -139,5 +178,6 @@ pub fn now_us() -> i64 {
 
 /// Waits for a reply from a shard; a dropped reply means the shard is gone (shutting down).
 async fn ask<T>(rx: tokio::sync::oneshot::Receiver<T>) -> Result<T, Response> {
-    rx.await.map_err(|_| Response::error(503, "shutting down").with_header("retry-after", "1"))
+    rx.await
+        .map_err(|_| Response::error(503, "shutting down").with_header("retry-after", "1"))
 }

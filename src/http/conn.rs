@@ -26,7 +26,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let stream = Rc::new(stream);
     match serve_requests(&shard, id, &stream).await {
         End::Closed(reason) => shard.unregister(id, reason),
-        End::Upgraded(role, leftover) => crate::ws::session::run(shard, id, stream, leftover, role).await,
+        End::Upgraded(role, leftover) => {
+            crate::ws::session::run(shard, id, stream, leftover, role).await
+        }
     }
 }
 
@@ -36,7 +38,11 @@ enum End {
 }
 
 /// Reads more bytes onto the end of `buf`; Ok(0) at the end of the stream.
-pub async fn read_more(stream: &TcpStream, mut buf: Vec<u8>, chunk_bytes: usize) -> (std::io::Result<usize>, Vec<u8>) {
+pub async fn read_more(
+    stream: &TcpStream,
+    mut buf: Vec<u8>,
+    chunk_bytes: usize,
+) -> (std::io::Result<usize>, Vec<u8>) {
     if buf.capacity() - buf.len() < chunk_bytes / 2 {
         buf.reserve(chunk_bytes);
     }
@@ -49,7 +55,9 @@ fn set_timer(shard: &Shard, id: ConnId, timer: Option<Timer>, after_ms: u64) {
     let key = timer.map(|t| shard.schedule(after_ms, t));
     let old = {
         let mut conns = shard.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else { return };
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
         std::mem::replace(&mut entry.timer, key)
     };
     shard.cancel(old);
@@ -76,7 +84,13 @@ async fn write(stream: &TcpStream, out: &mut Vec<u8>) -> bool {
 }
 
 /// Answers an error and closes: the connection's byte stream can no longer be trusted.
-async fn fail(shard: &Shard, stream: &TcpStream, out: &mut Vec<u8>, response: Response, reason: CloseReason) -> End {
+async fn fail(
+    shard: &Shard,
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    response: Response,
+    reason: CloseReason,
+) -> End {
     shard.counters.responded(response.status);
     response.write_to(false, out);
     write(stream, out).await;
@@ -101,7 +115,16 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 match parse_head(&buf) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
-                    Err(error) => return fail(shard, stream, &mut out, error_response(&error), CloseReason::BadRequest).await,
+                    Err(error) => {
+                        return fail(
+                            shard,
+                            stream,
+                            &mut out,
+                            error_response(&error),
+                            CloseReason::BadRequest,
+                        )
+                        .await
+                    }
                 }
             } else {
                 if !write(stream, &mut out).await {
@@ -116,22 +139,50 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             buf = returned;
             match result {
                 Ok(n) if n > 0 => {}
-                _ => return ended_while_reading(shard, id, stream, &mut out, request_started).await,
+                _ => {
+                    return ended_while_reading(shard, id, stream, &mut out, request_started).await
+                }
             }
         };
         buf.drain(..head.head_len);
 
         // The body, with the route's limit decided from the headers alone.
         let route = router::route(&head.method, &head.path);
-        let limit = route.as_ref().map_or(CONTROL_BODY_BYTES_MAX, |r| r.body_bytes_max());
+        let limit = route
+            .as_ref()
+            .map_or(CONTROL_BODY_BYTES_MAX, |r| r.body_bytes_max());
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
             Ok(decoder) => decoder,
-            Err(error) => return fail(shard, stream, &mut out, error_response(&error), CloseReason::BadRequest).await,
+            Err(error) => {
+                return fail(
+                    shard,
+                    stream,
+                    &mut out,
+                    error_response(&error),
+                    CloseReason::BadRequest,
+                )
+                .await
+            }
         };
+        if head.expects_continue() && !decoder.is_done() && buf.is_empty() {
+            out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            if !write(stream, &mut out).await {
+                return End::Closed(CloseReason::IoError);
+            }
+        }
         loop {
             match decoder.feed(&buf) {
                 Ok(consumed) => drop(buf.drain(..consumed)),
-                Err(error) => return fail(shard, stream, &mut out, error_response(&error), CloseReason::BadRequest).await,
+                Err(error) => {
+                    return fail(
+                        shard,
+                        stream,
+                        &mut out,
+                        error_response(&error),
+                        CloseReason::BadRequest,
+                    )
+                    .await
+                }
             }
             if decoder.is_done() {
                 break;
@@ -154,7 +205,8 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 continue;
             }
             Err(NoRoute::MethodNotAllowed(allow)) => {
-                let response = Response::error(405, "method not allowed").with_header("allow", allow);
+                let response =
+                    Response::error(405, "method not allowed").with_header("allow", allow);
                 respond(shard, response, head.keep_alive, &mut out);
                 set_busy(shard, id, false);
                 continue;
@@ -209,10 +261,23 @@ fn error_response(error: &HttpError) -> Response {
 }
 
 /// The read side ended: a timed-out request gets its 408, anything else just closes.
-async fn ended_while_reading(shard: &Shard, id: ConnId, stream: &TcpStream, out: &mut Vec<u8>, request_started: bool) -> End {
+async fn ended_while_reading(
+    shard: &Shard,
+    id: ConnId,
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    request_started: bool,
+) -> End {
     match close_reason(shard, id) {
         Some(CloseReason::RequestTimeout) if request_started => {
-            fail(shard, stream, out, Response::error(408, "request timeout"), CloseReason::RequestTimeout).await
+            fail(
+                shard,
+                stream,
+                out,
+                Response::error(408, "request timeout"),
+                CloseReason::RequestTimeout,
+            )
+            .await
         }
         Some(reason) => End::Closed(reason),
         None => {

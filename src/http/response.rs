@@ -11,12 +11,20 @@ pub struct Response {
 
 impl Response {
     pub fn json(status: u16, body: impl Into<Vec<u8>>) -> Response {
-        Response { status, body: body.into(), content_type: "application/json", headers: Vec::new() }
+        Response {
+            status,
+            body: body.into(),
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
     }
 
     /// A JSON body from any serializable value.
     pub fn of<T: serde::Serialize>(status: u16, value: &T) -> Response {
-        Response::json(status, serde_json::to_vec(value).expect("response values serialize"))
+        Response::json(
+            status,
+            serde_json::to_vec(value).expect("response values serialize"),
+        )
     }
 
     /// `{"error": message}`, escaped so the body stays valid JSON whatever the message holds.
@@ -47,7 +55,11 @@ impl Response {
         for (name, value) in &self.headers {
             let _ = write!(head, "{name}: {value}\r\n");
         }
-        head.push_str(if keep_alive { "\r\n" } else { "connection: close\r\n\r\n" });
+        head.push_str(if keep_alive {
+            "\r\n"
+        } else {
+            "connection: close\r\n\r\n"
+        });
         out.extend_from_slice(head.as_bytes());
         out.extend_from_slice(&self.body);
     }
@@ -90,7 +102,9 @@ mod tests {
     #[test]
     fn head_carries_length_and_close() {
         let mut out = Vec::new();
-        Response::json(200, "{}").with_header("retry-after", "3").write_to(false, &mut out);
+        Response::json(200, "{}")
+            .with_header("retry-after", "3")
+            .write_to(false, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("content-length: 2\r\n"));

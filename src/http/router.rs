@@ -62,15 +62,24 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
                     _ => None,
                 },
             ),
-            ["projects", p] if !p.is_empty() => ("PATCH", (method == "PATCH").then_some(Route::UpdateProject(p))),
+            ["projects", p] if !p.is_empty() => (
+                "PATCH",
+                (method == "PATCH").then_some(Route::UpdateProject(p)),
+            ),
             ["projects", p, "keys"] if !p.is_empty() => ("POST", post(method, Route::CreateKey(p))),
-            ["projects", p, "issues"] if !p.is_empty() => ("GET", get(method, Route::ListIssues(p))),
+            ["projects", p, "issues"] if !p.is_empty() => {
+                ("GET", get(method, Route::ListIssues(p)))
+            }
             ["keys", k, "revoke"] if !k.is_empty() => ("POST", post(method, Route::RevokeKey(k))),
             ["events"] => ("POST", post(method, Route::Event)),
             ["events", "bulk"] => ("POST", post(method, Route::Bulk)),
             ["issues", id] if !id.is_empty() => ("GET", get(method, Route::GetIssue(id))),
-            ["issues", id, "events"] if !id.is_empty() => ("GET", get(method, Route::IssueEvents(id))),
-            ["issues", id, action @ ("resolve" | "archive" | "unresolve" | "discard")] if !id.is_empty() => {
+            ["issues", id, "events"] if !id.is_empty() => {
+                ("GET", get(method, Route::IssueEvents(id)))
+            }
+            ["issues", id, action @ ("resolve" | "archive" | "unresolve" | "discard")]
+                if !id.is_empty() =>
+            {
                 ("POST", post(method, Route::IssueAction(id, action)))
             }
             _ => return Err(NoRoute::NotFound),
@@ -95,18 +104,36 @@ mod tests {
     #[test]
     fn routes_with_parameters() {
         assert_eq!(route("GET", "/health"), Ok(Route::Health));
-        assert_eq!(route("POST", "/api/v1/projects/shop/keys"), Ok(Route::CreateKey("shop")));
-        assert_eq!(route("GET", "/ws/stream/projects/shop"), Ok(Route::Stream("shop")));
-        assert_eq!(route("POST", "/api/v1/issues/abc/resolve"), Ok(Route::IssueAction("abc", "resolve")));
+        assert_eq!(
+            route("POST", "/api/v1/projects/shop/keys"),
+            Ok(Route::CreateKey("shop"))
+        );
+        assert_eq!(
+            route("GET", "/ws/stream/projects/shop"),
+            Ok(Route::Stream("shop"))
+        );
+        assert_eq!(
+            route("POST", "/api/v1/issues/abc/resolve"),
+            Ok(Route::IssueAction("abc", "resolve"))
+        );
         assert_eq!(route("POST", "/api/v1/events/bulk"), Ok(Route::Bulk));
     }
 
     #[test]
     fn unknown_paths_and_methods() {
         assert_eq!(route("GET", "/nope"), Err(NoRoute::NotFound));
-        assert_eq!(route("GET", "/api/v1/issues/abc/explode"), Err(NoRoute::NotFound));
-        assert_eq!(route("GET", "/api/v1/events"), Err(NoRoute::MethodNotAllowed("POST")));
-        assert_eq!(route("DELETE", "/api/v1/projects"), Err(NoRoute::MethodNotAllowed("GET, POST")));
+        assert_eq!(
+            route("GET", "/api/v1/issues/abc/explode"),
+            Err(NoRoute::NotFound)
+        );
+        assert_eq!(
+            route("GET", "/api/v1/events"),
+            Err(NoRoute::MethodNotAllowed("POST"))
+        );
+        assert_eq!(
+            route("DELETE", "/api/v1/projects"),
+            Err(NoRoute::MethodNotAllowed("GET, POST"))
+        );
         assert_eq!(route("GET", "/stream/projects/"), Err(NoRoute::NotFound));
     }
 }

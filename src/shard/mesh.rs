@@ -16,8 +16,8 @@ use uuid::Uuid;
 use crate::conn::registry::ConnId;
 use crate::http::response::Response;
 use crate::ingest::event::Event;
-use crate::issues::{Cursor, Status};
 use crate::ingest::event::Level;
+use crate::issues::{Cursor, Status};
 use crate::metrics::ShardMetrics;
 use crate::store::{KeyRow, ProjectRow};
 use crate::stream::Published;
@@ -33,7 +33,9 @@ pub type Reply<T> = oneshot::Sender<T>;
 pub enum IngestReply {
     /// One outcome per event, in order.
     Done(Vec<EventOutcome>),
-    RateLimited { retry_after_s: u64 },
+    RateLimited {
+        retry_after_s: u64,
+    },
     Overloaded,
     /// The owner no longer knows the project (should not happen: projects are never deleted).
     UnknownProject,
@@ -68,24 +70,57 @@ pub enum ShardMsg {
     /// A key created or revoked; applied to the shard's directory, then acknowledged.
     Key(KeyRow, Option<Reply<()>>),
     /// Create a project (handled by shard 0, which alone decides whether a slug is free).
-    CreateProject { project: ProjectRow, keys: Vec<KeyRow>, reply: Reply<Result<(), Response>> },
+    CreateProject {
+        project: ProjectRow,
+        keys: Vec<KeyRow>,
+        reply: Reply<Result<(), Response>>,
+    },
     /// Events of a project this shard owns, already validated by the accepting shard.
-    Ingest { project_id: Uuid, events: Vec<Event>, received_us: i64, reply: Reply<IngestReply> },
+    Ingest {
+        project_id: Uuid,
+        events: Vec<Event>,
+        received_us: i64,
+        reply: Reply<IngestReply>,
+    },
     /// Change an issue's status; the answer is None when the project has no such issue.
-    SetStatus { project_id: Uuid, issue_id: Uuid, status: Status, reply: Reply<Option<bool>> },
+    SetStatus {
+        project_id: Uuid,
+        issue_id: Uuid,
+        status: Status,
+        reply: Reply<Option<bool>>,
+    },
     /// The issue as JSON, if this project has it.
-    GetIssue { project_id: Uuid, issue_id: Uuid, reply: Reply<Option<String>> },
+    GetIssue {
+        project_id: Uuid,
+        issue_id: Uuid,
+        reply: Reply<Option<String>>,
+    },
     /// Whether any project owned by this shard has the issue (to tell 403 from 404).
     HasIssue { issue_id: Uuid, reply: Reply<bool> },
-    ListIssues { project_id: Uuid, query: ListQuery, reply: Reply<IssuePage> },
+    ListIssues {
+        project_id: Uuid,
+        query: ListQuery,
+        reply: Reply<IssuePage>,
+    },
     /// A subscriber on `shard` joins the project; the owner answers with `Welcome`.
-    Watch { project_id: Uuid, shard: usize, conn: ConnId },
+    Watch {
+        project_id: Uuid,
+        shard: usize,
+        conn: ConnId,
+    },
     /// A subscriber on `shard` left the project.
     Unwatch { project_id: Uuid, shard: usize },
     /// The first message for a new subscriber; it receives fan-out from here on.
-    Welcome { conn: ConnId, project_id: Uuid, frame: Bytes },
+    Welcome {
+        conn: ConnId,
+        project_id: Uuid,
+        frame: Bytes,
+    },
     /// Messages of a project for this shard's subscribers, in the order the owner made them.
-    Publish { project_id: Uuid, items: Arc<[Published]> },
+    Publish {
+        project_id: Uuid,
+        items: Arc<[Published]>,
+    },
     /// Stop accepting, close WebSockets with 1001, finish in-flight requests.
     Drain,
     /// Every shard is drained: leave the reactor.
@@ -108,7 +143,12 @@ pub struct Mesh {
 impl Mesh {
     pub fn new(senders: Vec<mpsc::Sender<ShardMsg>>, metrics: Arc<ShardMetrics>) -> Mesh {
         let backlog = RefCell::new(senders.iter().map(|_| VecDeque::new()).collect());
-        Mesh { senders, backlog, backlog_ready: Rc::new(Notify::new()), metrics }
+        Mesh {
+            senders,
+            backlog,
+            backlog_ready: Rc::new(Notify::new()),
+            metrics,
+        }
     }
 
     pub fn shard_count(&self) -> usize {
@@ -139,8 +179,12 @@ impl Mesh {
                 while !self.backlog.borrow()[to].is_empty() {
                     // Reserve before popping so the message stays visibly queued (and later
                     // sends stay behind it) until it has room.
-                    let Ok(permit) = self.senders[to].reserve().await else { break };
-                    let Some(msg) = self.backlog.borrow_mut()[to].pop_front() else { break };
+                    let Ok(permit) = self.senders[to].reserve().await else {
+                        break;
+                    };
+                    let Some(msg) = self.backlog.borrow_mut()[to].pop_front() else {
+                        break;
+                    };
                     self.metrics.mesh_backlog.fetch_sub(1, Relaxed);
                     permit.send(msg);
                 }

@@ -23,9 +23,9 @@ use crate::auth::Directory;
 use crate::config::Config;
 use crate::conn::registry::{ConnId, Registry};
 use crate::conn::ring::{Kind, Push, Ring};
+use crate::http::response::Response;
 use crate::issues::ProjectState;
 use crate::metrics::{CloseReason, ConnKind, Metrics, ShardMetrics};
-use crate::http::response::Response;
 use crate::store::{Change, KeyRow, ProjectRow, Store};
 use crate::stream::{Filters, Published};
 use mesh::{Mesh, ShardMsg};
@@ -135,7 +135,9 @@ impl Shard {
     }
 
     pub fn schedule(&self, after_ms: u64, timer: Timer) -> TimerKey {
-        self.wheel.borrow_mut().schedule(Self::ticks(after_ms), timer)
+        self.wheel
+            .borrow_mut()
+            .schedule(Self::ticks(after_ms), timer)
     }
 
     pub fn cancel(&self, key: Option<TimerKey>) {
@@ -159,7 +161,9 @@ impl Shard {
 
     /// Forgets a connection at once: timers, subscription, slab slot.
     pub fn unregister(&self, id: ConnId, default_reason: CloseReason) {
-        let Some(entry) = self.conns.borrow_mut().remove(id) else { return };
+        let Some(entry) = self.conns.borrow_mut().remove(id) else {
+            return;
+        };
         self.cancel(entry.timer);
         if let Some(socket) = &entry.socket {
             self.cancel(socket.pong_timer);
@@ -175,10 +179,17 @@ impl Shard {
                 }
                 self.counters.stream_subscriptions.fetch_sub(1, Relaxed);
                 let owner = mesh::owner_of(&sub.project_id, self.shard_count());
-                self.mesh.send(owner, ShardMsg::Unwatch { project_id: sub.project_id, shard: self.index });
+                self.mesh.send(
+                    owner,
+                    ShardMsg::Unwatch {
+                        project_id: sub.project_id,
+                        shard: self.index,
+                    },
+                );
             }
         }
-        self.counters.closed(entry.kind, entry.close_reason.unwrap_or(default_reason));
+        self.counters
+            .closed(entry.kind, entry.close_reason.unwrap_or(default_reason));
         if self.draining.get() && self.conns.borrow().is_empty() {
             self.report_drained();
         }
@@ -188,7 +199,9 @@ impl Shard {
     /// see the end of their pending reads and writes.
     pub fn force_close(&self, id: ConnId, reason: CloseReason) {
         let mut conns = self.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else { return };
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
         entry.close_reason.get_or_insert(reason);
         // SAFETY: fd belongs to a live connection (the entry exists); shutdown does not close it.
         unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
@@ -197,7 +210,9 @@ impl Shard {
     /// Ends only the read side, so the connection can still write its answer (408).
     pub fn interrupt_read(&self, id: ConnId, reason: CloseReason) {
         let mut conns = self.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else { return };
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
         entry.close_reason.get_or_insert(reason);
         // SAFETY: as in force_close.
         unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
@@ -206,7 +221,9 @@ impl Shard {
     /// Queues a frame on a WebSocket connection and wakes its writer; false if the ring refused it.
     pub fn enqueue(&self, id: ConnId, frame: Bytes, kind: Kind) -> bool {
         let mut conns = self.conns.borrow_mut();
-        let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else { return false };
+        let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
+            return false;
+        };
         match socket.ring.push(frame, kind) {
             Push::Overflow => false,
             outcome => {
@@ -222,9 +239,13 @@ impl Shard {
     /// Queues a close frame: the writer sends what waits, then the close, then shuts the socket.
     pub fn close_socket(&self, id: ConnId, frame: Bytes, reason: CloseReason) {
         let mut conns = self.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else { return };
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
         entry.close_reason.get_or_insert(reason);
-        let Some(socket) = entry.socket.as_mut() else { return };
+        let Some(socket) = entry.socket.as_mut() else {
+            return;
+        };
         if !socket.closing {
             socket.closing = true;
             if socket.ring.push(frame, Kind::Control) == Push::Overflow {
@@ -238,12 +259,18 @@ impl Shard {
     /// Pushes a project's messages into the rings of the matching local subscribers.
     fn deliver(&self, project_id: &Uuid, items: &[Published]) {
         let subscribers = self.subscribers.borrow();
-        let Some(list) = subscribers.get(project_id) else { return };
+        let Some(list) = subscribers.get(project_id) else {
+            return;
+        };
         let mut overflowed = Vec::new();
         let mut conns = self.conns.borrow_mut();
         for id in list {
-            let Some(socket) = conns.get_mut(*id).and_then(|e| e.socket.as_mut()) else { continue };
-            let Some(sub) = &socket.subscription else { continue };
+            let Some(socket) = conns.get_mut(*id).and_then(|e| e.socket.as_mut()) else {
+                continue;
+            };
+            let Some(sub) = &socket.subscription else {
+                continue;
+            };
             let mut queued = false;
             for item in items {
                 if !sub.filters.matches(item) {
@@ -276,11 +303,19 @@ impl Shard {
     fn welcome(&self, id: ConnId, project_id: Uuid, frame: Bytes) {
         {
             let mut conns = self.conns.borrow_mut();
-            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else { return };
-            let Some(sub) = socket.subscription.as_mut() else { return };
+            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
+                return;
+            };
+            let Some(sub) = socket.subscription.as_mut() else {
+                return;
+            };
             sub.welcomed = true;
         }
-        self.subscribers.borrow_mut().entry(project_id).or_default().push(id);
+        self.subscribers
+            .borrow_mut()
+            .entry(project_id)
+            .or_default()
+            .push(id);
         self.enqueue(id, frame, Kind::Count);
     }
 
@@ -289,7 +324,10 @@ impl Shard {
             ShardMsg::Project(row, ack) => {
                 if mesh::owner_of(&row.id, self.shard_count()) == self.index {
                     let shards = self.shard_count();
-                    self.owned.borrow_mut().entry(row.id).or_insert_with(|| ProjectState::new(shards));
+                    self.owned
+                        .borrow_mut()
+                        .entry(row.id)
+                        .or_insert_with(|| ProjectState::new(shards));
                 }
                 self.directory.borrow_mut().apply_project(row);
                 if let Some(ack) = ack {
@@ -302,9 +340,17 @@ impl Shard {
                     let _ = ack.send(());
                 }
             }
-            ShardMsg::Welcome { conn, project_id, frame } => self.welcome(conn, project_id, frame),
+            ShardMsg::Welcome {
+                conn,
+                project_id,
+                frame,
+            } => self.welcome(conn, project_id, frame),
             ShardMsg::Publish { project_id, items } => self.deliver(&project_id, &items),
-            ShardMsg::CreateProject { project, keys, reply } => self.create_project(project, keys, reply),
+            ShardMsg::CreateProject {
+                project,
+                keys,
+                reply,
+            } => self.create_project(project, keys, reply),
             ShardMsg::Drain => self.begin_drain(),
             ShardMsg::Exit => {}
             other => self.handle_owned(other),
@@ -312,9 +358,16 @@ impl Shard {
     }
 
     /// Runs on shard 0 only, so a slug is checked and taken in one place.
-    fn create_project(self: &Rc<Self>, project: ProjectRow, keys: Vec<KeyRow>, reply: mesh::Reply<Result<(), Response>>) {
+    fn create_project(
+        self: &Rc<Self>,
+        project: ProjectRow,
+        keys: Vec<KeyRow>,
+        reply: mesh::Reply<Result<(), Response>>,
+    ) {
         debug_assert_eq!(self.index, 0);
-        if self.directory.borrow().slug_taken(&project.slug) || !self.pending_slugs.borrow_mut().insert(project.slug.clone()) {
+        if self.directory.borrow().slug_taken(&project.slug)
+            || !self.pending_slugs.borrow_mut().insert(project.slug.clone())
+        {
             let _ = reply.send(Err(Response::error(409, "slug already taken")));
             return;
         }
@@ -339,7 +392,11 @@ impl Shard {
                 None => continue,
             };
             if is_socket {
-                self.close_socket(id, crate::ws::codec::encode_close(1001, "server shutting down").into(), CloseReason::Shutdown);
+                self.close_socket(
+                    id,
+                    crate::ws::codec::encode_close(1001, "server shutting down").into(),
+                    CloseReason::Shutdown,
+                );
             } else if !busy {
                 self.force_close(id, CloseReason::Shutdown);
             }
@@ -378,7 +435,10 @@ impl Shard {
             let mut conns = self.conns.borrow_mut();
             let entry = conns.get_mut(id).expect("checked above");
             entry.timer = Some(next_ping);
-            entry.socket.as_mut().and_then(|socket| socket.pong_timer.replace(pong_key))
+            entry
+                .socket
+                .as_mut()
+                .and_then(|socket| socket.pong_timer.replace(pong_key))
         };
         self.cancel(old_pong);
         self.enqueue(id, Bytes::from_static(PING_FRAME), Kind::Control);
@@ -389,7 +449,9 @@ impl Shard {
         let stall_ticks = Self::ticks(self.config.stall_timeout * 1000);
         let mut stalled = Vec::new();
         for (id, entry) in self.conns.borrow().iter() {
-            let Some(socket) = &entry.socket else { continue };
+            let Some(socket) = &entry.socket else {
+                continue;
+            };
             let waiting = socket.writing || !socket.ring.is_empty();
             if waiting && now.saturating_sub(socket.last_progress_tick) >= stall_ticks {
                 stalled.push(id);

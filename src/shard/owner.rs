@@ -21,34 +21,71 @@ use crate::stream::{self, Attributes, Published};
 impl Shard {
     pub(super) fn handle_owned(self: &Rc<Self>, msg: ShardMsg) {
         match msg {
-            ShardMsg::Ingest { project_id, events, received_us, reply } => {
-                self.ingest(project_id, events, received_us, reply)
-            }
-            ShardMsg::SetStatus { project_id, issue_id, status, reply } => {
+            ShardMsg::Ingest {
+                project_id,
+                events,
+                received_us,
+                reply,
+            } => self.ingest(project_id, events, received_us, reply),
+            ShardMsg::SetStatus {
+                project_id,
+                issue_id,
+                status,
+                reply,
+            } => {
                 let _ = reply.send(self.set_status(project_id, issue_id, status));
             }
-            ShardMsg::GetIssue { project_id, issue_id, reply } => {
+            ShardMsg::GetIssue {
+                project_id,
+                issue_id,
+                reply,
+            } => {
                 let owned = self.owned.borrow();
-                let issue = owned.get(&project_id).and_then(|state| state.issue(&issue_id));
-                let _ = reply.send(issue.map(|i| serde_json::to_string(&i.view()).expect("issues serialize")));
+                let issue = owned
+                    .get(&project_id)
+                    .and_then(|state| state.issue(&issue_id));
+                let _ = reply.send(
+                    issue.map(|i| serde_json::to_string(&i.view()).expect("issues serialize")),
+                );
             }
             ShardMsg::HasIssue { issue_id, reply } => {
-                let _ = reply.send(self.owned.borrow().values().any(|state| state.issue(&issue_id).is_some()));
+                let _ = reply.send(
+                    self.owned
+                        .borrow()
+                        .values()
+                        .any(|state| state.issue(&issue_id).is_some()),
+                );
             }
-            ShardMsg::ListIssues { project_id, query, reply } => {
+            ShardMsg::ListIssues {
+                project_id,
+                query,
+                reply,
+            } => {
                 let _ = reply.send(self.list_issues(project_id, query));
             }
-            ShardMsg::Watch { project_id, shard, conn } => {
+            ShardMsg::Watch {
+                project_id,
+                shard,
+                conn,
+            } => {
                 let count = self.with_state(project_id, |state| {
                     state.subscribers_by_shard[shard] += 1;
                     state.unresolved_count()
                 });
                 let frame = stream::issue_count_message(project_id, count).frame;
-                self.mesh.send(shard, ShardMsg::Welcome { conn, project_id, frame });
+                self.mesh.send(
+                    shard,
+                    ShardMsg::Welcome {
+                        conn,
+                        project_id,
+                        frame,
+                    },
+                );
             }
             ShardMsg::Unwatch { project_id, shard } => {
                 self.with_state(project_id, |state| {
-                    state.subscribers_by_shard[shard] = state.subscribers_by_shard[shard].saturating_sub(1)
+                    state.subscribers_by_shard[shard] =
+                        state.subscribers_by_shard[shard].saturating_sub(1)
                 });
             }
             _ => unreachable!("shard-wide messages are handled in Shard::handle"),
@@ -58,7 +95,9 @@ impl Shard {
     fn with_state<T>(&self, project_id: Uuid, f: impl FnOnce(&mut ProjectState) -> T) -> T {
         let shards = self.shard_count();
         let mut owned = self.owned.borrow_mut();
-        f(owned.entry(project_id).or_insert_with(|| ProjectState::new(shards)))
+        f(owned
+            .entry(project_id)
+            .or_insert_with(|| ProjectState::new(shards)))
     }
 
     /// Sends a project's new messages to every shard with subscribers of it.
@@ -69,12 +108,24 @@ impl Shard {
         let items: Arc<[Published]> = items.into();
         for (shard, subscribers) in subscribers_by_shard.iter().enumerate() {
             if *subscribers > 0 {
-                self.mesh.send(shard, ShardMsg::Publish { project_id, items: items.clone() });
+                self.mesh.send(
+                    shard,
+                    ShardMsg::Publish {
+                        project_id,
+                        items: items.clone(),
+                    },
+                );
             }
         }
     }
 
-    fn ingest(self: &Rc<Self>, project_id: Uuid, events: Vec<Event>, received_us: i64, reply: Reply<IngestReply>) {
+    fn ingest(
+        self: &Rc<Self>,
+        project_id: Uuid,
+        events: Vec<Event>,
+        received_us: i64,
+        reply: Reply<IngestReply>,
+    ) {
         let Some(project) = self.directory.borrow().project_by_id(&project_id).cloned() else {
             let _ = reply.send(IngestReply::UnknownProject);
             return;
@@ -87,8 +138,12 @@ impl Shard {
         }
         let shards = self.shard_count();
         let mut owned = self.owned.borrow_mut();
-        let state = owned.entry(project_id).or_insert_with(|| ProjectState::new(shards));
-        if let Err(retry_after_s) = state.take_rate(project.rate_limit_per_minute, batch, received_us) {
+        let state = owned
+            .entry(project_id)
+            .or_insert_with(|| ProjectState::new(shards));
+        if let Err(retry_after_s) =
+            state.take_rate(project.rate_limit_per_minute, batch, received_us)
+        {
             self.counters.rejected(Rejection::RateLimited, batch);
             let _ = reply.send(IngestReply::RateLimited { retry_after_s });
             return;
@@ -108,14 +163,28 @@ impl Shard {
                 continue;
             }
             let count_before = state.unresolved_count();
-            let (grouped, issue) =
-                state.group(project_id, &event.fingerprint, &event.title, event.level, received_us);
-            let attributes = Attributes { level: event.level, environment: event.environment.as_deref().map(Arc::from) };
+            let (grouped, issue) = state.group(
+                project_id,
+                &event.fingerprint,
+                &event.title,
+                event.level,
+                received_us,
+            );
+            let attributes = Attributes {
+                level: event.level,
+                environment: event.environment.as_deref().map(Arc::from),
+            };
             match grouped {
-                Grouped::Created => items.push(stream::issue_opened_message("created", &issue.view(), attributes.clone())),
-                Grouped::Regressed => {
-                    items.push(stream::issue_opened_message("regressed", &issue.view(), attributes.clone()))
-                }
+                Grouped::Created => items.push(stream::issue_opened_message(
+                    "created",
+                    &issue.view(),
+                    attributes.clone(),
+                )),
+                Grouped::Regressed => items.push(stream::issue_opened_message(
+                    "regressed",
+                    &issue.view(),
+                    attributes.clone(),
+                )),
                 Grouped::Counted | Grouped::Discarded => {}
             }
             let event_id = Uuid::now_v7();
@@ -133,12 +202,20 @@ impl Shard {
                 payload: String::from_utf8(json).expect("event JSON is UTF-8"),
             }));
             if state.unresolved_count() != count_before {
-                items.push(stream::issue_count_message(project_id, state.unresolved_count()));
+                items.push(stream::issue_count_message(
+                    project_id,
+                    state.unresolved_count(),
+                ));
             }
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }
-        let accepted = outcomes.iter().filter(|o| matches!(o, EventOutcome::Accepted { .. })).count();
-        self.counters.events_accepted.fetch_add(accepted as u64, Relaxed);
+        let accepted = outcomes
+            .iter()
+            .filter(|o| matches!(o, EventOutcome::Accepted { .. }))
+            .count();
+        self.counters
+            .events_accepted
+            .fetch_add(accepted as u64, Relaxed);
         let subscribers_by_shard = state.subscribers_by_shard.clone();
         drop(owned);
         self.fan_out(project_id, &subscribers_by_shard, items);
@@ -175,7 +252,10 @@ impl Shard {
         self.store.submit(vec![Change::Issue(issue.row())], None);
         let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
         if state.unresolved_count() != count_before {
-            items.push(stream::issue_count_message(project_id, state.unresolved_count()));
+            items.push(stream::issue_count_message(
+                project_id,
+                state.unresolved_count(),
+            ));
         }
         let subscribers_by_shard = state.subscribers_by_shard.clone();
         drop(owned);
@@ -186,13 +266,29 @@ impl Shard {
     fn list_issues(&self, project_id: Uuid, query: ListQuery) -> IssuePage {
         let owned = self.owned.borrow();
         let Some(state) = owned.get(&project_id) else {
-            return IssuePage { data_json: "[]".into(), has_more: false, next_cursor: None };
+            return IssuePage {
+                data_json: "[]".into(),
+                has_more: false,
+                next_cursor: None,
+            };
         };
         let (issues, has_more) = state.list(query.status, query.level, query.limit, query.cursor);
         let views: Vec<_> = issues.iter().map(|i| i.view()).collect();
         let next_cursor = has_more
-            .then(|| issues.last().map(|i| Cursor { last_seen_us: i.last_seen_us, id: i.id }.encode()))
+            .then(|| {
+                issues.last().map(|i| {
+                    Cursor {
+                        last_seen_us: i.last_seen_us,
+                        id: i.id,
+                    }
+                    .encode()
+                })
+            })
             .flatten();
-        IssuePage { data_json: serde_json::to_string(&views).expect("issues serialize"), has_more, next_cursor }
+        IssuePage {
+            data_json: serde_json::to_string(&views).expect("issues serialize"),
+            has_more,
+            next_cursor,
+        }
     }
 }

@@ -274,7 +274,12 @@ impl<'a> BatchRows<'a> {
     }
 }
 
-fn keep_last<'a, T>(rows: &mut Vec<&'a T>, index_of: &mut HashMap<Uuid, usize>, id: Uuid, row: &'a T) {
+fn keep_last<'a, T>(
+    rows: &mut Vec<&'a T>,
+    index_of: &mut HashMap<Uuid, usize>,
+    id: Uuid,
+    row: &'a T,
+) {
     match index_of.get(&id) {
         Some(&index) => rows[index] = row,
         None => {
@@ -345,14 +350,25 @@ mod tests {
     #[test]
     fn retention_zero_keeps_forever() {
         assert_eq!(retention_cutoff_us(10 * MICROS_PER_DAY, 0), None);
-        assert_eq!(retention_cutoff_us(10 * MICROS_PER_DAY, 3), Some(7 * MICROS_PER_DAY));
+        assert_eq!(
+            retention_cutoff_us(10 * MICROS_PER_DAY, 3),
+            Some(7 * MICROS_PER_DAY)
+        );
         assert_eq!(retention_cutoff_us(i64::MIN + 1, u32::MAX), Some(i64::MIN));
     }
 
     #[test]
     fn error_display_names_backend_operation_and_cause() {
-        let error = StoreError::new("sqlite", "commit", StoreErrorKind::Conflict, "UNIQUE failed");
-        assert_eq!(error.to_string(), "sqlite store: commit failed: UNIQUE failed");
+        let error = StoreError::new(
+            "sqlite",
+            "commit",
+            StoreErrorKind::Conflict,
+            "UNIQUE failed",
+        );
+        assert_eq!(
+            error.to_string(),
+            "sqlite store: commit failed: UNIQUE failed"
+        );
         assert!(error.is_conflict());
         assert!(!error.is_retryable());
     }

@@ -16,7 +16,7 @@ use ::postgres::{Client, Config, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    retention_cutoff_us, BatchRows, Backend, Change, EventRow, IssueRow, KeyRow, Migration,
+    retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
     ProjectRow, Scope, Snapshot, StoreError, StoreErrorKind, MICROS_PER_DAY,
 };
 
@@ -236,7 +236,12 @@ pub(super) struct PostgresBackend {
 impl PostgresBackend {
     pub(super) fn open(url: &str) -> Result<PostgresBackend, StoreError> {
         let mut config: Config = url.parse().map_err(|error| {
-            StoreError::new(BACKEND, "parse database URL", StoreErrorKind::Rejected, error)
+            StoreError::new(
+                BACKEND,
+                "parse database URL",
+                StoreErrorKind::Rejected,
+                error,
+            )
         })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS));
@@ -297,7 +302,12 @@ impl PostgresBackend {
             .get(0);
         let Some(schema) = first_schema(&search_path) else {
             let cause = format!("no schema to create tables in (search_path {search_path:?})");
-            return Err(StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause));
+            return Err(StoreError::new(
+                BACKEND,
+                operation,
+                StoreErrorKind::Rejected,
+                cause,
+            ));
         };
         let sql = format!("CREATE SCHEMA IF NOT EXISTS {}", quote_identifier(&schema));
         self.client
@@ -439,7 +449,10 @@ impl Backend for PostgresBackend {
                 )",
             )?;
             let applied: Vec<i64> = transaction
-                .query("SELECT version FROM schema_migrations ORDER BY version", &[])?
+                .query(
+                    "SELECT version FROM schema_migrations ORDER BY version",
+                    &[],
+                )?
                 .iter()
                 .map(|row| row.get(0))
                 .collect();
@@ -467,7 +480,12 @@ impl Backend for PostgresBackend {
                 let cause = format!(
                     "schema version {newest} is newer than this server knows ({known_max})"
                 );
-                return Err(StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause));
+                return Err(StoreError::new(
+                    BACKEND,
+                    operation,
+                    StoreErrorKind::Rejected,
+                    cause,
+                ));
             }
         };
         for migration in newly_applied {
@@ -620,7 +638,9 @@ fn write_batch(
     check_already_committed: bool,
     copy_buffer: &mut Vec<u8>,
 ) -> Result<(), StoreError> {
-    let mut transaction = client.transaction().map_err(|error| pg_error("begin", error))?;
+    let mut transaction = client
+        .transaction()
+        .map_err(|error| pg_error("begin", error))?;
     if let (true, Some(first)) = (check_already_committed, rows.events.first()) {
         let params: [&(dyn ToSql + Sync); 3] = [
             &first.issue_id.to_string(),
@@ -654,7 +674,15 @@ fn write_batch(
         transaction
             .execute(
                 &statements.upsert_projects,
-                &[&ids, &names, &slugs, &created, &rate_limits, &sample_rates, &retention],
+                &[
+                    &ids,
+                    &names,
+                    &slugs,
+                    &created,
+                    &rate_limits,
+                    &sample_rates,
+                    &retention,
+                ],
             )
             .map_err(|error| pg_error("upsert projects", error))?;
     }
@@ -673,14 +701,19 @@ fn write_batch(
         transaction
             .execute(
                 &statements.upsert_keys,
-                &[&ids, &projects, &scopes, &labels, &hashes, &revoked, &created],
+                &[
+                    &ids, &projects, &scopes, &labels, &hashes, &revoked, &created,
+                ],
             )
             .map_err(|error| pg_error("upsert api keys", error))?;
     }
     if !rows.issues.is_empty() {
         let issues = &rows.issues;
         let ids: Vec<String> = issues.iter().map(|row| row.id.to_string()).collect();
-        let projects: Vec<String> = issues.iter().map(|row| row.project_id.to_string()).collect();
+        let projects: Vec<String> = issues
+            .iter()
+            .map(|row| row.project_id.to_string())
+            .collect();
         let fingerprints: Vec<Cow<str>> = issues.iter().map(|row| text(&row.fingerprint)).collect();
         let titles: Vec<Cow<str>> = issues.iter().map(|row| text(&row.title)).collect();
         let levels: Vec<Cow<str>> = issues.iter().map(|row| text(&row.level)).collect();
@@ -741,7 +774,9 @@ fn copy_events(
     buffer.extend_from_slice(&(-1i16).to_be_bytes());
     writer.write_all(buffer).map_err(io_error)?;
     buffer.clear();
-    let copied = writer.finish().map_err(|error| pg_error(operation, error))?;
+    let copied = writer
+        .finish()
+        .map_err(|error| pg_error(operation, error))?;
     debug_assert_eq!(copied, events.len() as u64);
     Ok(())
 }
@@ -826,7 +861,9 @@ impl DayPartition {
 /// partition names sortable).
 fn civil_date(day: i64) -> Option<(i32, u8, u8)> {
     let seconds = day.checked_mul(86_400)?;
-    let date = time::OffsetDateTime::from_unix_timestamp(seconds).ok()?.date();
+    let date = time::OffsetDateTime::from_unix_timestamp(seconds)
+        .ok()?
+        .date();
     if !(1000..=9999).contains(&date.year()) {
         return None;
     }
@@ -837,7 +874,10 @@ fn civil_date(day: i64) -> Option<(i32, u8, u8)> {
 /// lowercased, quoted ones kept; `$user` is not a schema to create.
 fn first_schema(search_path: &str) -> Option<String> {
     let first = search_path.split(',').next()?.trim();
-    if let Some(quoted) = first.strip_prefix('"').and_then(|rest| rest.strip_suffix('"')) {
+    if let Some(quoted) = first
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    {
         let name = quoted.replace("\"\"", "\"");
         return (!name.is_empty() && name != "$user").then_some(name);
     }
@@ -941,8 +981,14 @@ mod tests {
 
     #[test]
     fn first_schema_follows_postgres_identifier_rules() {
-        assert_eq!(first_schema("Mesher_Test, public").as_deref(), Some("mesher_test"));
-        assert_eq!(first_schema("\"My \"\"Schema\"\"\",public").as_deref(), Some("My \"Schema\""));
+        assert_eq!(
+            first_schema("Mesher_Test, public").as_deref(),
+            Some("mesher_test")
+        );
+        assert_eq!(
+            first_schema("\"My \"\"Schema\"\"\",public").as_deref(),
+            Some("My \"Schema\"")
+        );
         assert_eq!(first_schema("\"$user\", public"), None);
         assert_eq!(first_schema("$user"), None);
         assert_eq!(first_schema(""), None);

@@ -8,7 +8,7 @@ use rusqlite::{ffi, Connection, ErrorCode, OptionalExtension, TransactionBehavio
 use uuid::Uuid;
 
 use super::{
-    retention_cutoff_us, BatchRows, Backend, Change, EventRow, IssueRow, KeyRow, Migration,
+    retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
     ProjectRow, Scope, Snapshot, StoreError, StoreErrorKind,
 };
 
@@ -114,7 +114,12 @@ impl SqliteBackend {
     pub(super) fn open(data_dir: &Path) -> Result<SqliteBackend, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             let cause = format!("{}: {error}", data_dir.display());
-            StoreError::new(BACKEND, "create data directory", StoreErrorKind::Unavailable, cause)
+            StoreError::new(
+                BACKEND,
+                "create data directory",
+                StoreErrorKind::Unavailable,
+                cause,
+            )
         })?;
         let path = data_dir.join(FILE_NAME);
         let connection = Connection::open(&path).map_err(|error| {
@@ -199,7 +204,12 @@ impl Backend for SqliteBackend {
                     "{}: schema version {newest} is newer than this server knows ({known_max})",
                     self.path.display()
                 );
-                return Err(StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause));
+                return Err(StoreError::new(
+                    BACKEND,
+                    operation,
+                    StoreErrorKind::Rejected,
+                    cause,
+                ));
             }
         }
         for migration in MIGRATIONS {
@@ -381,8 +391,12 @@ impl Backend for SqliteBackend {
                 .map_err(|error| sqlite_error("insert events", error))?;
         }
         for event in chunks.remainder() {
-            insert_events(&transaction, &self.insert_events_one, std::slice::from_ref(event))
-                .map_err(|error| sqlite_error("insert events", error))?;
+            insert_events(
+                &transaction,
+                &self.insert_events_one,
+                std::slice::from_ref(event),
+            )
+            .map_err(|error| sqlite_error("insert events", error))?;
         }
         transaction
             .commit()
@@ -397,16 +411,17 @@ impl Backend for SqliteBackend {
                  ORDER BY received_at_us DESC, id DESC LIMIT ?2",
             )?;
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = statement.query_map(rusqlite::params![issue_id.as_bytes(), limit], |row| {
-                Ok(EventRow {
-                    id: Uuid::from_bytes(row.get(0)?),
-                    project_id: Uuid::from_bytes(row.get(1)?),
-                    issue_id: Uuid::from_bytes(row.get(2)?),
-                    level: row.get(3)?,
-                    received_at_us: row.get(4)?,
-                    payload: row.get(5)?,
-                })
-            })?;
+            let rows =
+                statement.query_map(rusqlite::params![issue_id.as_bytes(), limit], |row| {
+                    Ok(EventRow {
+                        id: Uuid::from_bytes(row.get(0)?),
+                        project_id: Uuid::from_bytes(row.get(1)?),
+                        issue_id: Uuid::from_bytes(row.get(2)?),
+                        level: row.get(3)?,
+                        received_at_us: row.get(4)?,
+                        payload: row.get(5)?,
+                    })
+                })?;
             rows.collect()
         };
         read().map_err(|error| sqlite_error("latest events", error))
@@ -544,10 +559,16 @@ mod tests {
         connection
             .execute_batch("CREATE TABLE t (slug TEXT UNIQUE, n INTEGER CHECK (n >= 0))")
             .unwrap();
-        connection.execute("INSERT INTO t VALUES ('a', 1)", []).unwrap();
-        let duplicate = connection.execute("INSERT INTO t VALUES ('a', 1)", []).unwrap_err();
+        connection
+            .execute("INSERT INTO t VALUES ('a', 1)", [])
+            .unwrap();
+        let duplicate = connection
+            .execute("INSERT INTO t VALUES ('a', 1)", [])
+            .unwrap_err();
         assert_eq!(classify(&duplicate), StoreErrorKind::Conflict);
-        let negative = connection.execute("INSERT INTO t VALUES ('b', -1)", []).unwrap_err();
+        let negative = connection
+            .execute("INSERT INTO t VALUES ('b', -1)", [])
+            .unwrap_err();
         assert_eq!(classify(&negative), StoreErrorKind::Rejected);
     }
 }

@@ -146,9 +146,18 @@ impl Store {
         mut backend: Box<dyn Backend>,
         config: WriterConfig,
     ) -> Result<(Store, Snapshot), StoreError> {
-        assert!(config.flush_interval_ms > 0, "flush interval must be positive");
-        assert!(config.batch_events_max > 0, "batch must hold at least one event");
-        assert!(config.queue_events_max > 0, "queue must hold at least one event");
+        assert!(
+            config.flush_interval_ms > 0,
+            "flush interval must be positive"
+        );
+        assert!(
+            config.batch_events_max > 0,
+            "batch must hold at least one event"
+        );
+        assert!(
+            config.queue_events_max > 0,
+            "queue must hold at least one event"
+        );
         backend.migrate()?;
         let snapshot = backend.load()?;
         let backend_name = backend.name();
@@ -209,7 +218,8 @@ impl Store {
         if reserved.is_err() {
             return Err(Overloaded);
         }
-        self.send_submission(changes, events, ack).map_err(|()| Overloaded)
+        self.send_submission(changes, events, ack)
+            .map_err(|()| Overloaded)
     }
 
     /// Queues the changes whatever the queue depth: for the few admin and status changes that
@@ -413,7 +423,10 @@ impl Writer {
                 Some(flush_at) => flush_at.min(self.next_maintain_at),
                 None => self.next_maintain_at,
             };
-            match self.commands.recv_timeout(wake_at.saturating_duration_since(now)) {
+            match self
+                .commands
+                .recv_timeout(wake_at.saturating_duration_since(now))
+            {
                 Ok(Command::Shutdown) => break,
                 Ok(command) => self.handle(command),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -505,8 +518,8 @@ impl Writer {
             return;
         }
         let outcome = self.commit_with_retry(&batch.changes, batch.events);
-        let split = matches!(&outcome, Err(error) if !error.is_retryable())
-            && batch.parts.len() > 1;
+        let split =
+            matches!(&outcome, Err(error) if !error.is_retryable()) && batch.parts.len() > 1;
         if split {
             let mut start = 0;
             for part in batch.parts {
@@ -588,12 +601,22 @@ impl Writer {
     fn count_commit(&self, rows: usize, events: usize, latency: Duration) {
         let shared = &self.shared;
         shared.batches_committed.fetch_add(1, Ordering::Relaxed);
-        shared.rows_committed.fetch_add(rows as u64, Ordering::Relaxed);
-        shared.events_committed.fetch_add(events as u64, Ordering::Relaxed);
-        shared.batch_rows_sum.fetch_add(rows as u64, Ordering::Relaxed);
+        shared
+            .rows_committed
+            .fetch_add(rows as u64, Ordering::Relaxed);
+        shared
+            .events_committed
+            .fetch_add(events as u64, Ordering::Relaxed);
+        shared
+            .batch_rows_sum
+            .fetch_add(rows as u64, Ordering::Relaxed);
         let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        shared.flush_latency_us_sum.fetch_add(latency_us, Ordering::Relaxed);
-        shared.flush_latency_us_count.fetch_add(1, Ordering::Relaxed);
+        shared
+            .flush_latency_us_sum
+            .fetch_add(latency_us, Ordering::Relaxed);
+        shared
+            .flush_latency_us_count
+            .fetch_add(1, Ordering::Relaxed);
         if !shared.healthy.swap(true, Ordering::AcqRel) {
             tracing::info!("store commits succeed again");
         }
@@ -611,5 +634,155 @@ impl Writer {
             }
         };
         self.next_maintain_at = Instant::now() + Duration::from_millis(interval_ms);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Snapshot;
+
+    /// Records the size of every committed batch; stores nothing else.
+    struct Recording {
+        batches: Arc<Mutex<Vec<usize>>>,
+        events: u64,
+    }
+
+    impl Backend for Recording {
+        fn name(&self) -> &'static str {
+            "recording"
+        }
+        fn migrate(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn load(&mut self) -> Result<Snapshot, StoreError> {
+            Ok(Snapshot::default())
+        }
+        fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {
+            self.events += count_events(batch) as u64;
+            self.batches.lock().unwrap().push(batch.len());
+            Ok(())
+        }
+        fn latest_events(&mut self, _: Uuid, _: usize) -> Result<Vec<EventRow>, StoreError> {
+            Ok(Vec::new())
+        }
+        fn count_events(&mut self, _: Option<Uuid>) -> Result<u64, StoreError> {
+            Ok(self.events)
+        }
+        fn maintain(&mut self, _: i64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn ping(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn reconnect(&mut self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    fn recording_store(config: WriterConfig) -> (Store, Arc<Mutex<Vec<usize>>>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let backend = Recording {
+            batches: Arc::clone(&batches),
+            events: 0,
+        };
+        let (store, _) = Store::start(Box::new(backend), config).unwrap();
+        (store, batches)
+    }
+
+    fn one_event() -> Vec<Change> {
+        vec![Change::Event(EventRow {
+            id: Uuid::now_v7(),
+            project_id: Uuid::nil(),
+            issue_id: Uuid::nil(),
+            level: "error".to_string(),
+            received_at_us: 0,
+            payload: "{}".to_string(),
+        })]
+    }
+
+    fn wait<T>(mut receiver: oneshot::Receiver<T>) -> T {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match receiver.try_recv() {
+                Ok(value) => return value,
+                Err(oneshot::error::TryRecvError::Empty) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(error) => panic!("no reply: {error:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn batches_close_at_the_event_bound_and_reads_flush_the_rest() {
+        let config = WriterConfig {
+            flush_interval_ms: 60_000,
+            batch_events_max: 3,
+            queue_events_max: 100,
+        };
+        let (store, batches) = recording_store(config);
+        for _ in 0..7 {
+            store.try_submit(one_event(), None).unwrap();
+        }
+        let (reply, receiver) = oneshot::channel();
+        store.count_events(None, reply);
+        assert_eq!(wait(receiver).unwrap(), 7);
+        assert_eq!(*batches.lock().unwrap(), [3, 3, 1]);
+        let stats = store.stats();
+        assert_eq!(stats.batches_committed, 3);
+        assert_eq!(stats.batch_rows_sum, 7);
+        assert_eq!(stats.queue_depth_events, 0);
+        store.shutdown();
+    }
+
+    #[test]
+    fn a_lone_submission_is_committed_after_the_flush_interval() {
+        let config = WriterConfig {
+            flush_interval_ms: 30,
+            ..WriterConfig::default()
+        };
+        let (store, batches) = recording_store(config);
+        let started = Instant::now();
+        let (ack, receiver) = oneshot::channel();
+        store.try_submit(one_event(), Some(ack)).unwrap();
+        wait(receiver).unwrap();
+        let elapsed = started.elapsed();
+        assert!(elapsed >= Duration::from_millis(30), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        assert_eq!(*batches.lock().unwrap(), [1]);
+        store.shutdown();
+    }
+
+    #[test]
+    fn an_empty_submission_is_acked_after_everything_before_it() {
+        let config = WriterConfig {
+            flush_interval_ms: 60_000,
+            ..WriterConfig::default()
+        };
+        let (store, batches) = recording_store(config);
+        store.submit(one_event(), None);
+        store.submit(one_event(), None);
+        let (ack, receiver) = oneshot::channel();
+        store.submit(Vec::new(), Some(ack));
+        // Nothing closes the batch but the interval, a read or shutdown: shut down.
+        store.shutdown();
+        wait(receiver).unwrap();
+        assert_eq!(*batches.lock().unwrap(), [2]);
+    }
+
+    #[test]
+    fn pending_tracks_parts_and_events() {
+        let mut pending = Pending::default();
+        pending.push(one_event(), 1, None);
+        pending.push(Vec::new(), 0, None);
+        let mut two = one_event();
+        two.extend(one_event());
+        pending.push(two, 2, None);
+        assert_eq!(pending.changes.len(), 3);
+        assert_eq!(pending.events, 3);
+        let ends: Vec<usize> = pending.parts.iter().map(|part| part.end).collect();
+        assert_eq!(ends, [1, 1, 3]);
+        assert!(pending.oldest_at.is_some());
     }
 }

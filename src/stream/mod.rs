@@ -34,25 +34,52 @@ pub struct Attributes {
 
 impl Published {
     fn unfiltered(payload: &[u8], kind: Kind) -> Published {
-        Published { frame: Bytes::from(encode_text(payload)), kind, attributes: None }
+        Published {
+            frame: Bytes::from(encode_text(payload)),
+            kind,
+            attributes: None,
+        }
     }
 }
 
 /// `{"type":"event",...,"data":<the event as sent>}`; `event_json` is already valid JSON.
-pub fn event_message(event_id: Uuid, issue_id: Uuid, event_json: &[u8], attributes: Attributes) -> Published {
+pub fn event_message(
+    event_id: Uuid,
+    issue_id: Uuid,
+    event_json: &[u8],
+    attributes: Attributes,
+) -> Published {
     let mut payload = Vec::with_capacity(event_json.len() + 120);
     payload.extend_from_slice(b"{\"type\":\"event\",\"event_id\":\"");
-    payload.extend_from_slice(event_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    payload.extend_from_slice(
+        event_id
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
     payload.extend_from_slice(b"\",\"issue_id\":\"");
-    payload.extend_from_slice(issue_id.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    payload.extend_from_slice(
+        issue_id
+            .hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
     payload.extend_from_slice(b"\",\"data\":");
     payload.extend_from_slice(event_json);
     payload.push(b'}');
-    Published { frame: Bytes::from(encode_text(&payload)), kind: Kind::Event, attributes: Some(attributes) }
+    Published {
+        frame: Bytes::from(encode_text(&payload)),
+        kind: Kind::Event,
+        attributes: Some(attributes),
+    }
 }
 
 /// `{"type":"issue","action":"created"|"regressed",...}`: sent before the event that caused it.
-pub fn issue_opened_message(action: &str, issue: &IssueView<'_>, attributes: Attributes) -> Published {
+pub fn issue_opened_message(
+    action: &str,
+    issue: &IssueView<'_>,
+    attributes: Attributes,
+) -> Published {
     #[derive(Serialize)]
     struct Message<'a> {
         r#type: &'static str,
@@ -60,9 +87,18 @@ pub fn issue_opened_message(action: &str, issue: &IssueView<'_>, attributes: Att
         issue_id: Uuid,
         issue: &'a IssueView<'a>,
     }
-    let payload = serde_json::to_vec(&Message { r#type: "issue", action, issue_id: issue.id, issue })
-        .expect("issue messages serialize");
-    Published { frame: Bytes::from(encode_text(&payload)), kind: Kind::Control, attributes: Some(attributes) }
+    let payload = serde_json::to_vec(&Message {
+        r#type: "issue",
+        action,
+        issue_id: issue.id,
+        issue,
+    })
+    .expect("issue messages serialize");
+    Published {
+        frame: Bytes::from(encode_text(&payload)),
+        kind: Kind::Control,
+        attributes: Some(attributes),
+    }
 }
 
 /// `{"type":"issue","action":"resolved"|...,"issue_id":...}`: a status change through the API.
@@ -72,12 +108,15 @@ pub fn issue_status_message(action: &str, issue_id: Uuid) -> Published {
 }
 
 pub fn issue_count_message(project_id: Uuid, count: u64) -> Published {
-    let payload = serde_json::json!({ "type": "issue_count", "project_id": project_id, "count": count });
+    let payload =
+        serde_json::json!({ "type": "issue_count", "project_id": project_id, "count": count });
     Published::unfiltered(payload.to_string().as_bytes(), Kind::Count)
 }
 
 pub fn dropped_frame(count: u64) -> Bytes {
-    Bytes::from(encode_text(format!("{{\"type\":\"dropped\",\"count\":{count}}}").as_bytes()))
+    Bytes::from(encode_text(
+        format!("{{\"type\":\"dropped\",\"count\":{count}}}").as_bytes(),
+    ))
 }
 
 pub fn error_frame(message: &str) -> Bytes {
@@ -96,10 +135,15 @@ pub struct Filters {
 
 impl Filters {
     pub fn matches(&self, message: &Published) -> bool {
-        let Some(attributes) = &message.attributes else { return true };
+        let Some(attributes) = &message.attributes else {
+            return true;
+        };
         (self.levels.is_empty() || self.levels.contains(&attributes.level))
             && (self.environments.is_empty()
-                || attributes.environment.as_ref().is_some_and(|env| self.environments.iter().any(|e| e == env)))
+                || attributes
+                    .environment
+                    .as_ref()
+                    .is_some_and(|env| self.environments.iter().any(|e| e == env)))
     }
 
     /// Filters from a `subscribe` message's `filters` value (missing or null: match all).
@@ -115,11 +159,14 @@ impl Filters {
             match name.as_str() {
                 "level" => {
                     for v in &values {
-                        let level = Level::parse(v).ok_or_else(|| format!("unknown level in filter: {v}"))?;
+                        let level = Level::parse(v)
+                            .ok_or_else(|| format!("unknown level in filter: {v}"))?;
                         filters.levels.push(level);
                     }
                 }
-                "environment" => filters.environments = values.iter().map(|v| Arc::from(v.as_str())).collect(),
+                "environment" => {
+                    filters.environments = values.iter().map(|v| Arc::from(v.as_str())).collect()
+                }
                 other => return Err(format!("unknown filter: {other}")),
             }
             if !values.is_empty() {
@@ -144,11 +191,15 @@ fn filter_values(name: &str, value: &Value) -> Result<Vec<String>, String> {
             .iter()
             .map(|item| match item {
                 Value::String(s) => Ok(s.clone()),
-                _ => Err(format!("filter {name} must be a string or an array of strings")),
+                _ => Err(format!(
+                    "filter {name} must be a string or an array of strings"
+                )),
             })
             .filter(|v| !matches!(v, Ok(s) if s.is_empty()))
             .collect(),
-        _ => Err(format!("filter {name} must be a string or an array of strings")),
+        _ => Err(format!(
+            "filter {name} must be a string or an array of strings"
+        )),
     }
 }
 
@@ -163,7 +214,15 @@ mod tests {
     use serde_json::json;
 
     fn event(level: Level, environment: Option<&str>) -> Published {
-        event_message(Uuid::nil(), Uuid::nil(), b"{}", Attributes { level, environment: environment.map(Arc::from) })
+        event_message(
+            Uuid::nil(),
+            Uuid::nil(),
+            b"{}",
+            Attributes {
+                level,
+                environment: environment.map(Arc::from),
+            },
+        )
     }
 
     #[test]
@@ -172,7 +231,10 @@ mod tests {
         assert!(all.matches(&event(Level::Info, None)));
         let one = Filters::parse(Some(&json!({"level": "error"}))).unwrap();
         assert!(one.matches(&event(Level::Error, None)) && !one.matches(&event(Level::Info, None)));
-        let both = Filters::parse(Some(&json!({"level": ["error", "fatal"], "environment": "prod"}))).unwrap();
+        let both = Filters::parse(Some(
+            &json!({"level": ["error", "fatal"], "environment": "prod"}),
+        ))
+        .unwrap();
         assert!(both.matches(&event(Level::Fatal, Some("prod"))));
         assert!(!both.matches(&event(Level::Fatal, Some("dev"))));
         assert!(!both.matches(&event(Level::Fatal, None)));
@@ -190,10 +252,15 @@ mod tests {
 
     #[test]
     fn event_frame_embeds_the_event_verbatim() {
-        let message = event_message(Uuid::nil(), Uuid::nil(), br#"{"message":"x","odd":[1]}"#, Attributes {
-            level: Level::Error,
-            environment: None,
-        });
+        let message = event_message(
+            Uuid::nil(),
+            Uuid::nil(),
+            br#"{"message":"x","odd":[1]}"#,
+            Attributes {
+                level: Level::Error,
+                environment: None,
+            },
+        );
         let payload = &message.frame[2..];
         let value: Value = serde_json::from_slice(payload).unwrap();
         assert_eq!(value["data"], json!({"message": "x", "odd": [1]}));

@@ -24,7 +24,13 @@ const READ_CHUNK_BYTES: usize = 1024;
 /// Frames gathered into one vectored write; well under the kernel's 1024 iovec limit.
 const WRITE_BATCH_MAX: usize = 256;
 
-pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: Vec<u8>, role: Role) {
+pub async fn run(
+    shard: Rc<Shard>,
+    id: ConnId,
+    stream: Rc<TcpStream>,
+    leftover: Vec<u8>,
+    role: Role,
+) {
     let wake = Rc::new(Notify::new());
     let kind = match role {
         Role::Stream { .. } => ConnKind::Stream,
@@ -33,7 +39,9 @@ pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: 
     let ping = shard.schedule(shard.config.ping_interval * 1000, Timer::Ping(id));
     let old_timer = {
         let mut conns = shard.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else { return };
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
         shard.counters.changed_kind(entry.kind, kind);
         entry.kind = kind;
         entry.busy = false;
@@ -45,7 +53,11 @@ pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: 
             last_progress_tick: shard.now_tick(),
             pong_timer: None,
             subscription: match role {
-                Role::Stream { project_id } => Some(Subscription { project_id, filters: Filters::default(), welcomed: false }),
+                Role::Stream { project_id } => Some(Subscription {
+                    project_id,
+                    filters: Filters::default(),
+                    welcomed: false,
+                }),
                 Role::Ingest { .. } => None,
             },
         });
@@ -55,7 +67,14 @@ pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: 
     if let Role::Stream { project_id } = role {
         shard.counters.stream_subscriptions.fetch_add(1, Relaxed);
         let owner = owner_of(&project_id, shard.shard_count());
-        shard.mesh.send(owner, ShardMsg::Watch { project_id, shard: shard.index, conn: id });
+        shard.mesh.send(
+            owner,
+            ShardMsg::Watch {
+                project_id,
+                shard: shard.index,
+                conn: id,
+            },
+        );
     }
     let writer = tokio_uring::spawn(write_loop(shard.clone(), id, stream.clone(), wake.clone()));
     let mut buf = Vec::with_capacity(READ_CHUNK_BYTES.max(leftover.len()));
@@ -63,7 +82,12 @@ pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: 
     drop(leftover);
     let reason = read_loop(&shard, id, &stream, buf, &role).await;
     // Let the writer send what waits (a close frame, maybe) and stop.
-    if let Some(socket) = shard.conns.borrow_mut().get_mut(id).and_then(|e| e.socket.as_mut()) {
+    if let Some(socket) = shard
+        .conns
+        .borrow_mut()
+        .get_mut(id)
+        .and_then(|e| e.socket.as_mut())
+    {
         socket.closing = true;
         socket.wake.notify_one();
     }
@@ -71,7 +95,13 @@ pub async fn run(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, leftover: 
     shard.unregister(id, reason);
 }
 
-async fn read_loop(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream, mut buf: Vec<u8>, role: &Role) -> CloseReason {
+async fn read_loop(
+    shard: &Rc<Shard>,
+    id: ConnId,
+    stream: &TcpStream,
+    mut buf: Vec<u8>,
+    role: &Role,
+) -> CloseReason {
     let mut decoder = Decoder::new(MESSAGE_BYTES_MAX);
     loop {
         let mut start = 0;
@@ -81,7 +111,9 @@ async fn read_loop(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream, mut buf: V
                     start += used;
                     match message {
                         Message::Text(text) => on_text(shard, id, role, text).await,
-                        Message::Binary(_) => reply_error(shard, id, role, "binary frames are not supported"),
+                        Message::Binary(_) => {
+                            reply_error(shard, id, role, "binary frames are not supported")
+                        }
                         Message::Ping(payload) => {
                             shard.enqueue(id, Bytes::from(encode_pong(&payload)), Kind::Control);
                         }
@@ -96,7 +128,11 @@ async fn read_loop(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream, mut buf: V
                         }
                         Message::Close(code) => {
                             let code = code.map_or(1000, |(code, _)| code);
-                            shard.close_socket(id, Bytes::from(encode_close(code, "")), CloseReason::Normal);
+                            shard.close_socket(
+                                id,
+                                Bytes::from(encode_close(code, "")),
+                                CloseReason::Normal,
+                            );
                             return CloseReason::Normal;
                         }
                     }
@@ -108,7 +144,11 @@ async fn read_loop(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream, mut buf: V
                     } else {
                         CloseReason::BadRequest
                     };
-                    shard.close_socket(id, Bytes::from(encode_close(error.code, error.reason)), reason);
+                    shard.close_socket(
+                        id,
+                        Bytes::from(encode_close(error.code, error.reason)),
+                        reason,
+                    );
                     return reason;
                 }
             }
@@ -131,9 +171,11 @@ fn closed_reason(shard: &Shard, id: ConnId) -> Option<CloseReason> {
 fn reply_error(shard: &Shard, id: ConnId, role: &Role, message: &str) {
     let frame = match role {
         Role::Stream { .. } => error_frame(message),
-        Role::Ingest { .. } => {
-            Bytes::from(encode_text(serde_json::json!({ "error": message }).to_string().as_bytes()))
-        }
+        Role::Ingest { .. } => Bytes::from(encode_text(
+            serde_json::json!({ "error": message })
+                .to_string()
+                .as_bytes(),
+        )),
     };
     reply(shard, id, frame);
 }
@@ -173,8 +215,11 @@ async fn on_text(shard: &Rc<Shard>, id: ConnId, role: &Role, text: String) {
 
 /// The filters of a `{"type":"subscribe","filters":{...}}` message, or what is wrong with it.
 fn subscribe_filters(text: &str) -> Result<Filters, String> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let object = value.as_object().ok_or("expected a JSON object with a type")?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let object = value
+        .as_object()
+        .ok_or("expected a JSON object with a type")?;
     match object.get("type").and_then(|t| t.as_str()) {
         Some("subscribe") => Filters::parse(object.get("filters")),
         Some(other) => Err(format!("unknown message type: {other}")),
@@ -187,7 +232,9 @@ async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: R
     loop {
         let finished = {
             let mut conns = shard.conns.borrow_mut();
-            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else { return };
+            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
+                return;
+            };
             let dropped = socket.ring.take_dropped();
             if dropped > 0 {
                 batch.push(dropped_frame(dropped));
@@ -219,8 +266,16 @@ async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: R
             shard.force_close(id, CloseReason::IoError);
             return;
         }
-        shard.counters.stream_messages_sent.fetch_add(frames, Relaxed);
-        if let Some(socket) = shard.conns.borrow_mut().get_mut(id).and_then(|e| e.socket.as_mut()) {
+        shard
+            .counters
+            .stream_messages_sent
+            .fetch_add(frames, Relaxed);
+        if let Some(socket) = shard
+            .conns
+            .borrow_mut()
+            .get_mut(id)
+            .and_then(|e| e.socket.as_mut())
+        {
             socket.last_progress_tick = shard.now_tick();
         }
     }

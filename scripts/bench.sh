@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# Benchmarks Mesher against its peers (Nchan, Sockudo) on loopback with mesher-load.
+#
+#   scripts/bench.sh [--quick] [--runs N] [--scenarios a,b] [--targets mesher,nchan,sockudo]
+#
+# Installs what is missing (nginx + nchan from Debian, sockudo from crates.io), builds mesher and
+# mesher-load in release, then for each scenario and target starts a fresh server pinned to CPU 0,
+# runs the load pinned to CPU 1, stops the server by pid, and prints a markdown table for PERF.md
+# (the median run of each cell by work per server CPU-second, and the mesher/peer ratio).
+# --quick runs every scenario small (all of them in about two minutes). BENCH_RESULTS=DIR keeps
+# the raw JSON results; BENCH_PORT_BASE moves the ports (base .. base+3).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+QUICK=0
+RUNS=1
+SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns"
+TARGETS="mesher,nchan,sockudo"
+PORT_BASE="${BENCH_PORT_BASE:-18080}"
+ADMIN_TOKEN="bench-admin-token"
+APP_ID="bench"
+APP_KEY="bench-key"
+APP_SECRET="bench-secret"
+SERVER_CPU=0
+LOAD_CPU=1
+
+usage() {
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --quick) QUICK=1 ;;
+    --runs) RUNS="$2"; shift ;;
+    --scenarios) SCENARIOS="$2"; shift ;;
+    --targets) TARGETS="$2"; shift ;;
+    -h | --help) usage 0 ;;
+    *) echo "unknown argument: $1" >&2; usage 2 ;;
+    esac
+    shift
+done
+
+log() { echo "bench: $*" >&2; }
+
+WORK="$(mktemp -d /tmp/mesher-bench.XXXXXX)"
+SERVER_PIDS=()
+
+stop_servers() {
+    local pid
+    for pid in "${SERVER_PIDS[@]:-}"; do
+        [ -n "$pid" ] || continue
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -TERM "$pid" 2>/dev/null || true
+            for _ in $(seq 50); do
+                kill -0 "$pid" 2>/dev/null || break
+                sleep 0.1
+            done
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    SERVER_PIDS=()
+}
+
+cleanup() {
+    stop_servers
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Pinning needs two CPUs; on one CPU everything shares it (and the figures say less). These are
+# command prefixes, not functions, so that `$!` of a background server is the server's own pid.
+if [ "$(nproc)" -lt 2 ]; then
+    log "fewer than 2 CPUs: not pinning"
+    PIN_SERVER=()
+    PIN_LOAD=()
+else
+    PIN_SERVER=(taskset -c "$SERVER_CPU")
+    PIN_LOAD=(taskset -c "$LOAD_CPU")
+fi
+
+has_target() { [[ ",$TARGETS," == *",$1,"* ]]; }
+
+# ---- install -----------------------------------------------------------------------------------
+
+APT_UPDATED=0
+apt_install() {
+    if [ "$APT_UPDATED" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+NCHAN_MODULE=/usr/lib/nginx/modules/ngx_nchan_module.so
+if has_target nchan && { ! command -v nginx >/dev/null || [ ! -f "$NCHAN_MODULE" ]; }; then
+    log "installing nginx-light and libnginx-mod-nchan"
+    apt_install nginx-light libnginx-mod-nchan || true
+fi
+if has_target nchan && { ! command -v nginx >/dev/null || [ ! -f "$NCHAN_MODULE" ]; }; then
+    log "nchan: install failed; skipping the nchan target"
+    TARGETS="$(echo ",$TARGETS," | sed 's/,nchan,/,/; s/^,//; s/,$//')"
+fi
+
+if ! command -v python3 >/dev/null; then
+    apt_install python3
+fi
+
+SOCKUDO_BIN="$(command -v sockudo || echo "$HOME/.cargo/bin/sockudo")"
+if has_target sockudo && [ ! -x "$SOCKUDO_BIN" ]; then
+    command -v protoc >/dev/null || apt_install protobuf-compiler || true
+    log "installing sockudo from crates.io (about 10 minutes on 2 cores)"
+    if nice -n 19 cargo install sockudo --locked >"$WORK/sockudo-install.log" 2>&1; then
+        SOCKUDO_BIN="$HOME/.cargo/bin/sockudo"
+    else
+        log "sockudo: install failed (see the tail below); skipping the sockudo target"
+        tail -5 "$WORK/sockudo-install.log" >&2 || true
+    fi
+fi
+if has_target sockudo && [ ! -x "$SOCKUDO_BIN" ]; then
+    TARGETS="$(echo ",$TARGETS," | sed 's/,sockudo,/,/; s/^,//; s/,$//')"
+fi
+
+# ---- build ---------------------------------------------------------------------------------------
+
+cd "$ROOT"
+log "building mesher-load"
+cargo build --release -p mesher-load >&2
+LOAD="$ROOT/target/release/mesher-load"
+MESHER="$ROOT/target/release/mesher"
+if has_target mesher; then
+    log "building mesher"
+    if ! cargo build --release -p mesher >&2; then
+        log "mesher: build failed; skipping the mesher target"
+        TARGETS="$(echo ",$TARGETS," | sed 's/,mesher,/,/; s/^,//; s/,$//')"
+    fi
+fi
+if [ -z "$TARGETS" ]; then
+    log "no target left to run"
+    exit 1
+fi
+
+# ---- servers -------------------------------------------------------------------------------------
+
+wait_port() {
+    local port="$1" pid="$2"
+    for _ in $(seq 200); do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            return 1
+        fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    return 1
+}
+
+# Each start_* sets SERVER_URL and MEASURE_PIDS (comma-separated pids whose CPU/RSS count).
+start_mesher() {
+    local port="$PORT_BASE" dir="$WORK/mesher"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    "${PIN_SERVER[@]}" "$MESHER" serve --listen "127.0.0.1:$port" --shards 1 --data-dir "$dir/data" \
+        --admin-token "$ADMIN_TOKEN" >"$dir/server.log" 2>&1 &
+    local pid=$!
+    SERVER_PIDS+=("$pid")
+    wait_port "$port" "$pid" || { tail -20 "$dir/server.log" >&2; return 1; }
+    SERVER_URL="http://127.0.0.1:$port"
+    MEASURE_PIDS="$pid"
+}
+
+start_nchan() {
+    local port=$((PORT_BASE + 1)) dir="$WORK/nginx"
+    rm -rf "$dir"
+    mkdir -p "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+load_module $NCHAN_MODULE;
+worker_processes 1;
+worker_rlimit_nofile 40000;
+daemon off;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events {
+    worker_connections 30000;
+}
+http {
+    access_log off;
+    # Publishers use keep-alive connections for the whole run.
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    server {
+        listen 127.0.0.1:$port backlog=4096;
+        location = /pub {
+            nchan_publisher;
+            nchan_channel_id \$arg_ch;
+        }
+        location = /pubm {
+            nchan_publisher;
+            nchan_channel_id \$arg_ch \$arg_ch2;
+        }
+        location = /sub {
+            nchan_subscriber websocket;
+            nchan_channel_id \$arg_ch;
+        }
+    }
+}
+EOF
+    "${PIN_SERVER[@]}" nginx -p "$dir" -c "$dir/nginx.conf" >"$dir/stderr.log" 2>&1 &
+    local pid=$!
+    SERVER_PIDS+=("$pid")
+    wait_port "$port" "$pid" || { cat "$dir/stderr.log" "$dir/error.log" >&2 2>/dev/null; return 1; }
+    local worker=""
+    for _ in $(seq 50); do
+        worker="$(pgrep -P "$pid" | head -1 || true)"
+        [ -n "$worker" ] && break
+        sleep 0.05
+    done
+    SERVER_URL="http://127.0.0.1:$port"
+    MEASURE_PIDS="$pid${worker:+,$worker}"
+}
+
+start_sockudo() {
+    local port=$((PORT_BASE + 2)) dir="$WORK/sockudo"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cat >"$dir/config.json" <<EOF
+{
+  "debug": false,
+  "host": "127.0.0.1",
+  "port": $port,
+  "adapter": { "driver": "local" },
+  "queue": { "driver": "none" },
+  "cache": { "driver": "memory" },
+  "rate_limiter": { "enabled": false },
+  "metrics": { "enabled": true, "host": "127.0.0.1", "port": $((PORT_BASE + 3)) },
+  "app_manager": {
+    "driver": "memory",
+    "array": {
+      "apps": [
+        {
+          "id": "$APP_ID",
+          "key": "$APP_KEY",
+          "secret": "$APP_SECRET",
+          "enabled": true,
+          "enable_client_messages": false,
+          "max_connections": 100000,
+          "max_backend_events_per_second": 100000000,
+          "max_client_events_per_second": 1000
+        }
+      ]
+    }
+  }
+}
+EOF
+    "${PIN_SERVER[@]}" "$SOCKUDO_BIN" --config "$dir/config.json" >"$dir/server.log" 2>&1 &
+    local pid=$!
+    SERVER_PIDS+=("$pid")
+    wait_port "$port" "$pid" || { tail -20 "$dir/server.log" >&2; return 1; }
+    SERVER_URL="http://127.0.0.1:$port"
+    MEASURE_PIDS="$pid"
+}
+
+# ---- scenarios -----------------------------------------------------------------------------------
+
+# Arguments of each scenario in --quick mode (the full mode uses mesher-load's defaults, which
+# follow shared/BENCHMARKING.md).
+quick_args() {
+    case "$1" in
+    fanout) echo "--subscribers 200 --duration 2" ;;
+    rooms) echo "--projects 50 --subscribers 500 --duration 2" ;;
+    slow) echo "--subscribers 200 --slow-secs 2 --duration 3" ;;
+    filters) echo "--subscribers 200 --duration 2" ;;
+    ingest) echo "--connections 16 --duration 2" ;;
+    e2e) echo "--subscribers 200 --rate 500 --duration 2" ;;
+    conns) echo "--subscribers 1000 --duration 1" ;;
+    *) echo "" ;;
+    esac
+}
+
+RESULTS="$WORK/results"
+mkdir -p "$RESULTS"
+IFS=',' read -r -a scenario_list <<<"$SCENARIOS"
+IFS=',' read -r -a target_list <<<"$TARGETS"
+for scenario in "${scenario_list[@]}"; do
+    for target in "${target_list[@]}"; do
+        for run in $(seq "$RUNS"); do
+            log "$scenario / $target (run $run of $RUNS)"
+            if ! "start_$target"; then
+                log "$target did not start; skipping"
+                stop_servers
+                continue
+            fi
+            extra=""
+            [ "$QUICK" = 1 ] && extra="$(quick_args "$scenario")"
+            # shellcheck disable=SC2086
+            if ! "${PIN_LOAD[@]}" "$LOAD" "$scenario" --target "$target" --url "$SERVER_URL" \
+                --admin-token "$ADMIN_TOKEN" --app-id "$APP_ID" --app-key "$APP_KEY" \
+                --app-secret "$APP_SECRET" --server-pid "$MEASURE_PIDS" --json $extra \
+                >"$RESULTS/$scenario.$target.$run.json"; then
+                log "$scenario / $target failed"
+                rm -f "$RESULTS/$scenario.$target.$run.json"
+            fi
+            stop_servers
+        done
+    done
+done
+
+if [ -n "${BENCH_RESULTS:-}" ]; then
+    mkdir -p "$BENCH_RESULTS"
+    cp "$RESULTS"/*.json "$BENCH_RESULTS"/ 2>/dev/null || true
+    log "raw results copied to $BENCH_RESULTS"
+fi
+
+# ---- table ---------------------------------------------------------------------------------------
+
+echo
+echo "$(date -u +%Y-%m-%d) $(nproc) CPUs, $(uname -r); server on CPU $SERVER_CPU, load on CPU $LOAD_CPU$([ "$QUICK" = 1 ] && echo ', --quick')"
+echo
+python3 - "$RESULTS" "$SCENARIOS" "$TARGETS" <<'PY'
+import json, os, statistics, sys
+
+results_dir, scenarios, targets = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+cells = {}
+for name in sorted(os.listdir(results_dir)):
+    scenario, target, _run, _ = name.split(".")
+    try:
+        with open(os.path.join(results_dir, name)) as f:
+            row = json.loads(f.read().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        continue
+    cells.setdefault((scenario, target), []).append(row)
+
+def key_figure(row):
+    if row["scenario"] == "conns":
+        return row.get("upgrades_per_s") or 0
+    return row.get("deliveries_per_server_cpu_s") or row.get("deliveries_per_s") or 0
+
+def median_row(rows):
+    rows = sorted(rows, key=key_figure)
+    return rows[(len(rows) - 1) // 2]
+
+def fmt(x, digits=0):
+    if x is None:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+print("| scenario | target | runs | sent | deliveries/s | per server CPU-s | mesher/peer | p50 µs | p99 µs | p99.9 µs | dropped | wrong | missing | RSS MiB | errors | notes |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for scenario in scenarios:
+    mesher = cells.get((scenario, "mesher"))
+    mesher_figure = key_figure(median_row(mesher)) if mesher else None
+    for target in targets:
+        rows = cells.get((scenario, target))
+        if not rows:
+            print(f"| {scenario} | {target} | 0 | | | | | | | | | | | | | no result |")
+            continue
+        r = median_row(rows)
+        ratio = "-"
+        if target != "mesher" and mesher_figure and key_figure(r):
+            ratio = f"{mesher_figure / key_figure(r):.2f}"
+        rss = r.get("rss_peak_kib") or r.get("rss_kib")
+        if scenario == "conns":
+            notes = (f"{fmt(r.get('upgrades_per_s'))} upgrades/s, "
+                     f"{fmt(r.get('rss_per_conn_bytes'))} B/conn, idle CPU {fmt(r.get('idle_cpu_pct'), 2)}%")
+            print(f"| {scenario} | {target} | {len(rows)} | {r.get('subscribers_ready')} conns | - | - | {ratio} "
+                  f"| - | - | - | - | - | - | {fmt((rss or 0) / 1024, 1)} | {r.get('errors')} | {notes} |")
+            continue
+        notes = [f"inflight {r.get('inflight')}"]
+        if r.get("rate_offered"):
+            notes.append(f"offered {fmt(r['rate_offered'])}/s")
+        if r.get("segs_per_delivery") is not None:
+            notes.append(f"{r['segs_per_delivery']:.2f} segs/delivery")
+        if r.get("client_cpu_s") is not None:
+            notes.append(f"client CPU {r['client_cpu_s']:.1f}s")
+        if scenario == "slow":
+            notes.append(f"slow p99 {fmt(r.get('slow_p99_us'))} µs, slow ended {r.get('slow_ended')}, "
+                         f"markers {r.get('dropped_markers')}")
+        if r.get("violations"):
+            notes.append(f"{r['violations']} count violations")
+        if scenario == "ingest":
+            notes.append("accepted events")
+        print(f"| {scenario} | {target} | {len(rows)} | {fmt(r.get('sent'))} | {fmt(r.get('deliveries_per_s'))} "
+              f"| {fmt(r.get('deliveries_per_server_cpu_s'))} | {ratio} | {fmt(r.get('p50_us'))} "
+              f"| {fmt(r.get('p99_us'))} | {fmt(r.get('p999_us'))} | {fmt(r.get('dropped'))} | {fmt(r.get('wrong'))} "
+              f"| {fmt(r.get('missing'))} | {fmt((rss or 0) / 1024, 1)} | {r.get('errors')} | {', '.join(notes)} |")
+PY

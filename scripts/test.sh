@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: finds (or starts) a PostgreSQL for the tests, then runs every unit,
+# black-box and benchmark-smoke test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# Black-box tests open thousands of sockets: take the hard limit of open files.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+# shellcheck source=scripts/test-postgres.sh
+source scripts/test-postgres.sh
+echo "tests use PostgreSQL at ${DATABASE_URL}"
+cargo test --workspace --all-targets "$@"
