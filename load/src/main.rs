@@ -425,6 +425,7 @@ fn spawn_subscribers(
         ready: Arc::new(ReadyCounts::new(plan.projects)),
         handshakes: Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT)),
         source_addrs: cli.source_addrs.clone(),
+        ports: subscriber::PortPlan::new(&cli.source_addrs),
         read_buffer_bytes,
         slow_secs: plan.slow_secs,
     });
@@ -789,6 +790,7 @@ async fn run_conns(
     let client_cpu_before = sys::own_cpu_s();
     let subs = spawn_subscribers(cli, plan, routes, counters.clone(), IDLE_READ_BUFFER_BYTES);
     let ramp_s = wait_ready(cli, plan, &counters).await;
+    let ramped = sample(probe);
     let ready = counters.ready.load(Ordering::Relaxed);
     let failed = counters.setup_failed.load(Ordering::Relaxed);
     tokio::time::sleep(CONNS_SETTLE).await;
@@ -818,10 +820,18 @@ async fn run_conns(
         (Some(s), Some(a)) => Some(a.cpu_s - s.cpu_s),
         _ => None,
     };
+    let ramp_cpu_s = match (baseline, ramped) {
+        (Some(b), Some(r)) => Some(r.cpu_s - b.cpu_s),
+        _ => None,
+    };
     let v = json!({
         "scenario": plan.scenario.name(),
         "target": plan.target.name(),
         "duration": round3(idle_s),
+        "ramp_server_cpu_s": ramp_cpu_s.map(round3),
+        "upgrades_per_server_cpu_s": ramp_cpu_s
+            .filter(|c| *c > 0.0)
+            .map(|c| round3(ready as f64 / c)),
         "subscribers": plan.subscribers,
         "subscribers_ready": ready,
         "inflight": 0,
@@ -833,7 +843,7 @@ async fn run_conns(
         "rss_kib": after.map(|s| s.rss_kib),
         "rss_baseline_kib": baseline.map(|s| s.rss_kib),
         "rss_per_conn_bytes": rss_per_conn.map(round3),
-        "server_cpu_s": idle_cpu_s.map(round3),
+        "idle_server_cpu_s": idle_cpu_s.map(round3),
         "idle_cpu_pct": idle_cpu_s.map(|c| round3(c / idle_s * 100.0)),
         "client_cpu_s": round3(client_cpu_s),
         "dropped": 0,
@@ -845,12 +855,14 @@ async fn run_conns(
         "first_error": first_error,
     });
     let markdown = format!(
-        "| conns | {} | {} | - | - | {} upgrades | {:.0} upgrades/s | idle {:.3} | - | - | - | - | - | - | - | {:.1} ({:.0} B/conn) | {} |",
+        "| conns | {} | {} | - | - | {} upgrades | {:.0} upgrades/s | ramp {:.2}, idle {:.3} | {:.0} upgrades | - | - | - | - | - | - | {:.1} ({:.0} B/conn) | {} |",
         plan.target.name(),
         plan.subscribers,
         ready,
         ready as f64 / ramp_s.max(1e-9),
+        ramp_cpu_s.unwrap_or(0.0),
         idle_cpu_s.unwrap_or(0.0),
+        ramp_cpu_s.filter(|c| *c > 0.0).map_or(0.0, |c| ready as f64 / c),
         after.map(|s| s.rss_kib).unwrap_or(0) as f64 / 1024.0,
         rss_per_conn.unwrap_or(0.0),
         failed + ended_early + lost,

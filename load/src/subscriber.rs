@@ -2,7 +2,7 @@
 //! parses frame headers and scans messages by substring.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,14 +26,101 @@ pub const SLOW_RCVBUF_BYTES: u32 = 4096;
 /// Any valid base64 of 16 bytes will do: the client does not check the accept hash.
 const WEBSOCKET_KEY: &str = "bWVzaGVyLWxvYWQtMDAwMA==";
 
-/// Opens a TCP connection, optionally from a given source address and with a small receive
-/// buffer (set before connecting, so the advertised window stays small).
+/// Stream clients bind explicit ports below the kernel's ephemeral range (32768 and up): once
+/// most ephemeral ports are taken, the kernel's own search costs hundreds of µs per connect and
+/// the client, not the server, would set the upgrade rate.
+const CLIENT_PORT_MIN: u16 = 10_000;
+const CLIENT_PORT_MAX: u16 = 32_767;
+/// Ports tried per connection before giving up (a port may be held by a listener or by a
+/// connection to the same server that is still in TIME_WAIT).
+const BIND_ATTEMPTS_MAX: usize = 64;
+
+/// Hands out (source address, port) pairs: addresses round-robin by subscriber, ports in order
+/// per address from a random start (so that runs in a row do not reuse the same ports first).
+pub struct PortPlan {
+    sources: Vec<IpAddr>,
+    cursors: Vec<AtomicUsize>,
+}
+
+impl PortPlan {
+    /// `sources` empty means 127.0.0.1 (only used when the server is on loopback).
+    pub fn new(sources: &[IpAddr]) -> Self {
+        let sources = if sources.is_empty() {
+            vec![IpAddr::from([127, 0, 0, 1])]
+        } else {
+            sources.to_vec()
+        };
+        let cursors = sources
+            .iter()
+            .map(|_| AtomicUsize::new(rand::random::<u16>() as usize))
+            .collect();
+        PortPlan { sources, cursors }
+    }
+
+    fn next(&self, index: usize) -> SocketAddr {
+        let which = index % self.sources.len();
+        let n = self.cursors[which].fetch_add(1, Ordering::Relaxed);
+        let span = (CLIENT_PORT_MAX - CLIENT_PORT_MIN) as usize + 1;
+        let port = CLIENT_PORT_MIN + (n % span) as u16;
+        SocketAddr::new(self.sources[which], port)
+    }
+}
+
+fn new_socket(rcvbuf_bytes: Option<u32>) -> std::io::Result<TcpSocket> {
+    let socket = TcpSocket::new_v4()?;
+    if let Some(bytes) = rcvbuf_bytes {
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    Ok(socket)
+}
+
+/// Opens a stream client's connection from an explicit source port (see `CLIENT_PORT_MIN`),
+/// falling back to the kernel's choice when the server is not on loopback and no source
+/// addresses were given. A small receive buffer is set before connecting, so that the
+/// advertised window stays small.
+pub async fn connect_client(
+    addr: SocketAddr,
+    ports: &PortPlan,
+    explicit_sources: bool,
+    index: usize,
+    rcvbuf_bytes: Option<u32>,
+) -> std::io::Result<TcpStream> {
+    if !explicit_sources && !addr.ip().is_loopback() {
+        return connect(addr, None, rcvbuf_bytes).await;
+    }
+    let mut last_error = None;
+    for _ in 0..BIND_ATTEMPTS_MAX {
+        let socket = new_socket(rcvbuf_bytes)?;
+        socket.set_reuseaddr(true)?;
+        if let Err(e) = socket.bind(ports.next(index)) {
+            last_error = Some(e);
+            continue;
+        }
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                    || e.raw_os_error() == Some(libc::EADDRINUSE) =>
+            {
+                last_error = Some(e)
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("no client port")))
+}
+
+/// Opens a TCP connection with the kernel's choice of port, optionally from a given source
+/// address (publishers: few connections).
 pub async fn connect(
     addr: SocketAddr,
     source: Option<IpAddr>,
     rcvbuf_bytes: Option<u32>,
 ) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
+    let socket = new_socket(rcvbuf_bytes)?;
     if let Some(ip) = source {
         // Let connect() pick the port per destination, so that more than ~28k sockets can
         // share a source address when the destinations differ.
@@ -50,9 +137,6 @@ pub async fn connect(
             );
         }
         socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    if let Some(bytes) = rcvbuf_bytes {
-        socket.set_recv_buffer_size(bytes)?;
     }
     let stream = socket.connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -178,6 +262,7 @@ pub struct SubContext {
     pub ready: Arc<ReadyCounts>,
     pub handshakes: Arc<Semaphore>,
     pub source_addrs: Vec<IpAddr>,
+    pub ports: PortPlan,
     pub read_buffer_bytes: usize,
     pub slow_secs: f64,
 }
@@ -196,12 +281,16 @@ async fn set_up(
     reader: &mut FrameReader,
 ) -> Result<TcpStream, String> {
     let routes = &ctx.routes;
-    let source = (!ctx.source_addrs.is_empty())
-        .then(|| ctx.source_addrs[spec.index % ctx.source_addrs.len()]);
     let rcvbuf = spec.slow.then_some(SLOW_RCVBUF_BYTES);
-    let mut stream = connect(routes.endpoint.addr, source, rcvbuf)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+    let mut stream = connect_client(
+        routes.endpoint.addr,
+        &ctx.ports,
+        !ctx.source_addrs.is_empty(),
+        spec.index,
+        rcvbuf,
+    )
+    .await
+    .map_err(|e| format!("connect: {e}"))?;
     let path = routes.subscribe_path(spec.project, spec.filtered);
     upgrade(&mut stream, &routes.endpoint.host, &path, reader).await?;
     let dialect = routes.kind.dialect();
@@ -417,6 +506,62 @@ async fn read_loop(
                 return;
             }
             replies.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_plan_spreads_addresses_and_wraps_ports_in_range() {
+        let sources: Vec<IpAddr> = vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()];
+        let plan = PortPlan::new(&sources);
+        let first = plan.next(0);
+        assert_eq!(plan.next(1).ip(), sources[1]);
+        let span = (CLIENT_PORT_MAX - CLIENT_PORT_MIN) as usize + 1;
+        let mut previous = first.port();
+        for _ in 0..span + 5 {
+            let next = plan.next(2);
+            assert_eq!(next.ip(), sources[0]);
+            assert!((CLIENT_PORT_MIN..=CLIENT_PORT_MAX).contains(&next.port()));
+            let expected = if previous == CLIENT_PORT_MAX {
+                CLIENT_PORT_MIN
+            } else {
+                previous + 1
+            };
+            assert_eq!(next.port(), expected);
+            previous = next.port();
+        }
+        assert_eq!(
+            PortPlan::new(&[]).next(7).ip(),
+            IpAddr::from([127, 0, 0, 1])
+        );
+    }
+
+    #[tokio::test]
+    async fn clients_connect_from_planned_ports() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let plan = PortPlan::new(&[]);
+        let accept = tokio::spawn(async move {
+            let mut peers = Vec::new();
+            for _ in 0..3 {
+                peers.push(listener.accept().await.unwrap().1);
+            }
+            peers
+        });
+        let mut streams = Vec::new();
+        for i in 0..3 {
+            streams.push(
+                connect_client(addr, &plan, false, i, Some(SLOW_RCVBUF_BYTES))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for peer in accept.await.unwrap() {
+            assert!((CLIENT_PORT_MIN..=CLIENT_PORT_MAX).contains(&peer.port()));
         }
     }
 }

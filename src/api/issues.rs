@@ -18,6 +18,8 @@ use crate::store::Scope;
 /// PROTOCOL section 5: page sizes.
 const PAGE_LIMIT_DEFAULT: usize = 25;
 const PAGE_LIMIT_MAX: usize = 100;
+/// How long an events read may wait for storage before the client gets 503.
+const STORE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn limit_param(head: &Head) -> Result<usize, Response> {
     match head.query_param("limit") {
@@ -165,10 +167,16 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
         issue_json(shard, project_id, issue_id).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         shard.store.latest_events(issue_id, limit, reply);
-        let rows = ask(answer).await?.map_err(|error| {
-            tracing::error!(%error, "reading events failed");
-            Response::error(503, "storage unavailable").with_header("retry-after", "1")
-        })?;
+        // Reads queue behind pending writes; while storage is down they would wait for it.
+        let rows = tokio::time::timeout(STORE_READ_TIMEOUT, ask(answer))
+            .await
+            .map_err(|_| {
+                Response::error(503, "storage unavailable").with_header("retry-after", "1")
+            })??
+            .map_err(|error| {
+                tracing::error!(%error, "reading events failed");
+                Response::error(503, "storage unavailable").with_header("retry-after", "1")
+            })?;
         let data: Vec<Value> = rows
             .iter()
             .map(|row| {

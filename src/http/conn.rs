@@ -197,23 +197,16 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         let body = decoder.take_body();
         set_timer(shard, id, None, 0);
 
-        let route = match route {
-            Ok(route) => route,
-            Err(NoRoute::NotFound) => {
-                respond(shard, Response::not_found(), head.keep_alive, &mut out);
-                set_busy(shard, id, false);
-                continue;
-            }
-            Err(NoRoute::MethodNotAllowed(allow)) => {
-                let response =
-                    Response::error(405, "method not allowed").with_header("allow", allow);
-                respond(shard, response, head.keep_alive, &mut out);
-                set_busy(shard, id, false);
-                continue;
-            }
-        };
         let keep_alive = head.keep_alive && !shard.draining.get();
-        match api::handle(shard, &head, route, body).await {
+        // 404 and 405 end like any other response, so `Connection: close` holds for them too.
+        let handled = match route {
+            Ok(route) => api::handle(shard, &head, route, body).await,
+            Err(NoRoute::NotFound) => Handled::Respond(Response::not_found()),
+            Err(NoRoute::MethodNotAllowed(allow)) => Handled::Respond(
+                Response::error(405, "method not allowed").with_header("allow", allow),
+            ),
+        };
+        match handled {
             Handled::Respond(response) => {
                 let is_head = head.method == "HEAD";
                 let mut response = response;

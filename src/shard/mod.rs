@@ -27,7 +27,7 @@ use crate::http::response::Response;
 use crate::issues::ProjectState;
 use crate::metrics::{CloseReason, ConnKind, Metrics, ShardMetrics};
 use crate::store::{Change, KeyRow, ProjectRow, Store};
-use crate::stream::{Filters, Published};
+use crate::stream::{deliver_to, Filters, Published};
 use mesh::{Mesh, ShardMsg};
 use wheel::{TimerKey, TimerWheel};
 
@@ -100,6 +100,7 @@ pub struct Shard {
     pub subscribers: RefCell<HashMap<Uuid, Vec<ConnId>>>,
     pub wheel: RefCell<TimerWheel<Timer>>,
     pub draining: Cell<bool>,
+    drained_reported: Cell<bool>,
     /// Slugs of projects being created (shard 0 only).
     pending_slugs: RefCell<std::collections::HashSet<String>>,
     started: Instant,
@@ -271,23 +272,16 @@ impl Shard {
             let Some(sub) = &socket.subscription else {
                 continue;
             };
-            let mut queued = false;
-            for item in items {
-                if !sub.filters.matches(item) {
-                    continue;
-                }
-                match socket.ring.push(item.frame.clone(), item.kind) {
-                    Push::Queued => queued = true,
-                    Push::DroppedOldest => {
-                        queued = true;
-                        self.counters.stream_messages_dropped.fetch_add(1, Relaxed);
-                    }
-                    Push::Overflow => {
-                        overflowed.push(*id);
-                        break;
-                    }
-                }
+            let outcome = deliver_to(&mut socket.ring, &sub.filters, items);
+            if outcome.dropped > 0 {
+                self.counters
+                    .stream_messages_dropped
+                    .fetch_add(outcome.dropped, Relaxed);
             }
+            if outcome.overflowed {
+                overflowed.push(*id);
+            }
+            let queued = outcome.queued > 0;
             if queued && !socket.writing {
                 socket.wake.notify_one();
             }
@@ -407,6 +401,9 @@ impl Shard {
     }
 
     fn report_drained(&self) {
+        if self.drained_reported.replace(true) {
+            return;
+        }
         let _ = DRAINED.with(|d| d.borrow().as_ref().map(|tx| tx.send(self.index)));
     }
 
@@ -495,6 +492,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             subscribers: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS)),
             draining: Cell::new(false),
+            drained_reported: Cell::new(false),
             pending_slugs: RefCell::new(Default::default()),
             started: Instant::now(),
         });

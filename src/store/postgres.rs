@@ -36,7 +36,8 @@ const PARTITION_DAYS_AHEAD: i64 = 3;
 /// COPY data is handed to the client in chunks of about this size, bounding the memory a large
 /// batch needs on top of its rows.
 const COPY_CHUNK_BYTES: usize = 256 * 1024;
-/// Seconds from the Unix epoch to PostgreSQL's (2000-01-01), in which binary timestamps count.
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01), from which binary timestamps
+/// count.
 const POSTGRES_EPOCH_UNIX_US: i64 = 946_684_800_000_000;
 /// Binary COPY header: signature, flags, header extension length.
 const COPY_BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";

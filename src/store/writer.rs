@@ -500,9 +500,7 @@ impl Writer {
         match read(self.backend.as_mut()) {
             Err(error) if error.is_retryable() => {
                 tracing::warn!(%error, "store read failed; reconnecting once");
-                if let Err(error) = self.backend.reconnect() {
-                    return Err(error);
-                }
+                self.backend.reconnect()?;
                 read(self.backend.as_mut())
             }
             result => result,
@@ -769,6 +767,12 @@ mod tests {
         store.shutdown();
         wait(receiver).unwrap();
         assert_eq!(*batches.lock().unwrap(), [2]);
+    }
+
+    #[test]
+    fn store_is_a_shareable_handle() {
+        fn shareable<T: Send + Sync + Clone + 'static>() {}
+        shareable::<Store>();
     }
 
     #[test]

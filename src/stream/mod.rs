@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::conn::ring::Kind;
+use crate::conn::ring::{Kind, Push, Ring};
 use crate::ingest::event::Level;
 use crate::issues::IssueView;
 use crate::ws::codec::encode_text;
@@ -201,6 +201,38 @@ fn filter_values(name: &str, value: &Value) -> Result<Vec<String>, String> {
             "filter {name} must be a string or an array of strings"
         )),
     }
+}
+
+/// What one subscriber's ring did with a batch of published messages.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Delivery {
+    pub queued: u64,
+    pub dropped: u64,
+    /// The ring was full of messages that may not be dropped: the subscriber must go.
+    pub overflowed: bool,
+}
+
+/// Pushes the messages `filters` lets through into `ring`: one reference count per message,
+/// never a copy of the payload.
+pub fn deliver_to(ring: &mut Ring<Bytes>, filters: &Filters, items: &[Published]) -> Delivery {
+    let mut delivery = Delivery::default();
+    for item in items {
+        if !filters.matches(item) {
+            continue;
+        }
+        match ring.push(item.frame.clone(), item.kind) {
+            Push::Queued => delivery.queued += 1,
+            Push::DroppedOldest => {
+                delivery.queued += 1;
+                delivery.dropped += 1;
+            }
+            Push::Overflow => {
+                delivery.overflowed = true;
+                break;
+            }
+        }
+    }
+    delivery
 }
 
 pub fn filters_updated_frame(filters: &Filters) -> Bytes {

@@ -641,3 +641,40 @@ pub fn http_exchange(
 ) -> HttpReply {
     try_http_exchange(agent, method, url, headers, body).expect("HTTP exchange")
 }
+
+impl Server {
+    /// Every issue of the project (one page of 100, asserted to be all), newest `last_seen` first.
+    pub fn all_issues(&self, project: &Project) -> Vec<Value> {
+        let (status, list) = self.get(
+            &format!("/api/v1/projects/{}/issues?limit=100", project.id),
+            Some(&project.dashboard_key),
+        );
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(
+            list["has_more"], false,
+            "more than one page of issues: {list}"
+        );
+        list["data"].as_array().expect("data array").clone()
+    }
+
+    /// The sum of `event_count` over every issue of the project.
+    pub fn event_total(&self, project: &Project) -> u64 {
+        self.all_issues(project)
+            .iter()
+            .map(|issue| issue["event_count"].as_u64().unwrap())
+            .sum()
+    }
+}
+
+/// Generates `on_sqlite::NAME` and `on_postgres::NAME` tests, each calling `NAME(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[test] fn $name() { super::$name(super::Backend::Sqlite) } )*
+        }
+        mod on_postgres {
+            $( #[test] fn $name() { super::$name(super::Backend::Postgres) } )*
+        }
+    };
+}
