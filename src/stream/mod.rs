@@ -293,7 +293,12 @@ mod tests {
                 environment: None,
             },
         );
-        let payload = &message.frame[2..];
+        let header_len = match message.frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        let payload = &message.frame[header_len..];
         let value: Value = serde_json::from_slice(payload).unwrap();
         assert_eq!(value["data"], json!({"message": "x", "odd": [1]}));
         assert_eq!(value["type"], "event");
