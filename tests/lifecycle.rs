@@ -25,7 +25,12 @@ struct Process {
 impl Process {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
-        command.args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         for (name, _) in std::env::vars() {
             if name.starts_with("MESHER_") {
                 command.env_remove(name);
@@ -35,7 +40,10 @@ impl Process {
         let mut child = command.spawn().expect("start mesher");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, listening) = std::sync::mpsc::channel();
-        for output in [Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>, Box::new(child.stdout.take().unwrap())] {
+        for output in [
+            Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stdout.take().unwrap()),
+        ] {
             let sink = log.clone();
             let tx = tx.clone();
             std::thread::spawn(move || {
@@ -49,7 +57,11 @@ impl Process {
                 }
             });
         }
-        Process { child, log, listening }
+        Process {
+            child,
+            log,
+            listening,
+        }
     }
 
     fn addr(&self) -> SocketAddr {
@@ -78,7 +90,8 @@ impl Process {
 
     fn terminate(&mut self) -> ExitStatus {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        self.wait(Duration::from_secs(30)).expect("exits after SIGTERM")
+        self.wait(Duration::from_secs(30))
+            .expect("exits after SIGTERM")
     }
 }
 
@@ -90,21 +103,34 @@ impl Drop for Process {
 }
 
 fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesher-lifecycle-{}", uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!(
+        "mesher-lifecycle-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
 
 fn serve_args(data_dir: &Path) -> Vec<String> {
-    ["serve", "--listen", "127.0.0.1:0", "--shards", "1", "--data-dir"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([data_dir.display().to_string()])
-        .collect()
+    [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--shards",
+        "1",
+        "--data-dir",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([data_dir.display().to_string()])
+    .collect()
 }
 
 fn create_project_status(addr: SocketAddr, token: &str, name: &str) -> u16 {
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
     let request = ureq::http::Request::builder()
         .method("POST")
         .uri(format!("http://{addr}/api/v1/projects"))
@@ -117,7 +143,9 @@ fn create_project_status(addr: SocketAddr, token: &str, name: &str) -> u16 {
 /// A stream WebSocket opened by hand, so nothing answers the server's close frame.
 fn raw_stream_socket(server: &Server, project: &Project) -> TcpStream {
     let mut stream = server.connect();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     send_raw(
         &mut stream,
         format!(
@@ -134,7 +162,9 @@ fn raw_stream_socket(server: &Server, project: &Project) -> TcpStream {
 fn raw_close_code(stream: &mut TcpStream) -> u16 {
     loop {
         let mut head = [0u8; 2];
-        stream.read_exact(&mut head).expect("a close frame before the end of the stream");
+        stream
+            .read_exact(&mut head)
+            .expect("a close frame before the end of the stream");
         let len = match head[1] & 0x7f {
             126 => {
                 let mut ext = [0u8; 2];
@@ -154,7 +184,10 @@ fn raw_close_code(stream: &mut TcpStream) -> u16 {
             assert!(payload.len() >= 2);
             let mut rest = [0u8; 1];
             let end = stream.read(&mut rest);
-            assert!(matches!(end, Ok(0)) || end.is_err_and(|e| e.kind() == ErrorKind::ConnectionReset), "end after close");
+            assert!(
+                matches!(end, Ok(0)) || end.is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
+                "end after close"
+            );
             return u16::from_be_bytes([payload[0], payload[1]]);
         }
     }
@@ -177,18 +210,31 @@ fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
     let mut server = Server::start();
     let project = server.project("Shutdown");
     let mut streams: Vec<Ws> = (0..3).map(|_| server.subscribe(&project).0).collect();
-    let mut ingests: Vec<Ws> =
-        (0..2).map(|_| server.ws(&format!("/ingest?key={}", project.ingest_key)).unwrap()).collect();
+    let mut ingests: Vec<Ws> = (0..2)
+        .map(|_| {
+            server
+                .ws(&format!("/ingest?key={}", project.ingest_key))
+                .unwrap()
+        })
+        .collect();
     for ingest in &mut ingests {
-        ingest.send(Message::text(r#"{"message":"before shutdown"}"#)).unwrap();
+        ingest
+            .send(Message::text(r#"{"message":"before shutdown"}"#))
+            .unwrap();
         match ingest.read().unwrap() {
-            Message::Text(text) => assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["status"], "accepted"),
+            Message::Text(text) => assert_eq!(
+                serde_json::from_str::<Value>(&text).unwrap()["status"],
+                "accepted"
+            ),
             other => panic!("{other:?}"),
         }
     }
     let mut raw = raw_stream_socket(&server, &project);
     let mut idle_http = server.connect();
-    send_raw(&mut idle_http, b"GET /health HTTP/1.1\r\nHost: mesher\r\n\r\n");
+    send_raw(
+        &mut idle_http,
+        b"GET /health HTTP/1.1\r\nHost: mesher\r\n\r\n",
+    );
     assert_eq!(read_response(&mut idle_http).map(|r| r.0), Some(200));
 
     server.signal(libc::SIGTERM);
@@ -198,9 +244,16 @@ fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
     // A client that never answers the close still gets it, then the end of the stream.
     assert_eq!(raw_close_code(&mut raw), 1001);
     let mut byte = [0u8; 1];
-    idle_http.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    assert!(matches!(idle_http.read(&mut byte), Ok(0)), "idle keep-alive connection closed");
-    let status = server.wait(Duration::from_secs(30)).expect("exits after SIGTERM");
+    idle_http
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert!(
+        matches!(idle_http.read(&mut byte), Ok(0)),
+        "idle keep-alive connection closed"
+    );
+    let status = server
+        .wait(Duration::from_secs(30))
+        .expect("exits after SIGTERM");
     assert!(status.success(), "exit status {status:?}: {}", server.log());
 }
 
@@ -214,23 +267,38 @@ fn accepted_events_survive_sigterm(backend: Backend) {
     let mut expected = [0u64; GROUPS];
     for i in 0..20 {
         let group = i % GROUPS;
-        let (status, body) = server.event(&project.ingest_key, &json!({"message": format!("http {i}"), "fingerprint": format!("group-{group}")}));
+        let (status, body) = server.event(
+            &project.ingest_key,
+            &json!({"message": format!("http {i}"), "fingerprint": format!("group-{group}")}),
+        );
         assert_eq!(status, 202, "{body}");
         expected[group] += 1;
     }
+    // A one-element array fingerprint joins to the same string: the same four issues.
     let bulk: Vec<Value> =
         (0..10).map(|i| json!({"message": format!("bulk {i}"), "fingerprint": [format!("group-{}", i % GROUPS)]})).collect();
     for i in 0..10 {
-        expected[i % GROUPS] += 0;
+        expected[i % GROUPS] += 1;
     }
-    let (status, body) = server.post("/api/v1/events/bulk", Some(&project.ingest_key), &Value::Array(bulk));
+    let (status, body) = server.post(
+        "/api/v1/events/bulk",
+        Some(&project.ingest_key),
+        &Value::Array(bulk),
+    );
     assert_eq!(status, 202, "{body}");
-    // An array fingerprint joins with "\n": its own groups.
-    let mut ws = server.ws(&format!("/ingest?key={}", project.ingest_key)).unwrap();
+    let mut ws = server
+        .ws(&format!("/ingest?key={}", project.ingest_key))
+        .unwrap();
     for i in 0..5 {
-        ws.send(Message::text(json!({"message": format!("socket {i}"), "fingerprint": "group-0"}).to_string())).unwrap();
+        ws.send(Message::text(
+            json!({"message": format!("socket {i}"), "fingerprint": "group-0"}).to_string(),
+        ))
+        .unwrap();
         match ws.read().unwrap() {
-            Message::Text(text) => assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["status"], "accepted"),
+            Message::Text(text) => assert_eq!(
+                serde_json::from_str::<Value>(&text).unwrap()["status"],
+                "accepted"
+            ),
             other => panic!("{other:?}"),
         }
         expected[0] += 1;
@@ -238,30 +306,44 @@ fn accepted_events_survive_sigterm(backend: Backend) {
     drop(ws);
     let server = server.restart();
 
-    let (status, list) = server.get(&format!("/api/v1/projects/{}/issues?limit=100", project.id), Some(&project.dashboard_key));
+    let (status, list) = server.get(
+        &format!("/api/v1/projects/{}/issues?limit=100", project.id),
+        Some(&project.dashboard_key),
+    );
     assert_eq!(status, 200, "{list}");
     let issues = list["data"].as_array().unwrap();
-    // Four fingerprints from HTTP and the socket; the bulk array fingerprints are the same strings
-    // (a one-element array joins to itself), so they land in the same four issues.
     assert_eq!(issues.len(), GROUPS, "{list}");
-    for i in 0..10 {
-        expected[i % GROUPS] += 1;
-    }
-    let total: u64 = issues.iter().map(|issue| issue["event_count"].as_u64().unwrap()).sum();
+    let total: u64 = issues
+        .iter()
+        .map(|issue| issue["event_count"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 35, "{list}");
-    let mut counts: Vec<u64> = issues.iter().map(|issue| issue["event_count"].as_u64().unwrap()).collect();
+    let mut counts: Vec<u64> = issues
+        .iter()
+        .map(|issue| issue["event_count"].as_u64().unwrap())
+        .collect();
     counts.sort_unstable();
     let mut wanted = expected.to_vec();
     wanted.sort_unstable();
     assert_eq!(counts, wanted, "{list}");
     // The events themselves were stored, not just the counts.
-    let biggest = issues.iter().max_by_key(|issue| issue["event_count"].as_u64()).unwrap();
+    let biggest = issues
+        .iter()
+        .max_by_key(|issue| issue["event_count"].as_u64())
+        .unwrap();
     let (status, events) = server.get(
-        &format!("/api/v1/issues/{}/events?limit=100", biggest["id"].as_str().unwrap()),
+        &format!(
+            "/api/v1/issues/{}/events?limit=100",
+            biggest["id"].as_str().unwrap()
+        ),
         Some(&project.dashboard_key),
     );
     assert_eq!(status, 200, "{events}");
-    assert_eq!(events["data"].as_array().map(|d| d.len() as u64), biggest["event_count"].as_u64(), "{events}");
+    assert_eq!(
+        events["data"].as_array().map(|d| d.len() as u64),
+        biggest["event_count"].as_u64(),
+        "{events}"
+    );
     // The stream's issue count agrees after the restart.
     let (_ws, first) = server.subscribe(&project);
     assert_eq!(first["count"], GROUPS as u64);
@@ -280,7 +362,10 @@ fn accepted_events_survive_sigterm_postgres() {
 #[test]
 fn help_mentions_every_flag() {
     let run = |args: &[&str]| {
-        let output = Command::new(env!("CARGO_BIN_EXE_mesher")).args(args).output().expect("run mesher");
+        let output = Command::new(env!("CARGO_BIN_EXE_mesher"))
+            .args(args)
+            .output()
+            .expect("run mesher");
         assert!(output.status.success(), "{args:?}");
         String::from_utf8(output.stdout).unwrap()
     };
@@ -305,7 +390,10 @@ fn help_mentions_every_flag() {
         "batch-events",
         "queue-events",
     ] {
-        assert!(serve.contains(&format!("--{flag}")), "--{flag} in:\n{serve}");
+        assert!(
+            serve.contains(&format!("--{flag}")),
+            "--{flag} in:\n{serve}"
+        );
         let variable = format!("MESHER_{}", flag.to_ascii_uppercase().replace('-', "_"));
         assert!(serve.contains(&variable), "{variable} in:\n{serve}");
     }
@@ -318,16 +406,40 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
     let taken_addr = taken.local_addr().unwrap().to_string();
     let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, Vec<&str>)> = vec![
         (vec!["--shards", "abc"], vec![], vec!["--shards", "abc"]),
-        (vec!["--listen", "nowhere"], vec![], vec!["--listen", "nowhere"]),
-        (vec!["--ack", "sometimes"], vec![], vec!["--ack", "sometimes"]),
-        (vec!["--request-timeout", "0"], vec![], vec!["--request-timeout", "0"]),
+        (
+            vec!["--listen", "nowhere"],
+            vec![],
+            vec!["--listen", "nowhere"],
+        ),
+        (
+            vec!["--ack", "sometimes"],
+            vec![],
+            vec!["--ack", "sometimes"],
+        ),
+        (
+            vec!["--request-timeout", "0"],
+            vec![],
+            vec!["--request-timeout", "0"],
+        ),
         (vec!["--stream-buffer", "-5"], vec![], vec!["-5"]),
-        (vec!["--queue-events", "0"], vec![], vec!["--queue-events", "0"]),
-        (vec!["--batch-events", "0"], vec![], vec!["--batch-events", "0"]),
+        (
+            vec!["--queue-events", "0"],
+            vec![],
+            vec!["--queue-events", "0"],
+        ),
+        (
+            vec!["--batch-events", "0"],
+            vec![],
+            vec!["--batch-events", "0"],
+        ),
         (vec!["--no-such-flag"], vec![], vec!["--no-such-flag"]),
         (vec![], vec![("MESHER_SHARDS", "many")], vec!["many"]),
         (vec!["--listen", &taken_addr], vec![], vec![&taken_addr]),
-        (vec!["--database-url", "postgres://nobody@127.0.0.1:1/none"], vec![], vec!["storage"]),
+        (
+            vec!["--database-url", "postgres://nobody@127.0.0.1:1/none"],
+            vec![],
+            vec!["storage"],
+        ),
     ];
     let base = serve_args(&data_dir);
     for (extra, env, mentions) in cases {
@@ -343,9 +455,15 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
         let status = status.unwrap_or_else(|| panic!("{extra:?} {env:?}: still running:\n{log}"));
         assert!(!status.success(), "{extra:?} {env:?}: exit {status:?}");
         for text in mentions {
-            assert!(log.contains(text), "{extra:?} {env:?}: message names {text:?}:\n{log}");
+            assert!(
+                log.contains(text),
+                "{extra:?} {env:?}: message names {text:?}:\n{log}"
+            );
         }
-        assert!(!log.contains("panicked"), "{extra:?}: a message, not a panic:\n{log}");
+        assert!(
+            !log.contains("panicked"),
+            "{extra:?}: a message, not a panic:\n{log}"
+        );
     }
     drop(taken);
     let _ = std::fs::remove_dir_all(&data_dir);
@@ -359,10 +477,15 @@ fn admin_token_is_generated_once_and_stored_in_the_data_dir() {
 
     let mut first = Process::spawn(&args, &[]);
     let addr = first.addr();
-    let token = std::fs::read_to_string(data_dir.join("admin-token")).expect("admin-token in the data dir");
+    let token =
+        std::fs::read_to_string(data_dir.join("admin-token")).expect("admin-token in the data dir");
     let token = token.trim().to_string();
     assert!(token.len() >= 32, "a long random token: {token:?}");
-    assert!(first.log().contains(&token), "printed at first start:\n{}", first.log());
+    assert!(
+        first.log().contains(&token),
+        "printed at first start:\n{}",
+        first.log()
+    );
     assert_eq!(create_project_status(addr, &token, "First"), 201);
     assert_eq!(create_project_status(addr, "wrong-token", "Nope"), 401);
     assert!(first.terminate().success());
@@ -370,7 +493,12 @@ fn admin_token_is_generated_once_and_stored_in_the_data_dir() {
     // The second start reads the same token.
     let mut second = Process::spawn(&args, &[]);
     let addr = second.addr();
-    assert_eq!(std::fs::read_to_string(data_dir.join("admin-token")).unwrap().trim(), token);
+    assert_eq!(
+        std::fs::read_to_string(data_dir.join("admin-token"))
+            .unwrap()
+            .trim(),
+        token
+    );
     assert_eq!(create_project_status(addr, &token, "Second"), 201);
     assert!(second.terminate().success());
 
@@ -380,7 +508,10 @@ fn admin_token_is_generated_once_and_stored_in_the_data_dir() {
     let other_args: Vec<&str> = other_args.iter().map(String::as_str).collect();
     let mut other = Process::spawn(&other_args, &[]);
     let addr = other.addr();
-    let other_token = std::fs::read_to_string(other_dir.join("admin-token")).unwrap().trim().to_string();
+    let other_token = std::fs::read_to_string(other_dir.join("admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
     assert_ne!(other_token, token);
     assert_eq!(create_project_status(addr, &token, "Foreign"), 401);
     assert!(other.terminate().success());
@@ -402,9 +533,18 @@ fn flags_can_come_from_the_environment() {
         ],
     );
     let addr = process.addr();
-    assert_eq!(create_project_status(addr, "from-the-environment", "Env"), 201);
-    assert!(data_dir.join("mesher.sqlite3").exists() || std::fs::read_dir(&data_dir).unwrap().next().is_some());
-    assert!(!data_dir.join("admin-token").exists(), "a given token is not generated");
+    assert_eq!(
+        create_project_status(addr, "from-the-environment", "Env"),
+        201
+    );
+    assert!(
+        data_dir.join("mesher.sqlite3").exists()
+            || std::fs::read_dir(&data_dir).unwrap().next().is_some()
+    );
+    assert!(
+        !data_dir.join("admin-token").exists(),
+        "a given token is not generated"
+    );
     assert!(process.terminate().success());
     let _ = std::fs::remove_dir_all(&data_dir);
 }

@@ -12,7 +12,7 @@ use super::{ask, now_us, refusal};
 use crate::auth::presented_key;
 use crate::http::parse::Head;
 use crate::http::response::Response;
-use crate::ingest::event::{parse_bulk, parse_event, parse_frame, Event};
+use crate::ingest::{decode_bulk, decode_event, decode_frame, Incoming};
 use crate::metrics::Rejection;
 use crate::shard::mesh::{owner_of, EventOutcome, IngestReply, ShardMsg};
 use crate::shard::Shard;
@@ -21,7 +21,7 @@ use crate::store::Scope;
 /// Seconds a client is told to wait when storage is behind.
 const OVERLOADED_RETRY_AFTER_S: u64 = 1;
 
-pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: &mut [u8]) -> Response {
+pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: Vec<u8>) -> Response {
     let key = presented_key(head);
     let authorized = shard
         .directory
@@ -35,9 +35,9 @@ pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: &mut 
         }
     };
     let events = if bulk {
-        parse_bulk(body)
+        decode_bulk(body)
     } else {
-        parse_event(body).map(|event| vec![event])
+        decode_event(body).map(|event| vec![event])
     };
     match events {
         Ok(events) => submit(shard, project_id, events, bulk).await,
@@ -49,10 +49,9 @@ pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: &mut 
 }
 
 /// One text frame of an ingest socket (an event or an array of events); returns the reply body.
-pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, mut text: Vec<u8>) -> Vec<u8> {
-    let is_array = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    match parse_frame(&mut text) {
-        Ok(events) => submit(shard, project_id, events, is_array).await.body,
+pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, text: Vec<u8>) -> Vec<u8> {
+    match decode_frame(text) {
+        Ok((events, is_array)) => submit(shard, project_id, events, is_array).await.body,
         Err(error) => {
             shard.counters.rejected(Rejection::Invalid, 1);
             Response::error(400, &error.to_string()).body
@@ -60,7 +59,7 @@ pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, mut text: Vec<u8>
     }
 }
 
-async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Event>, bulk: bool) -> Response {
+async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Incoming>, bulk: bool) -> Response {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let owner = owner_of(&project_id, shard.shard_count());
     shard.mesh.send(

@@ -31,12 +31,7 @@ pub enum Handled {
     Upgrade(Role, String),
 }
 
-pub async fn handle(
-    shard: &Rc<Shard>,
-    head: &Head,
-    route: Route<'_>,
-    mut body: Vec<u8>,
-) -> Handled {
+pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<u8>) -> Handled {
     let response = match route {
         Route::Health => health(shard),
         Route::Metrics => {
@@ -59,7 +54,7 @@ pub async fn handle(
             Ok(()) => admin::handle(shard, route, &body).await,
         },
         Route::Event | Route::Bulk => {
-            ingest::handle_http(shard, head, route == Route::Bulk, &mut body).await
+            ingest::handle_http(shard, head, route == Route::Bulk, body).await
         }
         Route::ListIssues(project) => issues::list(shard, head, project).await,
         Route::GetIssue(id) => issues::get(shard, head, id).await,

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::conn::registry::ConnId;
 use crate::http::response::Response;
-use crate::ingest::event::Event;
 use crate::ingest::event::Level;
+use crate::ingest::Incoming;
 use crate::issues::{Cursor, Status};
 use crate::metrics::ShardMetrics;
 use crate::store::{KeyRow, ProjectRow};
@@ -78,7 +78,7 @@ pub enum ShardMsg {
     /// Events of a project this shard owns, already validated by the accepting shard.
     Ingest {
         project_id: Uuid,
-        events: Vec<Event>,
+        events: Vec<Incoming>,
         received_us: i64,
         reply: Reply<IngestReply>,
     },

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::mesh::{EventOutcome, IngestReply, IssuePage, ListQuery, Reply, ShardMsg};
 use super::Shard;
 use crate::config::AckMode;
-use crate::ingest::event::Event;
+use crate::ingest::Incoming;
 use crate::issues::{Cursor, Grouped, ProjectState, Status};
 use crate::metrics::Rejection;
 use crate::store::{Change, EventRow};
@@ -122,7 +122,7 @@ impl Shard {
     fn ingest(
         self: &Rc<Self>,
         project_id: Uuid,
-        events: Vec<Event>,
+        events: Vec<Incoming>,
         received_us: i64,
         reply: Reply<IngestReply>,
     ) {
@@ -149,8 +149,11 @@ impl Shard {
             return;
         }
         let mut outcomes = Vec::with_capacity(events.len());
-        let mut changes = Vec::with_capacity(events.len() * 2);
-        let mut items = Vec::with_capacity(events.len() * 2);
+        let mut event_rows = Vec::with_capacity(events.len());
+        let mut touched: Vec<Uuid> = Vec::new();
+        // Stream messages are built only when someone watches the project.
+        let watched = state.subscribers_by_shard.iter().any(|n| *n > 0);
+        let mut items = Vec::new();
         for event in events {
             if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
                 self.counters.rejected(Rejection::Sampled, 1);
@@ -170,45 +173,58 @@ impl Shard {
                 event.level,
                 received_us,
             );
-            let attributes = Attributes {
-                level: event.level,
-                environment: event.environment.as_deref().map(Arc::from),
-            };
-            match grouped {
-                Grouped::Created => items.push(stream::issue_opened_message(
-                    "created",
-                    &issue.view(),
-                    attributes.clone(),
-                )),
-                Grouped::Regressed => items.push(stream::issue_opened_message(
-                    "regressed",
-                    &issue.view(),
-                    attributes.clone(),
-                )),
-                Grouped::Counted | Grouped::Discarded => {}
-            }
             let event_id = Uuid::now_v7();
             let issue_id = issue.id;
-            let mut json = Vec::with_capacity(512);
-            event.write_json(&mut json);
-            items.push(stream::event_message(event_id, issue_id, &json, attributes));
-            changes.push(Change::Issue(issue.row()));
-            changes.push(Change::Event(EventRow {
+            if !touched.contains(&issue_id) {
+                touched.push(issue_id);
+            }
+            if watched {
+                let attributes = Attributes {
+                    level: event.level,
+                    environment: event.environment.as_deref().map(Arc::from),
+                };
+                let action = match grouped {
+                    Grouped::Created => Some("created"),
+                    Grouped::Regressed => Some("regressed"),
+                    Grouped::Counted | Grouped::Discarded => None,
+                };
+                if let Some(action) = action {
+                    items.push(stream::issue_opened_message(
+                        action,
+                        &issue.view(),
+                        attributes.clone(),
+                    ));
+                }
+                items.push(stream::event_message(
+                    event_id,
+                    issue_id,
+                    &event.json,
+                    attributes,
+                ));
+                if state.unresolved_count() != count_before {
+                    items.push(stream::issue_count_message(
+                        project_id,
+                        state.unresolved_count(),
+                    ));
+                }
+            }
+            event_rows.push(Change::Event(EventRow {
                 id: event_id,
                 project_id,
                 issue_id,
                 level: event.level.as_str().to_string(),
                 received_at_us: received_us,
-                payload: String::from_utf8(json).expect("event JSON is UTF-8"),
+                payload: String::from_utf8(event.json).expect("event JSON was validated as UTF-8"),
             }));
-            if state.unresolved_count() != count_before {
-                items.push(stream::issue_count_message(
-                    project_id,
-                    state.unresolved_count(),
-                ));
-            }
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }
+        // One row per issue touched, ahead of the events that point at it.
+        let mut changes: Vec<Change> = touched
+            .iter()
+            .filter_map(|id| state.issue(id))
+            .map(|issue| Change::Issue(issue.row()))
+            .collect();
+        changes.append(&mut event_rows);
         let accepted = outcomes
             .iter()
             .filter(|o| matches!(o, EventOutcome::Accepted { .. }))

@@ -514,6 +514,39 @@ impl StoreReader {
         }
     }
 
+    /// Stored events per issue id (hyphenated UUID text).
+    pub fn events_by_issue(&mut self) -> std::collections::HashMap<String, u64> {
+        match self {
+            StoreReader::Sqlite(connection) => {
+                let mut statement = connection
+                    .prepare("SELECT issue_id, count(*) FROM events GROUP BY issue_id")
+                    .unwrap();
+                let rows = statement
+                    .query_map([], |row| {
+                        Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, i64>(1)?))
+                    })
+                    .unwrap()
+                    .map(|row| {
+                        let (id, count) = row.unwrap();
+                        (
+                            uuid::Uuid::from_slice(&id).unwrap().to_string(),
+                            count as u64,
+                        )
+                    });
+                rows.collect()
+            }
+            StoreReader::Postgres(client) => client
+                .query(
+                    "SELECT issue_id::text, count(*) FROM events GROUP BY issue_id",
+                    &[],
+                )
+                .unwrap()
+                .iter()
+                .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1) as u64))
+                .collect(),
+        }
+    }
+
     /// Stored events (rows, duplicates included).
     pub fn event_rows(&mut self) -> u64 {
         match self {
@@ -554,9 +587,12 @@ impl Server {
         Server::spawn(data_dir, url, args, "127.0.0.1:0".parse().unwrap())
     }
 
-    /// SIGKILL (a crash), then starts again on the same store with the same flags.
+    /// SIGKILL (a crash) unless it has already exited, then starts again on the same store with
+    /// the same flags.
     pub fn kill_and_restart(mut self) -> Server {
-        self.signal(libc::SIGKILL);
+        if self.child.try_wait().unwrap().is_none() {
+            self.signal(libc::SIGKILL);
+        }
         self.wait(Duration::from_secs(30))
             .expect("server dies on SIGKILL");
         let data_dir = self.data_dir.clone();
