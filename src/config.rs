@@ -98,11 +98,11 @@ pub struct Config {
     pub flush_interval_ms: u64,
 
     /// Events per storage transaction at most.
-    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = 2000)]
+    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_events: usize,
 
     /// Events that may wait for storage before ingest answers 503.
-    #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = 100_000)]
+    #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = 100_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub queue_events: usize,
 }
 

@@ -39,7 +39,14 @@ fn ingest_url(server: &Server) -> String {
 fn send(agent: &ureq::Agent, url: &str, key: &str, event: &Value) -> Option<(u16, Value)> {
     let auth = format!("Bearer {key}");
     let body = event.to_string();
-    let reply = try_http_exchange(agent, "POST", url, &[("authorization", &auth)], Some(body.as_bytes())).ok()?;
+    let reply = try_http_exchange(
+        agent,
+        "POST",
+        url,
+        &[("authorization", &auth)],
+        Some(body.as_bytes()),
+    )
+    .ok()?;
     Some((reply.status, reply.json()))
 }
 
@@ -55,8 +62,8 @@ fn every_accepted_event_is_stored_at_sigterm(backend: Backend) {
             std::thread::spawn(move || {
                 let agent = http_agent();
                 let mut ids = Vec::new();
-                // Half single events, half one bulk request per thread.
-                let bulk_events = per_thread / 2;
+                // Single events, then one full bulk request.
+                let bulk_events = 100;
                 for i in 0..per_thread - bulk_events {
                     let event = json!({"message": format!("flush {}", i % LOAD_ISSUES), "extra": {"thread": thread, "i": i}});
                     let (status, body) = send(&agent, &url, &key, &event).expect("server answers");
@@ -75,12 +82,23 @@ fn every_accepted_event_is_stored_at_sigterm(backend: Backend) {
             })
         })
         .collect();
-    let accepted: HashSet<String> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
-    assert_eq!(accepted.len(), EVENTS_BEFORE_SIGTERM, "event ids are unique");
+    let accepted: HashSet<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(
+        accepted.len(),
+        EVENTS_BEFORE_SIGTERM,
+        "event ids are unique"
+    );
 
     assert!(server.terminate().success(), "clean exit: {}", server.log());
     let mut store = server.store_reader();
-    assert_eq!(store.event_rows(), EVENTS_BEFORE_SIGTERM as u64, "exactly the accepted events, once each");
+    assert_eq!(
+        store.event_rows(),
+        EVENTS_BEFORE_SIGTERM as u64,
+        "exactly the accepted events, once each"
+    );
     assert_eq!(store.event_ids(), accepted);
 }
 
@@ -102,7 +120,12 @@ fn durable_acks_survive_a_crash_under_load(backend: Backend) {
                 while !stop.load(Ordering::Relaxed) {
                     let message = format!("crash {}", (i + thread) % LOAD_ISSUES);
                     i += 1;
-                    match send(&agent, &url, &key, &json!({"message": message, "extra": {"thread": thread, "i": i}})) {
+                    match send(
+                        &agent,
+                        &url,
+                        &key,
+                        &json!({"message": message, "extra": {"thread": thread, "i": i}}),
+                    ) {
                         Some((202, body)) => {
                             acked.push((
                                 body["event_id"].as_str().unwrap().to_string(),
@@ -127,34 +150,71 @@ fn durable_acks_survive_a_crash_under_load(backend: Backend) {
     }
     server.signal(libc::SIGKILL);
     stop.store(true, Ordering::Relaxed);
-    let acked: Vec<(String, String, String)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let acked: Vec<(String, String, String)> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     assert!(acked.len() >= ACKED_BEFORE_KILL);
 
     let server = server.kill_and_restart();
     let mut store = server.store_reader();
     let stored = store.event_ids();
-    let lost: Vec<&String> = acked.iter().map(|(id, _, _)| id).filter(|id| !stored.contains(*id)).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged events lost: {:?}", lost.len(), acked.len(), &lost[..lost.len().min(5)]);
-    assert_eq!(store.event_rows(), stored.len() as u64, "no event stored twice");
+    let lost: Vec<&String> = acked
+        .iter()
+        .map(|(id, _, _)| id)
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged events lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(5)]
+    );
+    assert_eq!(
+        store.event_rows(),
+        stored.len() as u64,
+        "no event stored twice"
+    );
 
     // Grouping and counts continue: each issue's count is what the store holds for it.
-    let issue_of_message: BTreeMap<&str, &str> = acked.iter().map(|(_, issue, message)| (message.as_str(), issue.as_str())).collect();
+    let issue_of_message: BTreeMap<&str, &str> = acked
+        .iter()
+        .map(|(_, issue, message)| (message.as_str(), issue.as_str()))
+        .collect();
     for (_, issue, message) in &acked {
-        assert_eq!(issue_of_message[message.as_str()], issue, "one issue per message");
+        assert_eq!(
+            issue_of_message[message.as_str()],
+            issue,
+            "one issue per message"
+        );
     }
     let by_issue = store.events_by_issue();
     let issues = server.all_issues(&project);
     assert_eq!(issues.len(), issue_of_message.len());
     for issue in &issues {
         let id = issue["id"].as_str().unwrap();
-        assert_eq!(issue["event_count"].as_u64(), by_issue.get(id).copied(), "issue {id}: count and stored events agree");
+        assert_eq!(
+            issue["event_count"].as_u64(),
+            by_issue.get(id).copied(),
+            "issue {id}: count and stored events agree"
+        );
     }
     for (message, issue_id) in &issue_of_message {
-        let before = issues.iter().find(|i| i["id"] == *issue_id).unwrap()["event_count"].as_u64().unwrap();
+        let before = issues.iter().find(|i| i["id"] == *issue_id).unwrap()["event_count"]
+            .as_u64()
+            .unwrap();
         let (status, body) = server.event(&project.ingest_key, &json!({"message": message}));
         assert_eq!(status, 202, "{body}");
-        assert_eq!(body["issue_id"].as_str(), Some(*issue_id), "{message} lands in its issue after the crash");
-        let (_, issue) = server.get(&format!("/api/v1/issues/{issue_id}"), Some(&project.dashboard_key));
+        assert_eq!(
+            body["issue_id"].as_str(),
+            Some(*issue_id),
+            "{message} lands in its issue after the crash"
+        );
+        let (_, issue) = server.get(
+            &format!("/api/v1/issues/{issue_id}"),
+            Some(&project.dashboard_key),
+        );
         assert_eq!(issue["event_count"].as_u64(), Some(before + 1));
     }
 }
@@ -167,48 +227,101 @@ fn restart_keeps_grouping_status_keys_and_settings(backend: Backend) {
     let mut ids = BTreeMap::new();
     for (message, times) in events {
         for _ in 0..times {
-            let (status, body) = server.event(&project.ingest_key, &json!({"message": format!("message {message}"), "level": "warning"}));
+            let (status, body) = server.event(
+                &project.ingest_key,
+                &json!({"message": format!("message {message}"), "level": "warning"}),
+            );
             assert_eq!(status, 202, "{body}");
             ids.insert(message, body["issue_id"].as_str().unwrap().to_string());
         }
     }
     for (message, verb) in [("b", "resolve"), ("c", "archive"), ("d", "discard")] {
-        let (status, _) = server.post(&format!("/api/v1/issues/{}/{verb}", ids[message]), Some(&project.dashboard_key), &json!({}));
+        let (status, _) = server.post(
+            &format!("/api/v1/issues/{}/{verb}", ids[message]),
+            Some(&project.dashboard_key),
+            &json!({}),
+        );
         assert_eq!(status, 200);
     }
-    let (status, key) = server.post(&format!("/api/v1/projects/{}/keys", project.slug), Some(ADMIN_TOKEN), &json!({"scope": "ingest"}));
+    let (status, key) = server.post(
+        &format!("/api/v1/projects/{}/keys", project.slug),
+        Some(ADMIN_TOKEN),
+        &json!({"scope": "ingest"}),
+    );
     assert_eq!(status, 201);
-    let (status, _) = server.post(&format!("/api/v1/keys/{}/revoke", key["id"].as_str().unwrap()), Some(ADMIN_TOKEN), &json!({}));
+    let (status, _) = server.post(
+        &format!("/api/v1/keys/{}/revoke", key["id"].as_str().unwrap()),
+        Some(ADMIN_TOKEN),
+        &json!({}),
+    );
     assert_eq!(status, 200);
-    let (status, _) = server.patch(&format!("/api/v1/projects/{}", sampled.slug), Some(ADMIN_TOKEN), &json!({"sample_rate": 0}));
+    let (status, _) = server.patch(
+        &format!("/api/v1/projects/{}", sampled.slug),
+        Some(ADMIN_TOKEN),
+        &json!({"sample_rate": 0}),
+    );
     assert_eq!(status, 200);
     let before = server.all_issues(&project);
 
     let server = server.restart();
-    assert_eq!(server.all_issues(&project), before, "issues unchanged by a restart");
-    let (status, _) = server.event(key["key"].as_str().unwrap(), &json!({"message": "revoked key"}));
+    assert_eq!(
+        server.all_issues(&project),
+        before,
+        "issues unchanged by a restart"
+    );
+    let (status, _) = server.event(
+        key["key"].as_str().unwrap(),
+        &json!({"message": "revoked key"}),
+    );
     assert_eq!(status, 401, "a revoked key stays revoked");
     let (status, body) = server.event(&sampled.ingest_key, &json!({"message": "sampled"}));
-    assert_eq!((status, body), (202, json!({"status": "sampled"})), "settings survive");
+    assert_eq!(
+        (status, body),
+        (202, json!({"status": "sampled"})),
+        "settings survive"
+    );
 
-    let expected = [("a", "unresolved", 4), ("b", "unresolved", 3), ("c", "archived", 2), ("d", "discarded", 1)];
+    let expected = [
+        ("a", "unresolved", 4),
+        ("b", "unresolved", 3),
+        ("c", "archived", 2),
+        ("d", "discarded", 1),
+    ];
     for (message, status_after, count_after) in expected {
-        let (status, body) = server.event(&project.ingest_key, &json!({"message": format!("MESSAGE {message}"), "level": "fatal"}));
+        let (status, body) = server.event(
+            &project.ingest_key,
+            &json!({"message": format!("MESSAGE {message}"), "level": "fatal"}),
+        );
         assert_eq!(status, 202, "{body}");
         if message == "d" {
             assert_eq!(body, json!({"status": "discarded"}));
         } else {
-            assert_eq!(body["issue_id"].as_str(), Some(ids[message].as_str()), "same issue after a restart");
+            assert_eq!(
+                body["issue_id"].as_str(),
+                Some(ids[message].as_str()),
+                "same issue after a restart"
+            );
         }
-        let (_, issue) = server.get(&format!("/api/v1/issues/{}", ids[message]), Some(&project.dashboard_key));
-        assert_eq!((issue["status"].as_str(), issue["event_count"].as_u64()), (Some(status_after), Some(count_after)), "{message}");
+        let (_, issue) = server.get(
+            &format!("/api/v1/issues/{}", ids[message]),
+            Some(&project.dashboard_key),
+        );
+        assert_eq!(
+            (issue["status"].as_str(), issue["event_count"].as_u64()),
+            (Some(status_after), Some(count_after)),
+            "{message}"
+        );
         assert_eq!(issue["level"], "warning", "the first event's level");
         let old = before.iter().find(|i| i["id"] == issue["id"]).unwrap();
         assert_eq!(issue["first_seen"], old["first_seen"]);
     }
     let after = server.all_issues(&project);
     let server = server.restart();
-    assert_eq!(server.all_issues(&project), after, "a second restart changes nothing");
+    assert_eq!(
+        server.all_issues(&project),
+        after,
+        "a second restart changes nothing"
+    );
     assert_eq!(server.store_reader().event_rows(), 4 + 3 + 2 + 1);
 }
 
@@ -226,7 +339,7 @@ struct ThrowawayCluster {
 }
 
 impl ThrowawayCluster {
-    fn start() -> ThrowawayCluster {
+    fn create() -> ThrowawayCluster {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-postgres.sh");
         let mut holder = Command::new("bash")
             .arg(script)
@@ -247,7 +360,9 @@ impl ThrowawayCluster {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(120)).unwrap_or_default();
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_default();
         let parts: Vec<&str> = line.split_whitespace().collect();
         let mut cluster = ThrowawayCluster {
             holder,
@@ -257,11 +372,24 @@ impl ThrowawayCluster {
             bin_dir: String::new(),
             port: 0,
         };
-        assert_eq!(parts.len(), 3, "scripts/test-postgres.sh did not provide a throwaway cluster: {line:?}");
+        assert_eq!(
+            parts.len(),
+            3,
+            "scripts/test-postgres.sh did not provide a throwaway cluster: {line:?}"
+        );
         cluster.url = parts[0].to_string();
         cluster.dir = parts[1].to_string();
         cluster.bin_dir = parts[2].to_string();
-        cluster.port = cluster.url.rsplit_once(':').unwrap().1.split('/').next().unwrap().parse().unwrap();
+        cluster.port = cluster
+            .url
+            .rsplit_once(':')
+            .unwrap()
+            .1
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         cluster
     }
 
@@ -276,15 +404,20 @@ impl ThrowawayCluster {
             Command::new(&pg_ctl)
         };
         let data = format!("{}/data", self.dir);
-        let status = command.args(["-D", &data]).args(args).stdout(Stdio::null()).status().expect("run pg_ctl");
+        let status = command
+            .args(["-D", &data])
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl");
         assert!(status.success(), "pg_ctl {args:?} failed");
     }
 
-    fn stop(&self) {
+    fn stop_server(&self) {
         self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 
-    fn start(&self) {
+    fn start_server(&self) {
         let log = format!("{}/server.log", self.dir);
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200",
@@ -311,8 +444,11 @@ impl Drop for ThrowawayCluster {
 
 #[test]
 fn postgres_restart_mid_load_loses_no_acknowledged_event() {
-    let cluster = ThrowawayCluster::start();
-    let mut server = Server::start_on_database(&cluster.url, &["--queue-events", "30", "--flush-interval-ms", "10"]);
+    let cluster = ThrowawayCluster::create();
+    let mut server = Server::start_on_database(
+        &cluster.url,
+        &["--queue-events", "30", "--flush-interval-ms", "10"],
+    );
     let project = server.project("Database Restart");
     let agent = http_agent();
     let url = ingest_url(&server);
@@ -322,22 +458,29 @@ fn postgres_restart_mid_load_loses_no_acknowledged_event() {
         sequence += 1;
         json!({"message": format!("restart {}", sequence % LOAD_ISSUES), "extra": {"n": sequence}})
     };
-    let health = |agent: &ureq::Agent| http_exchange(agent, "GET", &server.url("/health"), &[], None);
+    let health =
+        |agent: &ureq::Agent| http_exchange(agent, "GET", &server.url("/health"), &[], None);
 
     for _ in 0..20 {
-        let (status, body) = send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
+        let (status, body) =
+            send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
         assert_eq!(status, 202, "{body}");
         accepted.insert(body["event_id"].as_str().unwrap().to_string());
     }
     assert_eq!(health(&agent).status, 200);
 
-    cluster.stop();
+    cluster.stop_server();
+    let accepted_before_outage = accepted.len();
     let mut ingest_refused = false;
     let mut health_down = false;
     let deadline = Instant::now() + WAIT_LIMIT;
     while !(ingest_refused && health_down) {
-        assert!(Instant::now() < deadline, "no 503 while the database was down (ingest {ingest_refused}, health {health_down})");
-        let (status, body) = send(&agent, &url, &project.ingest_key, &next_event()).expect("the server answers while the database is down");
+        assert!(
+            Instant::now() < deadline,
+            "no 503 while the database was down (ingest {ingest_refused}, health {health_down})"
+        );
+        let (status, body) = send(&agent, &url, &project.ingest_key, &next_event())
+            .expect("the server answers while the database is down");
         match status {
             202 => assert!(accepted.insert(body["event_id"].as_str().unwrap().to_string())),
             503 => {
@@ -354,12 +497,21 @@ fn postgres_restart_mid_load_loses_no_acknowledged_event() {
         std::thread::sleep(Duration::from_millis(10));
     }
 
+    assert!(
+        accepted.len() > accepted_before_outage,
+        "the queue took events while the database was down"
+    );
+
     // The server recovers by itself once the database is back.
-    cluster.start();
+    cluster.start_server();
     let deadline = Instant::now() + WAIT_LIMIT;
     loop {
-        assert!(Instant::now() < deadline, "ingest did not recover after the database came back");
-        let (status, body) = send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
+        assert!(
+            Instant::now() < deadline,
+            "ingest did not recover after the database came back"
+        );
+        let (status, body) =
+            send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
         if status == 202 {
             accepted.insert(body["event_id"].as_str().unwrap().to_string());
             if health(&agent).status == 200 {
@@ -371,7 +523,8 @@ fn postgres_restart_mid_load_loses_no_acknowledged_event() {
         std::thread::sleep(Duration::from_millis(100));
     }
     for _ in 0..20 {
-        let (status, body) = send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
+        let (status, body) =
+            send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
         assert_eq!(status, 202, "{body}");
         accepted.insert(body["event_id"].as_str().unwrap().to_string());
     }
@@ -379,6 +532,10 @@ fn postgres_restart_mid_load_loses_no_acknowledged_event() {
 
     assert!(server.terminate().success(), "clean exit: {}", server.log());
     let mut store = server.store_reader();
-    assert_eq!(store.event_ids(), accepted, "every acknowledged event is stored, and only those");
+    assert_eq!(
+        store.event_ids(),
+        accepted,
+        "every acknowledged event is stored, and only those"
+    );
     assert_eq!(store.event_rows(), accepted.len() as u64, "none twice");
 }

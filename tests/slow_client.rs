@@ -209,8 +209,10 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
         Backend::Sqlite,
         &[
             "--stream-buffer",
-            "60000",
+            "100",
             "--stall-timeout",
+            "600",
+            "--ping-interval",
             "600",
             "--batch-events",
             "100",

@@ -205,8 +205,13 @@ impl Plan {
             FilterMode::Half => vec!["error", "warning", "info"],
             FilterMode::All => vec!["error", "warning"],
         };
-        let connections = cli.connections.unwrap_or(connections);
+        let mut connections = cli.connections.unwrap_or(connections);
         let inflight = cli.inflight.unwrap_or(window * connections);
+        if cli.target == TargetKind::Sockudo && inflight > connections {
+            // Sockudo closes its HTTP API connection after every reply, so a pipelined request
+            // would be lost: each request in flight needs its own connection.
+            connections = inflight;
+        }
         Plan {
             scenario: cli.scenario,
             target: cli.target,

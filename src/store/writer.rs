@@ -364,6 +364,8 @@ struct Pending {
     parts: Vec<Part>,
     events: usize,
     oldest_at: Option<Instant>,
+    /// Some submission's sender waits for the commit.
+    awaited: bool,
 }
 
 /// One submission inside a pending batch: `changes[previous part's end..end]`.
@@ -384,6 +386,7 @@ impl Pending {
             self.changes.extend(changes);
         }
         self.events += events;
+        self.awaited |= ack.is_some();
         self.parts.push(Part {
             end: self.changes.len(),
             events,
@@ -428,12 +431,28 @@ impl Writer {
                 .recv_timeout(wake_at.saturating_duration_since(now))
             {
                 Ok(Command::Shutdown) => break,
-                Ok(command) => self.handle(command),
+                Ok(command) => {
+                    self.handle(command);
+                    // Take everything already queued, so one commit serves all of it.
+                    let mut shutdown = false;
+                    while let Ok(command) = self.commands.try_recv() {
+                        if matches!(command, Command::Shutdown) {
+                            shutdown = true;
+                            break;
+                        }
+                        self.handle(command);
+                    }
+                    if shutdown {
+                        break;
+                    }
+                }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             let now = Instant::now();
-            if self.flush_due_at().is_some_and(|flush_at| now >= flush_at) {
+            // Someone waits on a commit (`--ack durable`, a management change): commit now, and
+            // whatever arrives meanwhile joins the next one (group commit).
+            if self.pending.awaited || self.flush_due_at().is_some_and(|flush_at| now >= flush_at) {
                 self.flush();
             }
             if now >= self.next_maintain_at {
@@ -462,12 +481,17 @@ impl Writer {
                 events,
                 ack,
             } => {
+                // A waited-for change without events (a project, a key, a revocation) is
+                // committed at once: a request is blocked on it and a revocation must reach
+                // every shard within a second, whatever the flush interval.
+                let awaited_without_events = ack.is_some() && events == 0;
                 self.pending.push(changes, events, ack);
                 let changes_max = self
                     .config
                     .batch_events_max
                     .saturating_mul(BATCH_CHANGES_PER_EVENT_MAX);
-                if self.pending.events >= self.config.batch_events_max
+                if awaited_without_events
+                    || self.pending.events >= self.config.batch_events_max
                     || self.pending.changes.len() >= changes_max
                 {
                     self.flush();
@@ -742,12 +766,27 @@ mod tests {
         };
         let (store, batches) = recording_store(config);
         let started = Instant::now();
-        let (ack, receiver) = oneshot::channel();
-        store.try_submit(one_event(), Some(ack)).unwrap();
-        wait(receiver).unwrap();
+        store.try_submit(one_event(), None).unwrap();
+        while batches.lock().unwrap().is_empty() && started.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let elapsed = started.elapsed();
         assert!(elapsed >= Duration::from_millis(30), "{elapsed:?}");
         assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+        assert_eq!(*batches.lock().unwrap(), [1]);
+        store.shutdown();
+    }
+
+    #[test]
+    fn an_awaited_submission_is_committed_without_waiting_for_the_interval() {
+        let config = WriterConfig {
+            flush_interval_ms: 60_000,
+            ..WriterConfig::default()
+        };
+        let (store, batches) = recording_store(config);
+        let (ack, receiver) = oneshot::channel();
+        store.try_submit(one_event(), Some(ack)).unwrap();
+        wait(receiver).unwrap();
         assert_eq!(*batches.lock().unwrap(), [1]);
         store.shutdown();
     }
@@ -763,10 +802,10 @@ mod tests {
         store.submit(one_event(), None);
         let (ack, receiver) = oneshot::channel();
         store.submit(Vec::new(), Some(ack));
-        // Nothing closes the batch but the interval, a read or shutdown: shut down.
-        store.shutdown();
+        // Awaited and without events: committed at once, with what was waiting before it.
         wait(receiver).unwrap();
         assert_eq!(*batches.lock().unwrap(), [2]);
+        store.shutdown();
     }
 
     #[test]
