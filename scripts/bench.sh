@@ -276,7 +276,7 @@ quick_args() {
     case "$1" in
     fanout) echo "--subscribers 200 --duration 2" ;;
     rooms) echo "--projects 50 --subscribers 500 --duration 2" ;;
-    slow) echo "--subscribers 200 --slow-secs 2 --duration 3" ;;
+    slow) echo "--subscribers 200 --slow-secs 3 --duration 4 --event-bytes 2048" ;;
     filters) echo "--subscribers 200 --duration 2" ;;
     ingest) echo "--connections 16 --duration 2" ;;
     e2e) echo "--subscribers 200 --rate 500 --duration 2" ;;

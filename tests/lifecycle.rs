@@ -183,7 +183,9 @@ fn raw_close_code(stream: &mut TcpStream) -> u16 {
         if head[0] & 0x0f == 0x8 {
             assert!(payload.len() >= 2);
             let mut rest = [0u8; 1];
+            let t = Instant::now();
             let end = stream.read(&mut rest);
+            eprintln!("EOF after {:?}: {end:?}", t.elapsed());
             assert!(
                 matches!(end, Ok(0)) || end.is_err_and(|e| e.kind() == ErrorKind::ConnectionReset),
                 "end after close"
@@ -238,11 +240,13 @@ fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
     assert_eq!(read_response(&mut idle_http).map(|r| r.0), Some(200));
 
     server.signal(libc::SIGTERM);
+    let t0 = Instant::now();
     for ws in streams.iter_mut().chain(ingests.iter_mut()) {
         assert_eq!(close_code(ws), u16::from(CloseCode::Away));
     }
     // A client that never answers the close still gets it, then the end of the stream.
     assert_eq!(raw_close_code(&mut raw), 1001);
+    eprintln!("raw closed at {:?}", t0.elapsed());
     let mut byte = [0u8; 1];
     idle_http
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -251,9 +255,12 @@ fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
         matches!(idle_http.read(&mut byte), Ok(0)),
         "idle keep-alive connection closed"
     );
+    eprintln!("before wait");
+    let t = Instant::now();
     let status = server
         .wait(Duration::from_secs(30))
         .expect("exits after SIGTERM");
+    eprintln!("exit after {:?}", t.elapsed());
     assert!(status.success(), "exit status {status:?}: {}", server.log());
 }
 
