@@ -8,7 +8,8 @@
 # runs the load pinned to CPU 1, stops the server by pid, and prints a markdown table for PERF.md
 # (the median run of each cell by work per server CPU-second, and the mesher/peer ratio).
 # --quick runs every scenario small (all of them in about two minutes). BENCH_RESULTS=DIR keeps
-# the raw JSON results; BENCH_PORT_BASE moves the ports (base .. base+3).
+# the raw JSON results; BENCH_PORT_BASE moves the ports (base .. base+3); MESHER_BIN runs that
+# server binary instead of building one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -129,8 +130,10 @@ cd "$ROOT"
 log "building mesher-load"
 cargo build --release -p mesher-load >&2
 LOAD="$ROOT/target/release/mesher-load"
-MESHER="$ROOT/target/release/mesher"
-if has_target mesher; then
+MESHER="${MESHER_BIN:-$ROOT/target/release/mesher}"
+if has_target mesher && [ -n "${MESHER_BIN:-}" ]; then
+    log "mesher: using MESHER_BIN=$MESHER_BIN (not building)"
+elif has_target mesher; then
     log "building mesher"
     if ! cargo build --release -p mesher >&2; then
         log "mesher: build failed; skipping the mesher target"

@@ -431,6 +431,7 @@ fn spawn_subscribers(
         handshakes: Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT)),
         source_addrs: cli.source_addrs.clone(),
         ports: subscriber::PortPlan::new(&cli.source_addrs),
+        publishing: std::sync::atomic::AtomicBool::new(false),
         read_buffer_bytes,
         slow_secs: plan.slow_secs,
     });
@@ -565,6 +566,7 @@ async fn run_traffic(
         READ_BUFFER_BYTES,
     );
     wait_ready(cli, plan, &counters).await;
+    subs.ctx.publishing.store(true, Ordering::SeqCst);
     if plan.subscribers > 0 && counters.ready.load(Ordering::Relaxed) == 0 {
         let (outcomes, _) = collect_subscribers(subs).await;
         let why = outcomes

@@ -2,7 +2,7 @@
 //! parses frame headers and scans messages by substring.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -263,6 +263,8 @@ pub struct SubContext {
     pub handshakes: Arc<Semaphore>,
     pub source_addrs: Vec<IpAddr>,
     pub ports: PortPlan,
+    /// Set when the publishers start; later subscribers do not take part.
+    pub publishing: AtomicBool,
     pub read_buffer_bytes: usize,
     pub slow_secs: f64,
 }
@@ -335,9 +337,13 @@ pub async fn run_subscriber(
         ..SubOutcome::default()
     };
     let mut reader = FrameReader::with_capacity(ctx.read_buffer_bytes);
-    let setup = {
+    let setup = async {
         let _permit = ctx.handshakes.acquire().await;
         tokio::time::timeout(SUBSCRIBE_TIMEOUT, set_up(&ctx, spec, &mut reader)).await
+    };
+    let setup = tokio::select! {
+        setup = setup => setup,
+        _ = &mut stop => Ok(Err("stopped before it was ready".to_string())),
     };
     let mut stream = match setup {
         Ok(Ok(stream)) => stream,
@@ -352,13 +358,21 @@ pub async fn run_subscriber(
             return outcome;
         }
     };
-    outcome.ready = true;
     let per_project = if spec.filtered {
         &ctx.ready.filtered
     } else {
         &ctx.ready.unfiltered
     };
-    per_project[spec.project].fetch_add(1, Ordering::Relaxed);
+    // Counted first, then checked: a subscriber counted before the publishers start was
+    // subscribed before the first event, so it is owed every event of its project.
+    per_project[spec.project].fetch_add(1, Ordering::SeqCst);
+    if ctx.publishing.load(Ordering::SeqCst) {
+        per_project[spec.project].fetch_sub(1, Ordering::SeqCst);
+        ctx.counters.setup_failed.fetch_add(1, Ordering::Relaxed);
+        outcome.ended = Some("subscribed only after publishing started".into());
+        return outcome;
+    }
+    outcome.ready = true;
     ctx.counters.ready.fetch_add(1, Ordering::Relaxed);
 
     if spec.slow {

@@ -220,11 +220,16 @@ impl Shard {
     }
 
     /// Queues a frame on a WebSocket connection and wakes its writer; false if the ring refused it.
+    /// Once the close frame is queued nothing more may follow it (RFC 6455 section 5.5.1), so a
+    /// later frame is discarded.
     pub fn enqueue(&self, id: ConnId, frame: Bytes, kind: Kind) -> bool {
         let mut conns = self.conns.borrow_mut();
         let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
             return false;
         };
+        if socket.closing {
+            return true;
+        }
         match socket.ring.push(frame, kind) {
             Push::Overflow => false,
             outcome => {
@@ -272,6 +277,10 @@ impl Shard {
             let Some(sub) = &socket.subscription else {
                 continue;
             };
+            if socket.closing {
+                // Its close frame is queued: nothing may follow it.
+                continue;
+            }
             let outcome = deliver_to(&mut socket.ring, &sub.filters, items);
             if outcome.dropped > 0 {
                 self.counters

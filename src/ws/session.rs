@@ -8,7 +8,9 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::codec::{encode_close, encode_pong, encode_text, Decoder, Message, MESSAGE_BYTES_MAX};
+use super::codec::{
+    encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_GOING_AWAY, MESSAGE_BYTES_MAX,
+};
 use crate::api::{ingest_frame, Role};
 use crate::conn::registry::ConnId;
 use crate::conn::ring::{Kind, Ring};
@@ -64,6 +66,15 @@ pub async fn run(
         entry.timer.replace(ping)
     };
     shard.cancel(old_timer);
+    if shard.draining.get() {
+        // Shutdown began while the 101 was being written, before this was a socket: it gets
+        // the 1001 every other socket got.
+        shard.close_socket(
+            id,
+            Bytes::from(encode_close(CLOSE_GOING_AWAY, "server shutting down")),
+            CloseReason::Shutdown,
+        );
+    }
     if let Role::Stream { project_id } = role {
         shard.counters.stream_subscriptions.fetch_add(1, Relaxed);
         let owner = owner_of(&project_id, shard.shard_count());
