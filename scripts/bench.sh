@@ -2,14 +2,16 @@
 # Benchmarks Mesher against its peers (Nchan, Sockudo) on loopback with mesher-load.
 #
 #   scripts/bench.sh [--quick] [--runs N] [--scenarios a,b] [--targets mesher,nchan,sockudo]
+#                    [--load-args "--inflight 8 ..."]
 #
 # Installs what is missing (nginx + nchan from Debian, sockudo from crates.io), builds mesher and
 # mesher-load in release, then for each scenario and target starts a fresh server pinned to CPU 0,
 # runs the load pinned to CPU 1, stops the server by pid, and prints a markdown table for PERF.md
 # (the median run of each cell by work per server CPU-second, and the mesher/peer ratio).
-# --quick runs every scenario small (all of them in about two minutes). BENCH_RESULTS=DIR keeps
-# the raw JSON results; BENCH_PORT_BASE moves the ports (base .. base+3); MESHER_BIN runs that
-# server binary instead of building one.
+# --quick runs every scenario small (all of them in about two minutes); --runs N repeats each
+# cell; --load-args are added to every mesher-load run (they override the scenario's sizes).
+# Environment: BENCH_RESULTS=DIR keeps the raw JSON results, BENCH_PORT_BASE moves the ports
+# (base .. base+3), MESHER_BIN runs that server binary instead of building one.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +19,7 @@ QUICK=0
 RUNS=1
 SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns"
 TARGETS="mesher,nchan,sockudo"
+LOAD_ARGS=""
 PORT_BASE="${BENCH_PORT_BASE:-18080}"
 ADMIN_TOKEN="bench-admin-token"
 APP_ID="bench"
@@ -26,7 +29,7 @@ SERVER_CPU=0
 LOAD_CPU=1
 
 usage() {
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
     --runs) RUNS="$2"; shift ;;
     --scenarios) SCENARIOS="$2"; shift ;;
     --targets) TARGETS="$2"; shift ;;
+    --load-args) LOAD_ARGS="$2"; shift ;;
     -h | --help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -303,6 +307,7 @@ for scenario in "${scenario_list[@]}"; do
             fi
             extra=""
             [ "$QUICK" = 1 ] && extra="$(quick_args "$scenario")"
+            extra="$extra $LOAD_ARGS"
             # shellcheck disable=SC2086
             if ! "${PIN_LOAD[@]}" "$LOAD" "$scenario" --target "$target" --url "$SERVER_URL" \
                 --admin-token "$ADMIN_TOKEN" --app-id "$APP_ID" --app-key "$APP_KEY" \
@@ -343,7 +348,7 @@ for name in sorted(os.listdir(results_dir)):
 
 def key_figure(row):
     if row["scenario"] == "conns":
-        return row.get("upgrades_per_s") or 0
+        return row.get("upgrades_per_server_cpu_s") or row.get("upgrades_per_s") or 0
     return row.get("deliveries_per_server_cpu_s") or row.get("deliveries_per_s") or 0
 
 def median_row(rows):
@@ -372,6 +377,7 @@ for scenario in scenarios:
         rss = r.get("rss_peak_kib") or r.get("rss_kib")
         if scenario == "conns":
             notes = (f"{fmt(r.get('upgrades_per_s'))} upgrades/s, "
+                     f"{fmt(r.get('upgrades_per_server_cpu_s'))} per server CPU-s, "
                      f"{fmt(r.get('rss_per_conn_bytes'))} B/conn, idle CPU {fmt(r.get('idle_cpu_pct'), 2)}%")
             print(f"| {scenario} | {target} | {len(rows)} | {r.get('subscribers_ready')} conns | - | - | {ratio} "
                   f"| - | - | - | - | - | - | {fmt((rss or 0) / 1024, 1)} | {r.get('errors')} | {notes} |")
@@ -381,8 +387,8 @@ for scenario in scenarios:
             notes.append(f"offered {fmt(r['rate_offered'])}/s")
         if r.get("segs_per_delivery") is not None:
             notes.append(f"{r['segs_per_delivery']:.2f} segs/delivery")
-        if r.get("client_cpu_s") is not None:
-            notes.append(f"client CPU {r['client_cpu_s']:.1f}s")
+        if r.get("client_cpu_s") is not None and r.get("duration"):
+            notes.append(f"client CPU {100 * r['client_cpu_s'] / r['duration']:.0f}%")
         if scenario == "slow":
             notes.append(f"slow p99 {fmt(r.get('slow_p99_us'))} µs, slow ended {r.get('slow_ended')}, "
                          f"markers {r.get('dropped_markers')}")

@@ -98,7 +98,9 @@ impl Scenario {
 #[derive(Parser, Debug)]
 #[command(
     name = "mesher-load",
-    about = "Load generator for Mesher and its peers (Nchan, Sockudo)"
+    about = "Load generator for Mesher and its peers (Nchan, Sockudo)",
+    // A later value wins, so scripts can append overrides to a scenario's arguments.
+    args_override_self = true
 )]
 struct Cli {
     scenario: Scenario,
@@ -603,6 +605,7 @@ async fn run_traffic(
                     index,
                     window,
                     rate_per_s: rate_per_conn,
+                    phase: 1.0 - index as f64 / plan.connections as f64,
                     start_us,
                     end_us,
                     reply_deadline_us: end_us + (PUBLISH_REPLY_WAIT_S * 1e6) as u64,
@@ -926,6 +929,26 @@ mod tests {
         assert_eq!(filtered, 500);
         let rooms = plan(&["rooms"]);
         assert_eq!(rooms.sub_spec(1234).project, 234);
+    }
+
+    #[test]
+    fn later_arguments_override_earlier_ones() {
+        let p = plan(&["fanout", "--subscribers", "10", "--subscribers", "20"]);
+        assert_eq!(p.subscribers, 20);
+    }
+
+    #[test]
+    fn sockudo_gets_a_connection_per_request_in_flight() {
+        let p = plan(&[
+            "ingest",
+            "--target",
+            "sockudo",
+            "--connections",
+            "2",
+            "--inflight",
+            "8",
+        ]);
+        assert_eq!((p.connections, p.windows()), (8, vec![1; 8]));
     }
 
     #[test]

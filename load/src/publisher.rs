@@ -37,6 +37,10 @@ pub struct PubSpec {
     pub window: usize,
     /// This connection's share of the offered rate; 0 = as fast as replies come back.
     pub rate_per_s: f64,
+    /// Offset in (0, 1] of this connection's pace, in events: connections of one run get
+    /// evenly spread phases so that together they send `rate * duration` events, not one
+    /// extra per connection at the start.
+    pub phase: f64,
     pub start_us: u64,
     /// No request is sent after this.
     pub end_us: u64,
@@ -69,6 +73,16 @@ pub fn event_slot(seq: u64, projects: usize, levels: usize) -> (usize, usize) {
     let project = (seq % projects) as usize;
     let level = ((seq / projects) % levels.max(1) as u64) as usize;
     (project, level)
+}
+
+/// Events a paced connection has owed after `elapsed_us`.
+pub fn events_due(elapsed_us: u64, rate_per_s: f64, phase: f64) -> u64 {
+    (elapsed_us as f64 * rate_per_s / 1e6 + phase) as u64
+}
+
+/// When the `n`th event of a paced connection is due, in µs after the start.
+pub fn due_at_us(n: u64, rate_per_s: f64, phase: f64) -> u64 {
+    ((n as f64 - phase).max(0.0) * 1e6 / rate_per_s).ceil() as u64
 }
 
 pub async fn run_publisher(ctx: Arc<PubContext>, spec: PubSpec) -> PubOutcome {
@@ -117,7 +131,7 @@ pub async fn run_publisher(ctx: Arc<PubContext>, spec: PubSpec) -> PubOutcome {
 
         // Fill the window with what is due.
         let due = if spec.rate_per_s > 0.0 {
-            ((now - spec.start_us) as f64 * spec.rate_per_s / 1e6) as u64 + 1
+            events_due(now - spec.start_us, spec.rate_per_s, spec.phase)
         } else {
             u64::MAX
         };
@@ -157,7 +171,7 @@ pub async fn run_publisher(ctx: Arc<PubContext>, spec: PubSpec) -> PubOutcome {
         let wake_us = if !publishing {
             spec.reply_deadline_us
         } else if spec.rate_per_s > 0.0 && pending.len() < spec.window {
-            let next_due = spec.start_us + (issued as f64 * 1e6 / spec.rate_per_s) as u64;
+            let next_due = spec.start_us + due_at_us(issued + 1, spec.rate_per_s, spec.phase);
             next_due.min(spec.end_us)
         } else {
             spec.end_us
@@ -299,5 +313,37 @@ mod tests {
             ]
         );
         assert_eq!(event_slot(5, 0, 0), (0, 0));
+    }
+
+    #[test]
+    fn paced_connections_together_send_the_offered_rate() {
+        let connections = 64;
+        let rate_per_conn = 500.0 / connections as f64;
+        let total: u64 = (0..connections)
+            .map(|i| {
+                events_due(
+                    2_000_000,
+                    rate_per_conn,
+                    1.0 - i as f64 / connections as f64,
+                )
+            })
+            .sum();
+        assert!((1000..=1001).contains(&total), "{total}");
+        // The first connection sends at once, the others later.
+        assert_eq!(events_due(0, rate_per_conn, 1.0), 1);
+        assert_eq!(events_due(0, rate_per_conn, 0.5), 0);
+    }
+
+    #[test]
+    fn due_time_is_when_the_count_steps_up() {
+        for phase in [1.0, 0.75, 0.1] {
+            for n in 1..50u64 {
+                let at = due_at_us(n, 300.0, phase);
+                assert!(events_due(at, 300.0, phase) >= n, "n {n} phase {phase}");
+                if at > 0 {
+                    assert!(events_due(at - 1, 300.0, phase) < n, "n {n} phase {phase}");
+                }
+            }
+        }
     }
 }

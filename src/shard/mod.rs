@@ -100,6 +100,9 @@ pub struct Shard {
     pub subscribers: RefCell<HashMap<Uuid, Vec<ConnId>>>,
     pub wheel: RefCell<TimerWheel<Timer>>,
     pub draining: Cell<bool>,
+    /// Rows made since the last hand-over to the store: one submission per reactor turn
+    /// instead of one per event (each submission may wake the writer thread).
+    pub store_pending: RefCell<Vec<Change>>,
     drained_reported: Cell<bool>,
     /// Slugs of projects being created (shard 0 only).
     pending_slugs: RefCell<std::collections::HashSet<String>>,
@@ -360,6 +363,14 @@ impl Shard {
         }
     }
 
+    /// Hands the rows gathered this turn to the store writer, in the order they were made.
+    pub fn flush_store(&self) {
+        let changes = std::mem::take(&mut *self.store_pending.borrow_mut());
+        if !changes.is_empty() {
+            self.store.submit(changes, None);
+        }
+    }
+
     /// Runs on shard 0 only, so a slug is checked and taken in one place.
     fn create_project(
         self: &Rc<Self>,
@@ -501,6 +512,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             subscribers: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS)),
             draining: Cell::new(false),
+            store_pending: RefCell::new(Vec::new()),
             drained_reported: Cell::new(false),
             pending_slugs: RefCell::new(Default::default()),
             started: Instant::now(),
@@ -519,7 +531,10 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             let mut handled = 0;
             while let Some(msg) = next.take() {
                 match msg {
-                    ShardMsg::Exit => return,
+                    ShardMsg::Exit => {
+                        shard.flush_store();
+                        return;
+                    }
                     ShardMsg::Drain => {
                         for task in &accept_tasks {
                             task.abort();
@@ -533,6 +548,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
                     next = inbox.try_recv().ok();
                 }
             }
+            shard.flush_store();
         }
     });
     Ok(())

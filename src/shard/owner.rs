@@ -243,6 +243,7 @@ impl Shard {
         // batch each, which `submit` absorbs rather than lose what was grouped and streamed.
         if self.config.ack == AckMode::Durable {
             let (ack, committed) = tokio::sync::oneshot::channel();
+            self.flush_store();
             self.store.submit(changes, Some(ack));
             tokio_uring::spawn(async move {
                 let answer = match committed.await {
@@ -252,7 +253,7 @@ impl Shard {
                 let _ = reply.send(answer);
             });
         } else {
-            self.store.submit(changes, None);
+            self.store_pending.borrow_mut().extend(changes);
             let _ = reply.send(IngestReply::Done(outcomes));
         }
     }
@@ -265,7 +266,9 @@ impl Shard {
         if !changed {
             return Some(false);
         }
-        self.store.submit(vec![Change::Issue(issue.row())], None);
+        self.store_pending
+            .borrow_mut()
+            .push(Change::Issue(issue.row()));
         let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
         if state.unresolved_count() != count_before {
             items.push(stream::issue_count_message(
