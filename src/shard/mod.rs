@@ -35,6 +35,8 @@ use wheel::{TimerKey, TimerWheel};
 pub const TICK_MS: u64 = 50;
 /// Wheel slots: one revolution covers 2^10 x 50 ms = 51 s, longer timers take extra rounds.
 const WHEEL_SLOTS: usize = 1024;
+/// How long a client has to answer our close frame before the socket is shut anyway.
+pub const CLOSE_GRACE_MS: u64 = 2000;
 /// Mesh messages handled in one go before the reactor turns to I/O again.
 const INBOX_BATCH_MAX: usize = 256;
 
@@ -49,6 +51,8 @@ pub enum Timer {
     Ping(ConnId),
     /// The client did not answer the ping.
     Pong(ConnId),
+    /// Our close frame went out and the client has not closed its side in time.
+    CloseGrace(ConnId),
     /// The periodic drain of waiting stream messages.
     Drain,
 }
@@ -437,6 +441,7 @@ impl Shard {
                 Timer::Idle(id) => self.force_close(id, CloseReason::IdleTimeout),
                 Timer::Ping(id) => self.ping(id),
                 Timer::Pong(id) => self.force_close(id, CloseReason::PongTimeout),
+                Timer::CloseGrace(id) => self.force_close(id, CloseReason::Normal),
                 Timer::Drain => self.drain_tick(),
             }
         }

@@ -17,7 +17,7 @@ use crate::conn::ring::{Kind, Ring};
 use crate::http::conn::read_more;
 use crate::metrics::{CloseReason, ConnKind};
 use crate::shard::mesh::{owner_of, ShardMsg};
-use crate::shard::{Shard, Socket, Subscription, Timer};
+use crate::shard::{Shard, Socket, Subscription, Timer, CLOSE_GRACE_MS};
 use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
 
 /// Client messages are small (a subscribe, an event); reads ask for this much at a time so an
@@ -266,6 +266,7 @@ async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: R
         };
         if finished {
             let _ = stream.shutdown(std::net::Shutdown::Write);
+            shard.schedule(CLOSE_GRACE_MS, Timer::CloseGrace(id));
             return;
         }
         if batch.is_empty() {
