@@ -839,3 +839,54 @@ fn stream_refusals_come_before_the_upgrade() {
         ws.close(None).unwrap();
     }
 }
+
+/// Revoking a dashboard key closes the streams opened with it (close 1008) on every shard,
+/// and leaves streams opened with other keys alone.
+#[test]
+fn revoking_a_key_closes_its_open_streams() {
+    let server = Server::start();
+    let project = server.project("Revoked Streams");
+    let (status, key) = server.post(
+        &format!("/api/v1/projects/{}/keys", project.id),
+        Some(ADMIN_TOKEN),
+        &serde_json::json!({"scope": "dashboard"}),
+    );
+    assert_eq!(status, 201, "{key}");
+    let plain = key["key"].as_str().unwrap();
+    let path = format!("/stream/projects/{}?key={plain}", project.id);
+    let mut doomed: Vec<Ws> = (0..6)
+        .map(|_| {
+            let mut ws = server.ws(&path).unwrap();
+            next_json(&mut ws);
+            ws
+        })
+        .collect();
+    let (mut survivor, _) = server.subscribe(&project);
+    let (status, _) = server.post(
+        &format!("/api/v1/keys/{}/revoke", key["id"].as_str().unwrap()),
+        Some(ADMIN_TOKEN),
+        &serde_json::json!({}),
+    );
+    assert_eq!(status, 200);
+    for ws in doomed.iter_mut() {
+        loop {
+            match ws.read() {
+                Ok(tungstenite::Message::Close(Some(frame))) => {
+                    assert_eq!(u16::from(frame.code), 1008);
+                    break;
+                }
+                Ok(tungstenite::Message::Text(_)) | Ok(tungstenite::Message::Ping(_)) => continue,
+                other => panic!("expected close 1008, got {other:?}"),
+            }
+        }
+    }
+    let (status, _) = server.event(
+        &project.ingest_key,
+        &serde_json::json!({"message": "still here"}),
+    );
+    assert_eq!(status, 202);
+    assert_eq!(
+        next_of_type(&mut survivor, "event")["data"]["message"],
+        "still here"
+    );
+}

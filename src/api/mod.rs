@@ -27,8 +27,13 @@ pub enum Role {
 
 pub enum Handled {
     Respond(Response),
-    /// Answer 101 with this accept key and run the session.
-    Upgrade(Role, String),
+    /// Answer 101 with this accept key and run the session; `key_id` is the key it opened
+    /// with, so revoking that key closes the session.
+    Upgrade {
+        role: Role,
+        accept: String,
+        key_id: Uuid,
+    },
 }
 
 pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<u8>) -> Handled {
@@ -130,10 +135,7 @@ fn upgrade(
         Ok(id) => id,
         Err(response) => return Handled::Respond(response),
     };
-    match websocket_accept(head) {
-        Ok(accept) => Handled::Upgrade(role(project_id), accept),
-        Err(response) => Handled::Respond(response),
-    }
+    upgraded(shard, head, role(project_id))
 }
 
 fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {
@@ -146,8 +148,25 @@ fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {
         Ok(id) => id,
         Err(refused) => return Handled::Respond(refusal(refused)),
     };
+    upgraded(shard, head, Role::Ingest { project_id })
+}
+
+fn upgraded(shard: &Shard, head: &Head, role: Role) -> Handled {
+    let key = presented_key(head);
+    let Ok(key_id) = shard
+        .directory
+        .borrow()
+        .key(key.as_deref())
+        .map(|entry| entry.id)
+    else {
+        return Handled::Respond(Response::error(401, "unauthorized"));
+    };
     match websocket_accept(head) {
-        Ok(accept) => Handled::Upgrade(Role::Ingest { project_id }, accept),
+        Ok(accept) => Handled::Upgrade {
+            role,
+            accept,
+            key_id,
+        },
         Err(response) => Handled::Respond(response),
     }
 }

@@ -26,15 +26,15 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let stream = Rc::new(stream);
     match serve_requests(&shard, id, &stream).await {
         End::Closed(reason) => shard.unregister(id, reason),
-        End::Upgraded(role, leftover) => {
-            crate::ws::session::run(shard, id, stream, leftover, role).await
+        End::Upgraded(role, key_id, leftover) => {
+            crate::ws::session::run(shard, id, stream, leftover, role, key_id).await
         }
     }
 }
 
 enum End {
     Closed(CloseReason),
-    Upgraded(api::Role, Vec<u8>),
+    Upgraded(api::Role, uuid::Uuid, Vec<u8>),
 }
 
 /// Reads more bytes onto the end of `buf`; Ok(0) at the end of the stream.
@@ -215,7 +215,11 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 }
                 respond(shard, response, keep_alive, &mut out);
             }
-            Handled::Upgrade(role, accept) => {
+            Handled::Upgrade {
+                role,
+                accept,
+                key_id,
+            } => {
                 shard.counters.responded(101);
                 out.extend_from_slice(
                     format!(
@@ -226,7 +230,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if !write(stream, &mut out).await {
                     return End::Closed(CloseReason::IoError);
                 }
-                return End::Upgraded(role, buf);
+                return End::Upgraded(role, key_id, buf);
             }
         }
         set_busy(shard, id, false);

@@ -66,6 +66,8 @@ pub struct Socket {
     pub closing: bool,
     pub last_progress_tick: u64,
     pub pong_timer: Option<TimerKey>,
+    /// The key the session opened with.
+    pub key_id: Uuid,
     /// For stream subscribers: the project and filters.
     pub subscription: Option<Subscription>,
 }
@@ -346,6 +348,9 @@ impl Shard {
             }
             ShardMsg::Key(row, ack) => {
                 self.directory.borrow_mut().apply_key(&row);
+                if row.revoked {
+                    self.close_sessions_of_key(row.id);
+                }
                 if let Some(ack) = ack {
                     let _ = ack.send(());
                 }
@@ -372,6 +377,21 @@ impl Shard {
         let changes = std::mem::take(&mut *self.store_pending.borrow_mut());
         if !changes.is_empty() {
             self.store.submit(changes, None);
+        }
+    }
+
+    /// A revoked key stops working everywhere, open WebSockets included (close 1008).
+    fn close_sessions_of_key(&self, key_id: Uuid) {
+        let sessions: Vec<ConnId> = self
+            .conns
+            .borrow()
+            .iter()
+            .filter(|(_, e)| e.socket.as_ref().is_some_and(|s| s.key_id == key_id))
+            .map(|(id, _)| id)
+            .collect();
+        for id in sessions {
+            let frame = crate::ws::codec::encode_close(1008, "key revoked");
+            self.close_socket(id, frame.into(), CloseReason::Normal);
         }
     }
 

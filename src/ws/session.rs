@@ -32,6 +32,7 @@ pub async fn run(
     stream: Rc<TcpStream>,
     leftover: Vec<u8>,
     role: Role,
+    key_id: uuid::Uuid,
 ) {
     let wake = Rc::new(Notify::new());
     let kind = match role {
@@ -54,6 +55,7 @@ pub async fn run(
             closing: false,
             last_progress_tick: shard.now_tick(),
             pong_timer: None,
+            key_id,
             subscription: match role {
                 Role::Stream { project_id } => Some(Subscription {
                     project_id,
