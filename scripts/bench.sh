@@ -11,7 +11,9 @@
 # --quick runs every scenario small (all of them in about two minutes); --runs N repeats each
 # cell; --load-args are added to every mesher-load run (they override the scenario's sizes).
 # Environment: BENCH_RESULTS=DIR keeps the raw JSON results, BENCH_PORT_BASE moves the ports
-# (base .. base+3), MESHER_BIN runs that server binary instead of building one.
+# (base .. base+3), MESHER_BIN runs that server binary instead of building one, MESHER_ARGS adds
+# server flags (e.g. "--stall-timeout 120 --pong-timeout 120" so that the slow scenario's
+# clients outlive their 60 s pause instead of being disconnected at 30 s, as by default).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +31,7 @@ SERVER_CPU=0
 LOAD_CPU=1
 
 usage() {
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -170,8 +172,9 @@ start_mesher() {
     local port="$PORT_BASE" dir="$WORK/mesher"
     rm -rf "$dir"
     mkdir -p "$dir"
+    # shellcheck disable=SC2086 # MESHER_ARGS is split into flags on purpose
     "${PIN_SERVER[@]}" "$MESHER" serve --listen "127.0.0.1:$port" --shards 1 --data-dir "$dir/data" \
-        --admin-token "$ADMIN_TOKEN" >"$dir/server.log" 2>&1 &
+        --admin-token "$ADMIN_TOKEN" ${MESHER_ARGS:-} >"$dir/server.log" 2>&1 &
     local pid=$!
     SERVER_PIDS+=("$pid")
     wait_port "$port" "$pid" || { tail -20 "$dir/server.log" >&2; return 1; }

@@ -295,7 +295,7 @@ mod tests {
         assert_eq!(merged.len(), 120);
         assert_eq!(merged.min(), 1);
         let (p50, p99, p999) = percentiles_us(&merged);
-        assert!(p50 >= 100 && p50 <= 101, "{p50}");
+        assert!((100..=101).contains(&p50), "{p50}");
         assert!(p99 >= 200 && p999 >= p99);
         assert_eq!(percentiles_us(&new_histogram()), (0, 0, 0));
     }
