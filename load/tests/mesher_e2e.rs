@@ -1,9 +1,9 @@
 //! Runs every scenario of mesher-load, small, against a real Mesher server and checks that the
 //! counts add up (every published event received or reported dropped, no wrong filter match).
 //!
-//! It needs a built server binary, so it is ignored by default:
-//! `cargo build --release -p mesher && cargo test --release -p mesher-load -- --ignored`
-//! (`MESHER_BIN` overrides where the binary is looked for).
+//! It runs the server binary of the workspace's debug build, which `cargo test --workspace`
+//! (scripts/test.sh) builds before any test runs; alone, run `cargo build -p mesher` first.
+//! `MESHER_BIN` overrides where the binary is looked for.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -18,14 +18,16 @@ fn mesher_binary() -> PathBuf {
     if let Ok(path) = std::env::var("MESHER_BIN") {
         return PathBuf::from(path);
     }
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    for profile in ["release", "debug"] {
-        let candidate = workspace.join("target").join(profile).join("mesher");
-        if candidate.exists() {
-            return candidate;
-        }
-    }
-    panic!("no mesher binary: build it with `cargo build --release -p mesher` or set MESHER_BIN");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let candidate = target.join("debug").join("mesher");
+    assert!(
+        candidate.exists(),
+        "no mesher binary at {}: run `cargo build -p mesher` or set MESHER_BIN",
+        candidate.display()
+    );
+    candidate
 }
 
 struct Server {
@@ -123,7 +125,6 @@ fn assert_counts_add_up(result: &serde_json::Value) {
 }
 
 #[test]
-#[ignore = "needs a built mesher binary; see the module doc"]
 fn every_scenario_adds_up_against_mesher() {
     let server = start_server();
 
