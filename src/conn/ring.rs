@@ -7,13 +7,17 @@
 //! see (status changes, replies) are never dropped: if only those fill the ring, the push reports
 //! `Overflow` and the caller disconnects the client.
 //!
-//! Storage is a slot array with a head and a length, allocated on the first push so that idle
-//! connections cost only the struct itself. Push and pop are O(1); dropping an event or replacing
+//! Storage is a slot array with a head and a length, allocated on the first push and grown by
+//! doubling up to `capacity`, so idle connections cost only the struct itself plus a few slots
+//! (a slot holds a shared frame handle, tens of bytes, and 18,000 idle dashboards must fit). Push and pop are O(1); dropping an event or replacing
 //! the count removes from the middle, which shifts the shorter side (O(capacity), capacity ~100).
 
 /// Largest ring a connection may get. A middle removal shifts up to half the ring; beyond this the
 /// drop path stops being cheap, and a client that far behind is better cut by the stall timeout.
 pub const CAPACITY_MAX: usize = 65_536;
+
+/// Slots allocated at the first push; most connections never have more waiting at once.
+const SLOTS_INITIAL: usize = 4;
 
 /// How a waiting message may be treated under backpressure.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -44,7 +48,7 @@ struct Waiting<T> {
 
 /// Bounded FIFO of outgoing items with drop-oldest-event and count conflation.
 pub struct Ring<T> {
-    /// Empty until the first push, then exactly `capacity` slots; `None` outside the waiting range.
+    /// Empty until the first push, then at most `capacity` slots; `None` outside the waiting range.
     slots: Box<[Option<Waiting<T>>]>,
     capacity: usize,
     /// Physical index of the oldest waiting item.
@@ -79,8 +83,8 @@ impl<T> Ring<T> {
 
     /// Queues `item` at the tail, applying count conflation and drop-oldest (see module docs).
     pub fn push(&mut self, item: T, kind: Kind) -> Push {
-        if self.slots.is_empty() {
-            self.slots = (0..self.capacity).map(|_| None).collect();
+        if self.len == self.slots.len() && self.len < self.capacity {
+            self.grow();
         }
         let mut outcome = Push::Queued;
         if kind == Kind::Count && self.count_waiting {
@@ -101,7 +105,7 @@ impl<T> Ring<T> {
             self.dropped_total += 1;
             outcome = Push::DroppedOldest;
         }
-        debug_assert!(self.len < self.capacity);
+        debug_assert!(self.len < self.slots.len());
         let tail = self.physical(self.len);
         debug_assert!(self.slots[tail].is_none());
         self.slots[tail] = Some(Waiting { item, kind });
@@ -163,12 +167,25 @@ impl<T> Ring<T> {
         self.capacity
     }
 
+    /// Doubles the slots (at most to `capacity`), laying the waiting items out from index 0.
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(SLOTS_INITIAL).min(self.capacity);
+        let mut slots: Box<[Option<Waiting<T>>]> = (0..size).map(|_| None).collect();
+        for (logical, slot) in slots.iter_mut().enumerate().take(self.len) {
+            let from = self.physical(logical);
+            *slot = self.slots[from].take();
+        }
+        self.slots = slots;
+        self.head = 0;
+    }
+
     /// Physical slot of the item `logical` places after the head.
     fn physical(&self, logical: usize) -> usize {
-        debug_assert!(logical <= self.capacity);
+        let size = self.slots.len();
+        debug_assert!(logical <= size);
         let index = self.head + logical;
-        if index >= self.capacity {
-            index - self.capacity
+        if index >= size {
+            index - size
         } else {
             index
         }
@@ -236,12 +253,15 @@ impl<T> Ring<T> {
         if self.slots.is_empty() {
             return self.len == 0 && self.events_waiting == 0 && !self.count_waiting;
         }
-        if self.slots.len() != self.capacity || self.head >= self.capacity {
+        if self.slots.len() > self.capacity
+            || self.head >= self.slots.len()
+            || self.len > self.slots.len()
+        {
             return false;
         }
         let mut events = 0;
         let mut counts = 0;
-        for logical in 0..self.capacity {
+        for logical in 0..self.slots.len() {
             match (&self.slots[self.physical(logical)], logical < self.len) {
                 (Some(waiting), true) => match waiting.kind {
                     Kind::Event => events += 1,
@@ -299,7 +319,19 @@ mod tests {
         assert_eq!(ring.pop(), None);
         assert!(ring.slots.is_empty());
         ring.push(1, Kind::Control);
+        assert_eq!(ring.slots.len(), SLOTS_INITIAL);
+        for n in 2..=100 {
+            ring.push(n, Kind::Event);
+        }
+        assert_eq!(
+            ring.slots.len(),
+            100,
+            "grows by doubling, never past capacity"
+        );
+        assert_eq!(ring.push(101, Kind::Event), Push::DroppedOldest);
         assert_eq!(ring.slots.len(), 100);
+        assert_eq!(ring.pop(), Some(1));
+        assert_eq!(ring.pop(), Some(3), "the oldest event made room");
         assert_eq!(ring.capacity(), 100);
     }
 

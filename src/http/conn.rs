@@ -27,7 +27,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     match serve_requests(&shard, id, &stream).await {
         End::Closed(reason) => shard.unregister(id, reason),
         End::Upgraded(role, key_id, leftover) => {
-            crate::ws::session::run(shard, id, stream, leftover, role, key_id).await
+            // A task of its own, so the HTTP state machine's memory goes with this one.
+            tokio_uring::spawn(crate::ws::session::run(
+                shard, id, stream, leftover, role, key_id,
+            ));
         }
     }
 }

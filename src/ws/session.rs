@@ -20,9 +20,13 @@ use crate::shard::mesh::{owner_of, ShardMsg};
 use crate::shard::{Shard, Socket, Subscription, Timer, CLOSE_GRACE_MS};
 use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
 
-/// Client messages are small (a subscribe, an event); reads ask for this much at a time so an
-/// idle connection holds little memory.
-const READ_CHUNK_BYTES: usize = 1024;
+/// Dashboards send small messages (a subscribe); reads ask for this much at a time so an idle
+/// stream holds little memory while its read waits.
+const STREAM_READ_CHUNK_BYTES: usize = 256;
+/// A read buffer grown past this many chunks by one large message is given back once empty.
+const BUFFER_KEPT_CHUNKS_MAX: usize = 16;
+/// Ingest sockets carry whole events, often a few KiB.
+const INGEST_READ_CHUNK_BYTES: usize = 4096;
 /// Frames gathered into one vectored write; well under the kernel's 1024 iovec limit.
 const WRITE_BATCH_MAX: usize = 256;
 
@@ -90,7 +94,7 @@ pub async fn run(
         );
     }
     let writer = tokio_uring::spawn(write_loop(shard.clone(), id, stream.clone(), wake.clone()));
-    let mut buf = Vec::with_capacity(READ_CHUNK_BYTES.max(leftover.len()));
+    let mut buf = Vec::with_capacity(read_chunk_bytes(&role).max(leftover.len()));
     buf.extend_from_slice(&leftover);
     drop(leftover);
     let reason = read_loop(&shard, id, &stream, buf, &role).await;
@@ -167,13 +171,24 @@ async fn read_loop(
             }
         }
         buf.drain(..start);
-        let (result, returned) = read_more(stream, buf, READ_CHUNK_BYTES).await;
+        if buf.is_empty() && buf.capacity() > BUFFER_KEPT_CHUNKS_MAX * read_chunk_bytes(role) {
+            // A large message has passed; an idle connection should not keep its buffer.
+            buf = Vec::with_capacity(read_chunk_bytes(role));
+        }
+        let (result, returned) = read_more(stream, buf, read_chunk_bytes(role)).await;
         buf = returned;
         match result {
             Ok(n) if n > 0 => {}
             Ok(_) => return closed_reason(shard, id).unwrap_or(CloseReason::Normal),
             Err(_) => return closed_reason(shard, id).unwrap_or(CloseReason::IoError),
         }
+    }
+}
+
+fn read_chunk_bytes(role: &Role) -> usize {
+    match role {
+        Role::Stream { .. } => STREAM_READ_CHUNK_BYTES,
+        Role::Ingest { .. } => INGEST_READ_CHUNK_BYTES,
     }
 }
 
