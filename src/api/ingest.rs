@@ -94,9 +94,12 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
             Response::of(202, &json!({ "status": "accepted", "results": results }))
         }
         IngestReply::Done(outcomes) => match outcomes.first() {
-            Some(EventOutcome::Accepted { event_id, issue_id }) => Response::of(
+            // The hot path's answer, written directly: ids are plain hex and dashes.
+            Some(EventOutcome::Accepted { event_id, issue_id }) => Response::json(
                 202,
-                &json!({ "status": "accepted", "event_id": event_id, "issue_id": issue_id }),
+                format!(
+                    r#"{{"status":"accepted","event_id":"{event_id}","issue_id":"{issue_id}"}}"#
+                ),
             ),
             Some(EventOutcome::Sampled) => Response::json(202, r#"{"status":"sampled"}"#),
             Some(EventOutcome::Discarded) => Response::json(202, r#"{"status":"discarded"}"#),

@@ -376,7 +376,7 @@ impl Shard {
     pub fn flush_store(&self) {
         let changes = std::mem::take(&mut *self.store_pending.borrow_mut());
         if !changes.is_empty() {
-            self.store.submit(changes, None);
+            self.store.submit(latest_issue_rows(changes), None);
         }
     }
 
@@ -507,6 +507,27 @@ impl Shard {
         }
         self.schedule(self.config.drain_interval_ms, Timer::Drain);
     }
+}
+
+/// Keeps only the newest row of each issue (rows are full snapshots) and puts the issue rows
+/// ahead of the events, so the writer handles one row per issue per turn, not one per event.
+fn latest_issue_rows(changes: Vec<Change>) -> Vec<Change> {
+    let mut issues: Vec<Change> = Vec::new();
+    let mut rest = Vec::with_capacity(changes.len());
+    for change in changes {
+        match change {
+            Change::Issue(row) => match issues
+                .iter_mut()
+                .find(|c| matches!(c, Change::Issue(r) if r.id == row.id))
+            {
+                Some(slot) => *slot = Change::Issue(row),
+                None => issues.push(Change::Issue(row)),
+            },
+            other => rest.push(other),
+        }
+    }
+    issues.append(&mut rest);
+    issues
 }
 
 /// A server ping frame with an empty payload.

@@ -60,7 +60,8 @@ CREATE TABLE issues (
     UNIQUE (project_id, fingerprint)
 ) STRICT;
 -- No key and no foreign keys on events: every index and check costs each insert, the writer
--- only inserts fresh ids, and reads go by issue or by project and time.
+-- only inserts fresh ids. One index serves reads by issue and, through the project's issues,
+-- retention by project and time.
 CREATE TABLE events (
     id BLOB NOT NULL,
     project_id BLOB NOT NULL,
@@ -70,7 +71,6 @@ CREATE TABLE events (
     payload TEXT NOT NULL
 ) STRICT;
 CREATE INDEX events_issue_id_received_at ON events (issue_id, received_at_us DESC);
-CREATE INDEX events_project_id_received_at ON events (project_id, received_at_us);
 ",
 }];
 
@@ -430,7 +430,7 @@ impl Backend for SqliteBackend {
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
         let count: rusqlite::Result<i64> = match project_id {
             Some(project_id) => self.connection.query_row(
-                "SELECT count(*) FROM events WHERE project_id = ?1",
+                "SELECT count(*) FROM events WHERE issue_id IN (SELECT id FROM issues WHERE project_id = ?1)",
                 [project_id.as_bytes()],
                 |row| row.get(0),
             ),
@@ -465,7 +465,7 @@ impl Backend for SqliteBackend {
             };
             deleted += transaction
                 .execute(
-                    "DELETE FROM events WHERE project_id = ?1 AND received_at_us < ?2",
+                    "DELETE FROM events WHERE issue_id IN (SELECT id FROM issues WHERE project_id = ?1) AND received_at_us < ?2",
                     rusqlite::params![project_id, cutoff_us],
                 )
                 .map_err(|error| sqlite_error(operation, error))?;
