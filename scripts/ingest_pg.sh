@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Sustained ingest into PostgreSQL: mesher on CPU 0 with --database-url, wrk on CPU 1 posting
+# ~1 KiB events over 64 keep-alive connections for SECONDS; then the events committed per
+# second (counted in the database) beside the raw COPY rate of the same rows on the same server.
+#
+# Usage: scripts/ingest_pg.sh [seconds]   (default 60; DATABASE_URL or 127.0.0.1:5432/test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-60}
+base_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+schema="ingest_pg_$$"
+sep='?'; case "$base_url" in *\?*) sep='&' ;; esac
+url="${base_url}${sep}options=-csearch_path%3D${schema}"
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+cargo build --release -q -p mesher --bin mesher --example store_rate
+work=$(mktemp -d)
+pid=""
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  psql "$base_url" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+psql "$base_url" -qc "CREATE SCHEMA $schema"
+events() { psql "$url" -tAc "SELECT count(*) FROM events"; }
+
+taskset -c 0 target/release/mesher serve --listen 127.0.0.1:19050 --shards 1 --data-dir "$work/data" \
+  --admin-token bench --database-url "$url" --queue-events 10000000 2>"$work/mesher.log" &
+pid=$!
+for _ in $(seq 100); do curl -sf http://127.0.0.1:19050/health >/dev/null && break; sleep 0.1; done
+key=$(curl -sf -X POST -H 'authorization: Bearer bench' http://127.0.0.1:19050/api/v1/projects \
+  -d '{"name":"ingest pg"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["ingest_key"])')
+pad=$(head -c 900 /dev/zero | tr '\0' 'x')
+cat > "$work/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["authorization"] = "Bearer $key"
+wrk.headers["content-type"] = "application/json"
+wrk.body = '{"message":"ingest run","level":"error","environment":"bench","tags":{"release":"1.0"},"pad":"$pad"}'
+LUA
+hz=$(getconf CLK_TCK)
+rows_before=$(events)
+cpu_before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+started=$(date +%s.%N)
+taskset -c 1 wrk -t1 -c64 -d"${secs}s" -s "$work/post.lua" http://127.0.0.1:19050/api/v1/events > "$work/wrk.txt"
+cpu_after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+# Everything accepted is committed within the flush interval; wait for the queue to empty.
+for _ in $(seq 100); do
+  depth=$(curl -s http://127.0.0.1:19050/metrics | awk '/^mesher_storage_queue_events/ {print $2}')
+  [ "$depth" = 0 ] && break; sleep 0.1
+done
+ended=$(date +%s.%N)
+rows_after=$(events)
+rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
+non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.txt")
+cpu=$(echo "($cpu_after - $cpu_before) / $hz" | bc -l)
+committed=$(( rows_after - rows_before ))
+echo "| measure | value |"
+echo "|---|---|"
+printf '| accepted events/s (wrk, %ss, 64 connections) | %.0f |\n' "$secs" "$rps"
+printf '| accepted events per server CPU-second | %.0f |\n' "$(echo "$rps * $secs / $cpu" | bc -l)"
+printf '| non-2xx answers | %s |\n' "${non2xx:-0}"
+printf '| events committed (counted in PostgreSQL) | %d |\n' "$committed"
+printf '| events committed per second, sustained | %.0f |\n' "$(echo "$committed / ($ended - $started)" | bc -l)"
+target/release/examples/store_rate --rows 200000 --database-url "$url" | sed -n 's/^| raw COPY/| raw COPY rate of the same rows/p; s/^| postgres store commit/| store backend commit rate of the same rows/p'
