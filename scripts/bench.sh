@@ -403,4 +403,18 @@ for scenario in scenarios:
               f"| {fmt(r.get('deliveries_per_server_cpu_s'))} | {ratio} | {fmt(r.get('p50_us'))} "
               f"| {fmt(r.get('p99_us'))} | {fmt(r.get('p999_us'))} | {fmt(r.get('dropped'))} | {fmt(r.get('wrong'))} "
               f"| {fmt(r.get('missing'))} | {fmt((rss or 0) / 1024, 1)} | {r.get('errors')} | {', '.join(notes)} |")
+
+# The harness must keep proving Mesher's counts: any error, wrong delivery, missing delivery or
+# count violation in a Mesher run, or a scenario with no Mesher result, fails the run.
+failures = []
+for scenario in scenarios:
+    if "mesher" in targets and (scenario, "mesher") not in cells:
+        failures.append(f"{scenario}: no mesher result")
+    for r in cells.get((scenario, "mesher"), []):
+        bad = {k: r.get(k) for k in ("errors", "wrong", "violations", "missing") if r.get(k)}
+        if bad:
+            failures.append(f"{scenario}/mesher: {bad}")
+for failure in failures:
+    print(f"bench: FAILED {failure}", file=sys.stderr)
+sys.exit(1 if failures else 0)
 PY

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: finds (or starts) a PostgreSQL for the tests, then runs every unit,
-# black-box and benchmark-smoke test of the workspace.
+# black-box and benchmark-smoke test of the workspace, then a quick run of the benchmark
+# harness (MESHER_SKIP_BENCH=1 leaves it out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Black-box tests open thousands of sockets: take the hard limit of open files.
@@ -8,4 +9,8 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # shellcheck source=scripts/test-postgres.sh
 source scripts/test-postgres.sh
 echo "tests use PostgreSQL at ${DATABASE_URL}"
+# The benchmark harness keeps working: every scenario, small, against Mesher and both peers.
+if [ "${MESHER_SKIP_BENCH:-0}" != 1 ]; then
+    scripts/bench.sh --quick
+fi
 cargo test --workspace --all-targets "$@"

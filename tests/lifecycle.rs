@@ -161,26 +161,9 @@ fn raw_stream_socket(server: &Server, project: &Project) -> TcpStream {
 /// Reads unmasked server frames up to the close frame; its code, after checking the stream ends.
 fn raw_close_code(stream: &mut TcpStream) -> u16 {
     loop {
-        let mut head = [0u8; 2];
-        stream
-            .read_exact(&mut head)
-            .expect("a close frame before the end of the stream");
-        let len = match head[1] & 0x7f {
-            126 => {
-                let mut ext = [0u8; 2];
-                stream.read_exact(&mut ext).unwrap();
-                u16::from_be_bytes(ext) as usize
-            }
-            127 => {
-                let mut ext = [0u8; 8];
-                stream.read_exact(&mut ext).unwrap();
-                u64::from_be_bytes(ext) as usize
-            }
-            short => short as usize,
-        };
-        let mut payload = vec![0u8; len];
-        stream.read_exact(&mut payload).unwrap();
-        if head[0] & 0x0f == 0x8 {
+        let (first, payload) =
+            read_frame(stream).expect("a close frame before the end of the stream");
+        if first & 0x0f == 0x8 {
             assert!(payload.len() >= 2);
             let mut rest = [0u8; 1];
             let end = stream.read(&mut rest);

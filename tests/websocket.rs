@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read};
+use std::io::ErrorKind;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -78,40 +78,6 @@ fn raw_ws(server: &Server, path: &str) -> TcpStream {
         "{head}"
     );
     stream
-}
-
-/// One server frame: (first byte, payload), or None at the end of the stream.
-fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut head = [0u8; 2];
-    match stream.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset
-            ) =>
-        {
-            return None
-        }
-        Err(e) => panic!("reading a frame: {e}"),
-    }
-    assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
-    let len = match head[1] & 0x7f {
-        126 => {
-            let mut ext = [0u8; 2];
-            stream.read_exact(&mut ext).unwrap();
-            u16::from_be_bytes(ext) as usize
-        }
-        127 => {
-            let mut ext = [0u8; 8];
-            stream.read_exact(&mut ext).unwrap();
-            u64::from_be_bytes(ext) as usize
-        }
-        short => short as usize,
-    };
-    let mut payload = vec![0u8; len];
-    stream.read_exact(&mut payload).unwrap();
-    Some((head[0], payload))
 }
 
 /// Reads past data frames and pings to the close frame; returns its code, then checks that the

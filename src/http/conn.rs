@@ -118,16 +118,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 match parse_head(&buf) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
-                    Err(error) => {
-                        return fail(
-                            shard,
-                            stream,
-                            &mut out,
-                            error_response(&error),
-                            CloseReason::BadRequest,
-                        )
-                        .await
-                    }
+                    Err(error) => return reject(shard, stream, &mut out, &error).await,
                 }
             } else {
                 if !write(stream, &mut out).await {
@@ -156,16 +147,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             .map_or(CONTROL_BODY_BYTES_MAX, |r| r.body_bytes_max());
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
             Ok(decoder) => decoder,
-            Err(error) => {
-                return fail(
-                    shard,
-                    stream,
-                    &mut out,
-                    error_response(&error),
-                    CloseReason::BadRequest,
-                )
-                .await
-            }
+            Err(error) => return reject(shard, stream, &mut out, &error).await,
         };
         if head.expects_continue() && !decoder.is_done() && buf.is_empty() {
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -176,16 +158,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         loop {
             match decoder.feed(&buf) {
                 Ok(consumed) => drop(buf.drain(..consumed)),
-                Err(error) => {
-                    return fail(
-                        shard,
-                        stream,
-                        &mut out,
-                        error_response(&error),
-                        CloseReason::BadRequest,
-                    )
-                    .await
-                }
+                Err(error) => return reject(shard, stream, &mut out, &error).await,
             }
             if decoder.is_done() {
                 break;
@@ -256,8 +229,10 @@ fn respond(shard: &Shard, response: Response, keep_alive: bool, out: &mut Vec<u8
     response.write_to(keep_alive, out);
 }
 
-fn error_response(error: &HttpError) -> Response {
-    Response::error(error.status(), &error.message())
+/// A request the parser refused: its status (400, 413, 431) and the connection closes.
+async fn reject(shard: &Shard, stream: &TcpStream, out: &mut Vec<u8>, error: &HttpError) -> End {
+    let response = Response::error(error.status(), &error.message());
+    fail(shard, stream, out, response, CloseReason::BadRequest).await
 }
 
 /// The read side ended: a timed-out request gets its 408, anything else just closes.
