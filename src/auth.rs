@@ -95,6 +95,10 @@ pub struct Directory {
     slugs: HashMap<String, Uuid>,
     keys_by_hash: HashMap<String, KeyEntry>,
     key_rows: HashMap<Uuid, KeyRow>,
+    /// Hashes of plain keys already seen to be known, so a busy SDK's key is hashed once per
+    /// shard rather than on every request. Only known keys enter, so its size is bounded by the
+    /// number of keys, whatever strangers send.
+    known_hashes: std::cell::RefCell<HashMap<Box<str>, Box<str>>>,
 }
 
 impl Directory {
@@ -150,7 +154,21 @@ impl Directory {
     /// The live key entry for a plain key.
     pub fn key(&self, plain: Option<&str>) -> Result<&KeyEntry, Refusal> {
         let plain = plain.ok_or(Refusal::Unauthorized)?;
-        match self.keys_by_hash.get(&hash_key(plain)) {
+        let memo = self.known_hashes.borrow().get(plain).cloned();
+        let entry = match memo {
+            Some(hash) => self.keys_by_hash.get(&*hash),
+            None => {
+                let hash = hash_key(plain);
+                let entry = self.keys_by_hash.get(&hash);
+                if entry.is_some() {
+                    self.known_hashes
+                        .borrow_mut()
+                        .insert(plain.into(), hash.into());
+                }
+                entry
+            }
+        };
+        match entry {
             Some(entry) if !entry.revoked => Ok(entry),
             _ => Err(Refusal::Unauthorized),
         }
