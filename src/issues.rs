@@ -314,7 +314,7 @@ impl ProjectState {
                     && after(i)
             })
             .collect();
-        found.sort_unstable_by(|a, b| (b.last_seen_us, b.id).cmp(&(a.last_seen_us, a.id)));
+        found.sort_unstable_by_key(|i| std::cmp::Reverse((i.last_seen_us, i.id)));
         let has_more = found.len() > limit;
         found.truncate(limit);
         (found, has_more)

@@ -260,7 +260,8 @@ impl Metrics {
                 self.sum(|m| m.events_rejected[why as usize].load(Relaxed))
             );
         }
-        let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 5] = [
+        type Read = fn(&ShardMetrics) -> u64;
+        let counters: [(&str, &str, Read); 5] = [
             (
                 "mesher_stream_messages_sent_total",
                 "Stream messages written to subscribers.",
@@ -328,7 +329,7 @@ impl Metrics {
                 "mesher_storage_queue_events",
                 "gauge",
                 "Events waiting to be written.",
-                stats.queue_depth_events as u64,
+                stats.queue_depth_events,
             ),
             (
                 "mesher_storage_batches_total",

@@ -399,7 +399,9 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
     let data_dir = temp_dir();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, Vec<&str>)> = vec![
+    // (flags, environment, words the error must name)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (vec!["--shards", "abc"], vec![], vec!["--shards", "abc"]),
         (
             vec!["--listen", "nowhere"],

@@ -131,7 +131,7 @@ impl Shard {
             return;
         };
         let batch = events.len() as u64;
-        if self.store.stats().queue_depth_events as u64 + batch > self.config.queue_events as u64 {
+        if self.store.stats().queue_depth_events + batch > self.config.queue_events as u64 {
             self.counters.rejected(Rejection::Overloaded, batch);
             let _ = reply.send(IngestReply::Overloaded);
             return;
