@@ -1,6 +1,7 @@
 //! A WebSocket connection after the upgrade: a reader task that decodes client frames and a
 //! writer task that sends whatever waits in the connection's ring in one vectored write.
 
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -23,6 +24,9 @@ use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
 /// Dashboards send small messages (a subscribe); reads ask for this much at a time so an idle
 /// stream holds little memory while its read waits.
 const STREAM_READ_CHUNK_BYTES: usize = 256;
+/// Kernel send buffer of a stream socket (the kernel doubles it): room for a few hundred
+/// frames in flight to a healthy dashboard.
+const STREAM_SEND_BUFFER_BYTES: libc::c_int = 128 * 1024;
 /// A read buffer grown past this many chunks by one large message is given back once empty.
 const BUFFER_KEPT_CHUNKS_MAX: usize = 16;
 /// Ingest sockets carry whole events, often a few KiB.
@@ -82,6 +86,7 @@ pub async fn run(
         );
     }
     if let Role::Stream { project_id } = role {
+        limit_send_buffer(&stream);
         shard.counters.stream_subscriptions.fetch_add(1, Relaxed);
         let owner = owner_of(&project_id, shard.shard_count());
         shard.mesh.send(
@@ -182,6 +187,23 @@ async fn read_loop(
             Ok(_) => return closed_reason(shard, id).unwrap_or(CloseReason::Normal),
             Err(_) => return closed_reason(shard, id).unwrap_or(CloseReason::IoError),
         }
+    }
+}
+
+/// A stalled subscriber's backlog belongs in its ring, where old events are dropped and counted,
+/// not in megabytes of kernel buffer that the kernel would otherwise grow for it (and that
+/// deliver stale events first when it reads again).
+fn limit_send_buffer(stream: &TcpStream) {
+    let bytes: libc::c_int = STREAM_SEND_BUFFER_BYTES;
+    // SAFETY: setsockopt on a socket this connection owns, with a pointer to a live c_int.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &bytes as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
