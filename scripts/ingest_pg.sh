@@ -2,6 +2,8 @@
 # Sustained ingest into PostgreSQL: mesher on CPU 0 with --database-url, wrk on CPU 1 posting
 # ~1 KiB events over 64 keep-alive connections for SECONDS; then the events committed per
 # second (counted in the database) beside the raw COPY rate of the same rows on the same server.
+# The same run first measures the minimal io_uring server (examples/uring_ceiling.rs) the same
+# way, so accepted events per CPU-second can be compared with the cost of answering a request.
 #
 # Usage: scripts/ingest_pg.sh [seconds]   (default 60; DATABASE_URL or 127.0.0.1:5432/test)
 set -euo pipefail
@@ -12,16 +14,30 @@ schema="ingest_pg_$$"
 sep='?'; case "$base_url" in *\?*) sep='&' ;; esac
 url="${base_url}${sep}options=-csearch_path%3D${schema}"
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
-cargo build --release -q -p mesher --bin mesher --example store_rate
+cargo build --release -q -p mesher --bin mesher --example store_rate --example uring_ceiling
 work=$(mktemp -d)
 pid=""
+ceiling_pid=""
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
+  [ -n "$ceiling_pid" ] && kill "$ceiling_pid" 2>/dev/null || true
   psql "$base_url" -qc "DROP SCHEMA IF EXISTS $schema CASCADE" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 psql "$base_url" -qc "CREATE SCHEMA $schema"
+hz=$(getconf CLK_TCK)
+
+taskset -c 0 target/release/examples/uring_ceiling 127.0.0.1:19051 2>/dev/null &
+ceiling_pid=$!
+sleep 0.5
+ceiling_secs=$(( secs < 20 ? secs : 20 ))
+ceiling_before=$(awk '{print $14 + $15}' "/proc/$ceiling_pid/stat")
+taskset -c 1 wrk -t1 -c64 -d"${ceiling_secs}s" http://127.0.0.1:19051/ > "$work/ceiling.txt"
+ceiling_after=$(awk '{print $14 + $15}' "/proc/$ceiling_pid/stat")
+kill "$ceiling_pid"; ceiling_pid=""
+ceiling_rps=$(awk '/Requests\/sec/ {print $2}' "$work/ceiling.txt")
+ceiling_per_cpu=$(echo "$ceiling_rps * $ceiling_secs * $hz / ($ceiling_after - $ceiling_before)" | bc -l)
 events() { psql "$url" -tAc "SELECT count(*) FROM events"; }
 
 taskset -c 0 target/release/mesher serve --listen 127.0.0.1:19050 --shards 1 --data-dir "$work/data" \
@@ -37,7 +53,6 @@ wrk.headers["authorization"] = "Bearer $key"
 wrk.headers["content-type"] = "application/json"
 wrk.body = '{"message":"ingest run","level":"error","environment":"bench","tags":{"release":"1.0"},"pad":"$pad"}'
 LUA
-hz=$(getconf CLK_TCK)
 rows_before=$(events)
 cpu_before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
 started=$(date +%s.%N)
@@ -57,7 +72,10 @@ committed=$(( rows_after - rows_before ))
 echo "| measure | value |"
 echo "|---|---|"
 printf '| accepted events/s (wrk, %ss, 64 connections) | %.0f |\n' "$secs" "$rps"
-printf '| accepted events per server CPU-second | %.0f |\n' "$(echo "$rps * $secs / $cpu" | bc -l)"
+printf '| minimal io_uring server, requests per server CPU-second (%ss) | %.0f |\n' "$ceiling_secs" "$ceiling_per_cpu"
+per_cpu=$(echo "$rps * $secs / $cpu" | bc -l)
+printf '| accepted events per server CPU-second | %.0f |\n' "$per_cpu"
+printf '| ratio to the minimal server | %.2f |\n' "$(echo "$per_cpu / $ceiling_per_cpu" | bc -l)"
 printf '| non-2xx answers | %s |\n' "${non2xx:-0}"
 printf '| events committed (counted in PostgreSQL) | %d |\n' "$committed"
 printf '| events committed per second, sustained | %.0f |\n' "$(echo "$committed / ($ended - $started)" | bc -l)"

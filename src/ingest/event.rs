@@ -246,9 +246,38 @@ pub fn event_from_value(mut value: OwnedValue) -> Result<Event, String> {
     })
 }
 
+/// Inputs up to this size parse with working buffers kept per thread; a larger one (a bulk body
+/// of megabytes) gets its own, so no thread holds on to megabytes of them.
+const REUSED_BUFFERS_INPUT_BYTES_MAX: usize = 64 * 1024;
+
+thread_local! {
+    /// simd-json's working buffers by depth limit, reused across parses on this thread: each
+    /// parse would otherwise allocate three buffers the size of its input.
+    static BUFFERS: std::cell::RefCell<Vec<(usize, Buffers)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn parse_json(body: &mut [u8], depth_max: usize) -> Result<OwnedValue, EventError> {
-    let mut buffers = Buffers::with_max_depth(body.len(), depth_max);
-    simd_json::to_owned_value_with_buffers(body, &mut buffers).map_err(|error| {
+    if body.len() > REUSED_BUFFERS_INPUT_BYTES_MAX {
+        let mut buffers = Buffers::with_max_depth(body.len(), depth_max);
+        return parse_with(body, &mut buffers);
+    }
+    BUFFERS.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        let found = kept
+            .as_slice()
+            .iter()
+            .position(|(depth, _)| *depth == depth_max);
+        let index = found.unwrap_or_else(|| {
+            let buffers = Buffers::with_max_depth(REUSED_BUFFERS_INPUT_BYTES_MAX, depth_max);
+            kept.push((depth_max, buffers));
+            kept.len() - 1
+        });
+        parse_with(body, &mut kept[index].1)
+    })
+}
+
+fn parse_with(body: &mut [u8], buffers: &mut Buffers) -> Result<OwnedValue, EventError> {
+    simd_json::to_owned_value_with_buffers(body, buffers).map_err(|error| {
         if *error.error() == ErrorType::DepthLimitExceeded {
             EventError::Invalid(format!(
                 "nested deeper than {EVENT_DEPTH_MAX} levels of objects and arrays"
