@@ -71,12 +71,22 @@ fn sentry_key(value: &str) -> Option<String> {
     })
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct KeyEntry {
     pub id: Uuid,
     pub project_id: Uuid,
     pub scope: Scope,
     pub revoked: bool,
+}
+
+impl KeyEntry {
+    /// A live key used for another project or outside its scope is forbidden (403).
+    pub fn permits(&self, scope: Scope, project: Option<Uuid>) -> Result<(), Refusal> {
+        if self.scope != scope || project.is_some_and(|p| p != self.project_id) {
+            return Err(Refusal::Forbidden);
+        }
+        Ok(())
+    }
 }
 
 /// Why a key was refused; each maps to one status code.
@@ -174,18 +184,16 @@ impl Directory {
         }
     }
 
-    /// Checks that `plain` is a live key of `scope`, and of `project` when one is named.
+    /// The live key `plain`, checked for `scope` and, when one is named, for `project`.
     pub fn authorize(
         &self,
         plain: Option<&str>,
         scope: Scope,
         project: Option<Uuid>,
-    ) -> Result<Uuid, Refusal> {
-        let entry = self.key(plain)?;
-        if entry.scope != scope || project.is_some_and(|p| p != entry.project_id) {
-            return Err(Refusal::Forbidden);
-        }
-        Ok(entry.project_id)
+    ) -> Result<KeyEntry, Refusal> {
+        let entry = *self.key(plain)?;
+        entry.permits(scope, project)?;
+        Ok(entry)
     }
 }
 

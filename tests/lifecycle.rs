@@ -140,24 +140,6 @@ fn create_project_status(addr: SocketAddr, token: &str, name: &str) -> u16 {
     agent.run(request).expect("HTTP exchange").status().as_u16()
 }
 
-/// A stream WebSocket opened by hand, so nothing answers the server's close frame.
-fn raw_stream_socket(server: &Server, project: &Project) -> TcpStream {
-    let mut stream = server.connect();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        format!(
-            "GET /stream/projects/{}?key={} HTTP/1.1\r\nHost: mesher\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            project.id, project.dashboard_key
-        )
-        .as_bytes(),
-    );
-    assert_eq!(read_response(&mut stream).map(|r| r.0), Some(101));
-    stream
-}
-
 /// Reads unmasked server frames up to the close frame; its code, after checking the stream ends.
 fn raw_close_code(stream: &mut TcpStream) -> u16 {
     loop {
@@ -221,7 +203,12 @@ fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
     // Hand-made stream clients that never answer a close, the last ones opened just as the
     // signal comes (their first message may still be on its way).
     let mut raws: Vec<TcpStream> = (0..6)
-        .map(|_| raw_stream_socket(&server, &project))
+        .map(|_| {
+            server.raw_ws(&format!(
+                "/stream/projects/{}?key={}",
+                project.id, project.dashboard_key
+            ))
+        })
         .collect();
 
     server.signal(libc::SIGTERM);

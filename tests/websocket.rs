@@ -55,31 +55,6 @@ fn unmasked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Opens a WebSocket by hand and returns the raw socket after the 101.
-fn raw_ws(server: &Server, path: &str) -> TcpStream {
-    let mut stream = server.connect();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            server.addr
-        )
-        .as_bytes(),
-    );
-    let (status, head, _) = read_response(&mut stream).expect("upgrade answered");
-    assert_eq!(status, 101, "{head}");
-    // RFC 6455 section 1.3: the accept value for this sample key.
-    assert!(
-        head.to_ascii_lowercase()
-            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
-    stream
-}
-
 /// Reads past data frames and pings to the close frame; returns its code, then checks that the
 /// server ends the stream.
 fn expect_close(stream: &mut TcpStream) -> u16 {
@@ -194,7 +169,7 @@ fn unmasked_client_frame_closes_with_1002() {
     let server = Server::start();
     let (_, ingest, stream) = project_paths(&server);
     for path in [&ingest, &stream] {
-        let mut socket = raw_ws(&server, path);
+        let mut socket = server.raw_ws(path);
         send_raw(
             &mut socket,
             &unmasked_frame(FIN | OP_TEXT, br#"{"message":"unmasked"}"#),
@@ -209,12 +184,12 @@ fn message_over_1_mib_closes_with_1009() {
     let (_, ingest, _) = project_paths(&server);
 
     // One frame announced one byte over the limit: decided from the header, no payload sent.
-    let mut socket = raw_ws(&server, &ingest);
+    let mut socket = server.raw_ws(&ingest);
     send_raw(&mut socket, &frame_head(FIN | OP_TEXT, true, MIB + 1));
     assert_eq!(expect_close(&mut socket), 1009);
 
     // Fragments that only together pass the limit.
-    let mut socket = raw_ws(&server, &ingest);
+    let mut socket = server.raw_ws(&ingest);
     let first = [br#"{"message":""#.as_slice(), &vec![b'a'; 600 * 1024]].concat();
     send_raw(&mut socket, &frame(OP_TEXT, &first));
     send_raw(
@@ -227,7 +202,7 @@ fn message_over_1_mib_closes_with_1009() {
     let message = "x".repeat(MIB - r#"{"message":""}"#.len());
     let event = format!(r#"{{"message":"{message}"}}"#);
     assert_eq!(event.len(), MIB);
-    let mut socket = raw_ws(&server, &ingest);
+    let mut socket = server.raw_ws(&ingest);
     send_raw(&mut socket, &frame(FIN | OP_TEXT, event.as_bytes()));
     let (first_byte, reply) = read_frame(&mut socket).expect("reply to a 1 MiB event");
     assert_eq!(first_byte, FIN | OP_TEXT);
@@ -250,7 +225,7 @@ fn invalid_utf8_text_closes_with_1007() {
     let server = Server::start();
     let (_, ingest, stream) = project_paths(&server);
 
-    let mut socket = raw_ws(&server, &ingest);
+    let mut socket = server.raw_ws(&ingest);
     send_raw(
         &mut socket,
         &frame(FIN | OP_TEXT, b"{\"message\":\"\xff\xfe\"}"),
@@ -258,7 +233,7 @@ fn invalid_utf8_text_closes_with_1007() {
     assert_eq!(expect_close(&mut socket), 1007);
 
     // Invalid inside a fragmented message.
-    let mut socket = raw_ws(&server, &stream);
+    let mut socket = server.raw_ws(&stream);
     send_raw(
         &mut socket,
         &frame(
@@ -270,7 +245,7 @@ fn invalid_utf8_text_closes_with_1007() {
     assert_eq!(expect_close(&mut socket), 1007);
 
     // A character cut between two fragments is valid.
-    let mut socket = raw_ws(&server, &stream);
+    let mut socket = server.raw_ws(&stream);
     let text = "{\"type\":\"subscribe\",\"filters\":{\"environment\":\"prød\"}}".as_bytes();
     let cut = text.iter().position(|b| *b == 0xc3).unwrap() + 1;
     send_raw(&mut socket, &frame(OP_TEXT, &text[..cut]));
@@ -313,7 +288,7 @@ fn protocol_errors_close_with_1002() {
     ];
     for (index, (what, bytes)) in cases.into_iter().enumerate() {
         let path = if index % 2 == 0 { &ingest } else { &stream };
-        let mut socket = raw_ws(&server, path);
+        let mut socket = server.raw_ws(path);
         send_raw(&mut socket, &bytes);
         assert_eq!(expect_close(&mut socket), 1002, "{what}");
     }
@@ -324,7 +299,7 @@ fn ping_is_answered_with_the_same_payload() {
     let server = Server::start();
     let (_, ingest, stream) = project_paths(&server);
     for path in [&ingest, &stream] {
-        let mut socket = raw_ws(&server, path);
+        let mut socket = server.raw_ws(path);
         let payload = b"are you there? \x00\x01\xff";
         send_raw(&mut socket, &frame(FIN | OP_PING, payload));
         let pong = loop {
@@ -344,7 +319,7 @@ fn ping_is_answered_with_the_same_payload() {
         };
         assert_eq!(pong, (FIN | OP_PONG, Vec::new()));
     }
-    let mut socket = raw_ws(&server, &ingest);
+    let mut socket = server.raw_ws(&ingest);
     send_raw(
         &mut socket,
         &frame(FIN | OP_TEXT, br#"{"message":"after pings"}"#),
@@ -366,7 +341,7 @@ fn client_close_is_answered_with_close() {
     let server = Server::start();
     let (_, ingest, stream) = project_paths(&server);
     for path in [&ingest, &stream] {
-        let mut socket = raw_ws(&server, path);
+        let mut socket = server.raw_ws(path);
         send_raw(
             &mut socket,
             &frame(
@@ -463,7 +438,7 @@ fn client_that_never_answers_pings_is_closed() {
     );
     let (_, ingest, stream) = project_paths(&server);
     for path in [&stream, &ingest] {
-        let mut socket = raw_ws(&server, path);
+        let mut socket = server.raw_ws(path);
         let started = Instant::now();
         let mut pings = 0;
         loop {

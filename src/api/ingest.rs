@@ -28,7 +28,7 @@ pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: Vec<u
         .borrow()
         .authorize(key.as_deref(), Scope::Ingest, None);
     let project_id = match authorized {
-        Ok(id) => id,
+        Ok(entry) => entry.project_id,
         Err(refused) => {
             shard.counters.rejected(Rejection::Unauthorized, 1);
             return refusal(refused);

@@ -39,7 +39,7 @@ fn limit_param(head: &Head) -> Result<usize, Response> {
 
 pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
     let project_id = match project_for(shard, head, project, Scope::Dashboard) {
-        Ok(id) => id,
+        Ok(entry) => entry.project_id,
         Err(response) => return response,
     };
     let query = match list_query(head) {
@@ -113,7 +113,8 @@ fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid
         .directory
         .borrow()
         .authorize(key.as_deref(), Scope::Dashboard, None)
-        .map_err(refusal)?;
+        .map_err(refusal)?
+        .project_id;
     Ok((issue_id, project_id))
 }
 

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use uuid::Uuid;
 
-use crate::auth::{presented_key, Refusal};
+use crate::auth::{presented_key, KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::http::router::Route;
@@ -84,24 +84,23 @@ pub fn refusal(refusal: Refusal) -> Response {
     }
 }
 
-/// The project a request names (UUID or slug) that its key may use with `scope`:
+/// The key a request presents, allowed `scope` on the project it names (UUID or slug):
 /// 401 for a missing or unknown key, 404 for an unknown project, 403 for the wrong project or scope.
 pub fn project_for(
     shard: &Shard,
     head: &Head,
     project: &str,
     scope: Scope,
-) -> Result<Uuid, Response> {
+) -> Result<KeyEntry, Response> {
     let directory = shard.directory.borrow();
     let key = presented_key(head);
-    directory.key(key.as_deref()).map_err(refusal)?;
+    let entry = *directory.key(key.as_deref()).map_err(refusal)?;
     let project_id = directory
         .project(project)
         .map(|p| p.id)
         .ok_or_else(Response::not_found)?;
-    directory
-        .authorize(key.as_deref(), scope, Some(project_id))
-        .map_err(refusal)
+    entry.permits(scope, Some(project_id)).map_err(refusal)?;
+    Ok(entry)
 }
 
 fn websocket_accept(head: &Head) -> Result<String, Response> {
@@ -131,41 +130,37 @@ fn upgrade(
     scope: Scope,
     role: impl FnOnce(Uuid) -> Role,
 ) -> Handled {
-    let project_id = match project_for(shard, head, project, scope) {
-        Ok(id) => id,
-        Err(response) => return Handled::Respond(response),
-    };
-    upgraded(shard, head, role(project_id))
+    match project_for(shard, head, project, scope) {
+        Ok(entry) => upgraded(head, role(entry.project_id), entry),
+        Err(response) => Handled::Respond(response),
+    }
 }
 
 fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {
     let key = presented_key(head);
-    let project_id = match shard
+    let authorized = shard
         .directory
         .borrow()
-        .authorize(key.as_deref(), Scope::Ingest, None)
-    {
-        Ok(id) => id,
-        Err(refused) => return Handled::Respond(refusal(refused)),
-    };
-    upgraded(shard, head, Role::Ingest { project_id })
+        .authorize(key.as_deref(), Scope::Ingest, None);
+    match authorized {
+        Ok(entry) => upgraded(
+            head,
+            Role::Ingest {
+                project_id: entry.project_id,
+            },
+            entry,
+        ),
+        Err(refused) => Handled::Respond(refusal(refused)),
+    }
 }
 
-fn upgraded(shard: &Shard, head: &Head, role: Role) -> Handled {
-    let key = presented_key(head);
-    let Ok(key_id) = shard
-        .directory
-        .borrow()
-        .key(key.as_deref())
-        .map(|entry| entry.id)
-    else {
-        return Handled::Respond(Response::error(401, "unauthorized"));
-    };
+/// The 101, for a request whose key was just checked.
+fn upgraded(head: &Head, role: Role, key: KeyEntry) -> Handled {
     match websocket_accept(head) {
         Ok(accept) => Handled::Upgrade {
             role,
             accept,
-            key_id,
+            key_id: key.id,
         },
         Err(response) => Handled::Respond(response),
     }

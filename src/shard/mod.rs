@@ -26,8 +26,9 @@ use crate::conn::ring::{Kind, Push, Ring};
 use crate::http::response::Response;
 use crate::issues::ProjectState;
 use crate::metrics::{CloseReason, ConnKind, Metrics, ShardMetrics};
-use crate::store::{Change, KeyRow, ProjectRow, Store};
+use crate::store::{Ack, Change, EventRow, KeyRow, ProjectRow, Store};
 use crate::stream::{deliver_to, Filters, Published};
+use crate::ws::codec::{encode_close, CLOSE_GOING_AWAY};
 use mesh::{Mesh, ShardMsg};
 use wheel::{TimerKey, TimerWheel};
 
@@ -106,9 +107,8 @@ pub struct Shard {
     pub subscribers: RefCell<HashMap<Uuid, Vec<ConnId>>>,
     pub wheel: RefCell<TimerWheel<Timer>>,
     pub draining: Cell<bool>,
-    /// Rows made since the last hand-over to the store: one submission per reactor turn
-    /// instead of one per event (each submission may wake the writer thread).
-    pub store_pending: RefCell<Vec<Change>>,
+    /// What this reactor turn gives the store, handed over once at the end of the turn.
+    pub store_turn: RefCell<StoreTurn>,
     drained_reported: Cell<bool>,
     /// Slugs of projects being created (shard 0 only).
     pending_slugs: RefCell<std::collections::HashSet<String>>,
@@ -271,6 +271,12 @@ impl Shard {
         }
     }
 
+    /// Closes a WebSocket with 1001 because the server is going down.
+    pub fn close_for_shutdown(&self, id: ConnId) {
+        let frame = encode_close(CLOSE_GOING_AWAY, "server shutting down");
+        self.close_socket(id, Bytes::from(frame), CloseReason::Shutdown);
+    }
+
     /// Pushes a project's messages into the rings of the matching local subscribers.
     fn deliver(&self, project_id: &Uuid, items: &[Published]) {
         let subscribers = self.subscribers.borrow();
@@ -372,12 +378,23 @@ impl Shard {
         }
     }
 
-    /// Hands the rows gathered this turn to the store writer, in the order they were made.
-    pub fn flush_store(&self) {
-        let changes = std::mem::take(&mut *self.store_pending.borrow_mut());
-        if !changes.is_empty() {
-            self.store.submit(latest_issue_rows(changes), None);
+    /// Hands this turn's rows to the store writer: each touched issue's row, built now from its
+    /// newest state, then the events in the order they were accepted. `ack` fires after the
+    /// commit that holds them (`--ack durable`).
+    pub fn flush_store(&self, ack: Option<Ack>) {
+        let turn = std::mem::take(&mut *self.store_turn.borrow_mut());
+        if turn.events.is_empty() && turn.issues.is_empty() && ack.is_none() {
+            return;
         }
+        let owned = self.owned.borrow();
+        let mut changes: Vec<Change> = turn
+            .issues
+            .iter()
+            .filter_map(|(project_id, issue_id)| owned.get(project_id)?.issue(issue_id))
+            .map(|issue| Change::Issue(issue.row()))
+            .collect();
+        changes.extend(turn.events.into_iter().map(Change::Event));
+        self.store.submit(changes, ack);
     }
 
     /// A revoked key stops working everywhere, open WebSockets included (close 1008).
@@ -390,7 +407,7 @@ impl Shard {
             .map(|(id, _)| id)
             .collect();
         for id in sessions {
-            let frame = crate::ws::codec::encode_close(1008, "key revoked");
+            let frame = encode_close(1008, "key revoked");
             self.close_socket(id, frame.into(), CloseReason::Normal);
         }
     }
@@ -430,11 +447,7 @@ impl Shard {
                 None => continue,
             };
             if is_socket {
-                self.close_socket(
-                    id,
-                    crate::ws::codec::encode_close(1001, "server shutting down").into(),
-                    CloseReason::Shutdown,
-                );
+                self.close_for_shutdown(id);
             } else if !busy {
                 self.force_close(id, CloseReason::Shutdown);
             }
@@ -509,25 +522,27 @@ impl Shard {
     }
 }
 
-/// Keeps only the newest row of each issue (rows are full snapshots) and puts the issue rows
-/// ahead of the events, so the writer handles one row per issue per turn, not one per event.
-fn latest_issue_rows(changes: Vec<Change>) -> Vec<Change> {
-    let mut issues: Vec<Change> = Vec::new();
-    let mut rest = Vec::with_capacity(changes.len());
-    for change in changes {
-        match change {
-            Change::Issue(row) => match issues
-                .iter_mut()
-                .find(|c| matches!(c, Change::Issue(r) if r.id == row.id))
-            {
-                Some(slot) => *slot = Change::Issue(row),
-                None => issues.push(Change::Issue(row)),
-            },
-            other => rest.push(other),
+/// What one reactor turn gives the store. One submission per turn instead of one per event
+/// (each submission may wake the writer), and one row per touched issue however many events it
+/// took: rows are full snapshots, so only the newest matters.
+#[derive(Default)]
+pub struct StoreTurn {
+    /// (project, issue) in the order first touched.
+    issues: Vec<(Uuid, Uuid)>,
+    touched: std::collections::HashSet<Uuid>,
+    events: Vec<EventRow>,
+}
+
+impl StoreTurn {
+    pub fn touch(&mut self, project_id: Uuid, issue_id: Uuid) {
+        if self.touched.insert(issue_id) {
+            self.issues.push((project_id, issue_id));
         }
     }
-    issues.append(&mut rest);
-    issues
+
+    pub fn event(&mut self, row: EventRow) {
+        self.events.push(row);
+    }
 }
 
 /// A server ping frame with an empty payload.
@@ -558,7 +573,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             subscribers: RefCell::new(HashMap::new()),
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS)),
             draining: Cell::new(false),
-            store_pending: RefCell::new(Vec::new()),
+            store_turn: RefCell::new(StoreTurn::default()),
             drained_reported: Cell::new(false),
             pending_slugs: RefCell::new(Default::default()),
             started: Instant::now(),
@@ -578,7 +593,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             while let Some(msg) = next.take() {
                 match msg {
                     ShardMsg::Exit => {
-                        shard.flush_store();
+                        shard.flush_store(None);
                         return;
                     }
                     ShardMsg::Drain => {
@@ -594,7 +609,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
                     next = inbox.try_recv().ok();
                 }
             }
-            shard.flush_store();
+            shard.flush_store(None);
         }
     });
     Ok(())

@@ -15,7 +15,7 @@ use crate::config::AckMode;
 use crate::ingest::Incoming;
 use crate::issues::{Cursor, Grouped, ProjectState, Status};
 use crate::metrics::Rejection;
-use crate::store::{Change, EventRow};
+use crate::store::EventRow;
 use crate::stream::{self, Attributes, Published};
 
 impl Shard {
@@ -131,7 +131,7 @@ impl Shard {
             return;
         };
         let batch = events.len() as u64;
-        if self.store.stats().queue_depth_events + batch > self.config.queue_events as u64 {
+        if !self.store.has_room(events.len()) {
             self.counters.rejected(Rejection::Overloaded, batch);
             let _ = reply.send(IngestReply::Overloaded);
             return;
@@ -149,8 +149,7 @@ impl Shard {
             return;
         }
         let mut outcomes = Vec::with_capacity(events.len());
-        let mut event_rows = Vec::with_capacity(events.len());
-        let mut touched: Vec<Uuid> = Vec::new();
+        let mut turn = self.store_turn.borrow_mut();
         // Stream messages are built only when someone watches the project.
         let watched = state.subscribers_by_shard.iter().any(|n| *n > 0);
         let mut items = Vec::new();
@@ -175,9 +174,7 @@ impl Shard {
             );
             let event_id = Uuid::now_v7();
             let issue_id = issue.id;
-            if !touched.contains(&issue_id) {
-                touched.push(issue_id);
-            }
+            turn.touch(project_id, issue_id);
             if watched {
                 let attributes = Attributes {
                     level: event.level,
@@ -208,23 +205,17 @@ impl Shard {
                     ));
                 }
             }
-            event_rows.push(Change::Event(EventRow {
+            turn.event(EventRow {
                 id: event_id,
                 project_id,
                 issue_id,
                 level: event.level.as_str().to_string(),
                 received_at_us: received_us,
                 payload: String::from_utf8(event.json).expect("event JSON was validated as UTF-8"),
-            }));
+            });
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }
-        // One row per issue touched, ahead of the events that point at it.
-        let mut changes: Vec<Change> = touched
-            .iter()
-            .filter_map(|id| state.issue(id))
-            .map(|issue| Change::Issue(issue.row()))
-            .collect();
-        changes.append(&mut event_rows);
+        drop(turn);
         let accepted = outcomes
             .iter()
             .filter(|o| matches!(o, EventOutcome::Accepted { .. }))
@@ -235,16 +226,11 @@ impl Shard {
         let subscribers_by_shard = state.subscribers_by_shard.clone();
         drop(owned);
         self.fan_out(project_id, &subscribers_by_shard, items);
-        if changes.is_empty() {
-            let _ = reply.send(IngestReply::Done(outcomes));
-            return;
-        }
         // Room was checked above; another shard may have filled the queue since, by at most a
         // batch each, which `submit` absorbs rather than lose what was grouped and streamed.
-        if self.config.ack == AckMode::Durable {
+        if accepted > 0 && self.config.ack == AckMode::Durable {
             let (ack, committed) = tokio::sync::oneshot::channel();
-            self.flush_store();
-            self.store.submit(changes, Some(ack));
+            self.flush_store(Some(ack));
             tokio_uring::spawn(async move {
                 let answer = match committed.await {
                     Ok(Ok(())) => IngestReply::Done(outcomes),
@@ -253,7 +239,6 @@ impl Shard {
                 let _ = reply.send(answer);
             });
         } else {
-            self.store_pending.borrow_mut().extend(changes);
             let _ = reply.send(IngestReply::Done(outcomes));
         }
     }
@@ -262,13 +247,11 @@ impl Shard {
         let mut owned = self.owned.borrow_mut();
         let state = owned.get_mut(&project_id)?;
         let count_before = state.unresolved_count();
-        let (changed, issue) = state.set_status(&issue_id, status)?;
+        let (changed, _) = state.set_status(&issue_id, status)?;
         if !changed {
             return Some(false);
         }
-        self.store_pending
-            .borrow_mut()
-            .push(Change::Issue(issue.row()));
+        self.store_turn.borrow_mut().touch(project_id, issue_id);
         let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
         if state.unresolved_count() != count_before {
             items.push(stream::issue_count_message(

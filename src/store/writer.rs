@@ -202,6 +202,13 @@ impl Store {
         self.inner.backend_name
     }
 
+    /// Whether `events` more would fit in the queue now: for a caller that must decide before it
+    /// commits to its own state changes (and then submits what they made, whatever came between).
+    pub fn has_room(&self, events: usize) -> bool {
+        let depth = self.inner.shared.queue_depth_events.load(Ordering::Acquire);
+        depth.saturating_add(events) <= self.inner.queue_events_max
+    }
+
     /// Queues the changes unless their events would take the queue past `queue_events_max`;
     /// then nothing is queued and the caller answers 503.
     pub fn try_submit(&self, changes: Vec<Change>, ack: Option<Ack>) -> Result<(), Overloaded> {
@@ -528,17 +535,14 @@ impl Writer {
                 events,
                 ack,
             } => {
-                // A waited-for change without events (a project, a key, a revocation) is
-                // committed at once: a request is blocked on it and a revocation must reach
-                // every shard within a second, whatever the flush interval.
-                let awaited_without_events = ack.is_some() && events == 0;
+                // Someone waiting for a commit rings the inbox and is committed at the end of
+                // this take; here only a batch at its size limit closes early.
                 self.pending.push(changes, events, ack);
                 let changes_max = self
                     .config
                     .batch_events_max
                     .saturating_mul(BATCH_CHANGES_PER_EVENT_MAX);
-                if awaited_without_events
-                    || self.pending.events >= self.config.batch_events_max
+                if self.pending.events >= self.config.batch_events_max
                     || self.pending.changes.len() >= changes_max
                 {
                     self.flush();

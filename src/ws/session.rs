@@ -9,9 +9,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::codec::{
-    encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_GOING_AWAY, MESSAGE_BYTES_MAX,
-};
+use super::codec::{encode_close, encode_pong, encode_text, Decoder, Message, MESSAGE_BYTES_MAX};
 use crate::api::{ingest_frame, Role};
 use crate::conn::registry::ConnId;
 use crate::conn::ring::{Kind, Ring};
@@ -79,11 +77,7 @@ pub async fn run(
     if shard.draining.get() {
         // Shutdown began while the 101 was being written, before this was a socket: it gets
         // the 1001 every other socket got.
-        shard.close_socket(
-            id,
-            Bytes::from(encode_close(CLOSE_GOING_AWAY, "server shutting down")),
-            CloseReason::Shutdown,
-        );
+        shard.close_for_shutdown(id);
     }
     if let Role::Stream { project_id } = role {
         limit_send_buffer(&stream);
@@ -161,11 +155,8 @@ async fn read_loop(
                 }
                 Ok(None) => break,
                 Err(error) => {
-                    let reason = if error.code == 1009 || error.code == 1007 || error.code == 1002 {
-                        CloseReason::ProtocolError
-                    } else {
-                        CloseReason::BadRequest
-                    };
+                    // Every decoder error is the peer's protocol fault (1002, 1007, 1009).
+                    let reason = CloseReason::ProtocolError;
                     shard.close_socket(
                         id,
                         Bytes::from(encode_close(error.code, error.reason)),

@@ -274,6 +274,31 @@ impl Server {
         stream
     }
 
+    /// Opens a WebSocket by hand and returns the raw socket after the 101.
+    pub fn raw_ws(&self, path: &str) -> TcpStream {
+        let mut stream = self.connect();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        send_raw(
+            &mut stream,
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                self.addr
+            )
+            .as_bytes(),
+        );
+        let (status, head, _) = read_response(&mut stream).expect("upgrade answered");
+        assert_eq!(status, 101, "{head}");
+        // RFC 6455 section 1.3: the accept value for this sample key.
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+            "{head}"
+        );
+        stream
+    }
+
     /// A WebSocket client (tungstenite) on `path`.
     pub fn ws(&self, path: &str) -> Result<Ws, tungstenite::Error> {
         let stream = self.connect();
