@@ -20,6 +20,8 @@ const BUSY_TIMEOUT_MS: u64 = 5_000;
 /// Events per multi-row INSERT: 6 parameters each stays far below SQLite's 32766-variable
 /// limit, and larger statements gain nothing measurable.
 const EVENT_ROWS_PER_INSERT: usize = 100;
+/// Bytes per database page, the largest SQLite allows.
+const PAGE_SIZE: i64 = 65_536;
 /// Cached prepared statements: the few fixed ones below plus headroom for reads.
 const STATEMENT_CACHE_CAPACITY: usize = 32;
 
@@ -128,6 +130,10 @@ impl SqliteBackend {
         })?;
         let configure = || -> rusqlite::Result<()> {
             connection.busy_timeout(Duration::from_millis(BUSY_TIMEOUT_MS))?;
+            // Events are ~1 KiB rows: large pages mean far fewer B-tree splits, WAL frames and
+            // checkpoint copies per row (a third of the writer's CPU at the default 4 KiB).
+            // Takes effect only on a new file, before WAL mode fixes the page size.
+            connection.pragma_update(None, "page_size", PAGE_SIZE)?;
             let mode: String =
                 connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
             if !mode.eq_ignore_ascii_case("wal") {
@@ -158,9 +164,11 @@ impl SqliteBackend {
     }
 }
 
+/// `OR FAIL`: a failing row leaves the rows before it in place, so SQLite keeps no statement
+/// journal for each multi-row INSERT. Any failure rolls the whole batch back anyway.
 fn insert_events_sql(rows: usize) -> String {
     let mut sql = String::from(
-        "INSERT INTO events (id, project_id, issue_id, level, received_at_us, payload) VALUES ",
+        "INSERT OR FAIL INTO events (id, project_id, issue_id, level, received_at_us, payload) VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
@@ -548,7 +556,7 @@ mod tests {
     fn multi_row_insert_numbers_every_parameter_once() {
         assert_eq!(
             insert_events_sql(2),
-            "INSERT INTO events (id, project_id, issue_id, level, received_at_us, payload) \
+            "INSERT OR FAIL INTO events (id, project_id, issue_id, level, received_at_us, payload) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6), (?7, ?8, ?9, ?10, ?11, ?12)"
         );
     }
