@@ -1,7 +1,9 @@
 //! The embedded default backend: one SQLite file in WAL mode. Ids are 16-byte blobs, times are
 //! integer microseconds since the Unix epoch.
 
+use std::ffi::{c_int, CString};
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::time::Duration;
 
 use rusqlite::{ffi, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -104,12 +106,11 @@ ON CONFLICT (id) DO UPDATE SET project_id = excluded.project_id,
 const EVENT_COLUMNS: usize = 6;
 
 pub(super) struct SqliteBackend {
+    /// Prepared at the first commit, once the schema exists. Declared before the connection so
+    /// that the statements are finalized first.
+    event_inserts: Option<EventInserts>,
     connection: Connection,
     path: PathBuf,
-    /// `INSERT INTO events ... VALUES (..), (..)` with `EVENT_ROWS_PER_INSERT` rows.
-    insert_events_many: String,
-    /// The same for one row, for the remainder of a batch.
-    insert_events_one: String,
 }
 
 impl SqliteBackend {
@@ -148,10 +149,9 @@ impl SqliteBackend {
         };
         configure().map_err(|error| sqlite_error("configure connection", error))?;
         Ok(SqliteBackend {
+            event_inserts: None,
             connection,
             path,
-            insert_events_many: insert_events_sql(EVENT_ROWS_PER_INSERT),
-            insert_events_one: insert_events_sql(1),
         })
     }
 
@@ -332,6 +332,13 @@ impl Backend for SqliteBackend {
 
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {
         let rows = BatchRows::group(batch);
+        if self.event_inserts.is_none() {
+            self.event_inserts = Some(EventInserts {
+                many: EventInsert::prepare(&self.connection, EVENT_ROWS_PER_INSERT)?,
+                one: EventInsert::prepare(&self.connection, 1)?,
+            });
+        }
+        let inserts = self.event_inserts.as_mut().expect("prepared above");
         let transaction = self
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -395,16 +402,16 @@ impl Backend for SqliteBackend {
         }
         let mut chunks = rows.events.chunks_exact(EVENT_ROWS_PER_INSERT);
         for chunk in chunks.by_ref() {
-            insert_events(&transaction, &self.insert_events_many, chunk)
+            inserts
+                .many
+                .execute(chunk)
                 .map_err(|error| sqlite_error("insert events", error))?;
         }
         for event in chunks.remainder() {
-            insert_events(
-                &transaction,
-                &self.insert_events_one,
-                std::slice::from_ref(event),
-            )
-            .map_err(|error| sqlite_error("insert events", error))?;
+            inserts
+                .one
+                .execute(std::slice::from_ref(event))
+                .map_err(|error| sqlite_error("insert events", error))?;
         }
         transaction
             .commit()
@@ -499,25 +506,145 @@ impl Backend for SqliteBackend {
     }
 }
 
-fn insert_events(
-    transaction: &rusqlite::Transaction<'_>,
-    sql: &str,
-    events: &[&EventRow],
-) -> rusqlite::Result<()> {
-    let mut statement = transaction.prepare_cached(sql)?;
-    debug_assert_eq!(statement.parameter_count(), events.len() * EVENT_COLUMNS);
-    for (row, event) in events.iter().enumerate() {
-        let first = row * EVENT_COLUMNS + 1;
-        statement.raw_bind_parameter(first, event.id.as_bytes())?;
-        statement.raw_bind_parameter(first + 1, event.project_id.as_bytes())?;
-        statement.raw_bind_parameter(first + 2, event.issue_id.as_bytes())?;
-        statement.raw_bind_parameter(first + 3, &event.level)?;
-        statement.raw_bind_parameter(first + 4, event.received_at_us)?;
-        statement.raw_bind_parameter(first + 5, &event.payload)?;
+struct EventInserts {
+    /// `INSERT INTO events ... VALUES (..), (..)` with `EVENT_ROWS_PER_INSERT` rows.
+    many: EventInsert,
+    /// The same for one row, for the remainder of a batch.
+    one: EventInsert,
+}
+
+/// A prepared multi-row event INSERT whose parameters point at the batch's own bytes
+/// (`SQLITE_STATIC`). Bound the usual way, SQLite copies every id, level and payload into an
+/// allocation of its own first, which was the largest part of the writer's work.
+struct EventInsert {
+    db: *mut ffi::sqlite3,
+    statement: NonNull<ffi::sqlite3_stmt>,
+    rows: usize,
+}
+
+// SAFETY: the statement belongs to the backend's connection and moves between threads with it,
+// never used by two threads at once, as rusqlite's `Connection` (which is `Send`) is.
+unsafe impl Send for EventInsert {}
+
+impl EventInsert {
+    fn prepare(connection: &Connection, rows: usize) -> Result<EventInsert, StoreError> {
+        let sql = CString::new(insert_events_sql(rows)).expect("the SQL has no NUL");
+        // SAFETY: the handle is only used while the backend, which owns both the connection
+        // and this statement, lives; the statement is finalized first (field order).
+        let db = unsafe { connection.handle() };
+        let mut statement = std::ptr::null_mut();
+        // SAFETY: `sql` is NUL-terminated and `statement` is a valid out pointer.
+        let code = unsafe {
+            ffi::sqlite3_prepare_v3(
+                db,
+                sql.as_ptr(),
+                -1,
+                ffi::SQLITE_PREPARE_PERSISTENT,
+                &mut statement,
+                std::ptr::null_mut(),
+            )
+        };
+        check(db, code).map_err(|error| sqlite_error("prepare event insert", error))?;
+        let statement = NonNull::new(statement).expect("a prepared statement is not null");
+        Ok(EventInsert {
+            db,
+            statement,
+            rows,
+        })
     }
-    let inserted = statement.raw_execute()?;
-    debug_assert_eq!(inserted, events.len());
-    Ok(())
+
+    /// Inserts exactly `self.rows` events.
+    fn execute(&mut self, events: &[&EventRow]) -> rusqlite::Result<()> {
+        assert_eq!(
+            events.len(),
+            self.rows,
+            "an event insert takes a fixed row count"
+        );
+        let statement = self.statement.as_ptr();
+        for (row, event) in events.iter().enumerate() {
+            let first = c_int::try_from(row * EVENT_COLUMNS + 1).expect("few parameters");
+            // SAFETY: every parameter is bound again before each step, so SQLite reads these
+            // bytes only in the step below, while `events` is borrowed; no bound value is read
+            // after it (no tracing, the statement is reset, not re-run).
+            let codes = unsafe {
+                [
+                    bind_bytes(statement, first, event.id.as_bytes()),
+                    bind_bytes(statement, first + 1, event.project_id.as_bytes()),
+                    bind_bytes(statement, first + 2, event.issue_id.as_bytes()),
+                    bind_text(statement, first + 3, &event.level),
+                    ffi::sqlite3_bind_int64(statement, first + 4, event.received_at_us),
+                    bind_text(statement, first + 5, &event.payload),
+                ]
+            };
+            for code in codes {
+                check(self.db, code)?;
+            }
+        }
+        // SAFETY: the statement is prepared and every parameter bound.
+        let stepped = unsafe { ffi::sqlite3_step(statement) };
+        // SAFETY: as above; reset returns the step's error code again if it failed.
+        let reset = unsafe { ffi::sqlite3_reset(statement) };
+        if stepped == ffi::SQLITE_DONE {
+            return Ok(());
+        }
+        check(self.db, reset)?;
+        check(self.db, stepped)
+    }
+}
+
+impl Drop for EventInsert {
+    fn drop(&mut self) {
+        // SAFETY: prepared by `prepare`, finalized once, before the connection closes.
+        unsafe { ffi::sqlite3_finalize(self.statement.as_ptr()) };
+    }
+}
+
+/// # Safety
+/// `statement` is a live prepared statement and `bytes` stay valid until it is next stepped.
+unsafe fn bind_bytes(statement: *mut ffi::sqlite3_stmt, index: c_int, bytes: &[u8]) -> c_int {
+    let length = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    ffi::sqlite3_bind_blob64(
+        statement,
+        index,
+        bytes.as_ptr().cast(),
+        length,
+        ffi::SQLITE_STATIC(),
+    )
+}
+
+/// # Safety
+/// As for [`bind_bytes`].
+unsafe fn bind_text(statement: *mut ffi::sqlite3_stmt, index: c_int, text: &str) -> c_int {
+    let length = u64::try_from(text.len()).unwrap_or(u64::MAX);
+    ffi::sqlite3_bind_text64(
+        statement,
+        index,
+        text.as_ptr().cast(),
+        length,
+        ffi::SQLITE_STATIC(),
+        ffi::SQLITE_UTF8 as u8,
+    )
+}
+
+/// An SQLite result code as a rusqlite error, with the connection's message.
+fn check(db: *mut ffi::sqlite3, code: c_int) -> rusqlite::Result<()> {
+    if code == ffi::SQLITE_OK || code == ffi::SQLITE_DONE || code == ffi::SQLITE_ROW {
+        return Ok(());
+    }
+    // SAFETY: `db` is the open connection the failing call ran on; the message is copied
+    // before any other call on it.
+    let message = unsafe {
+        let text = ffi::sqlite3_errmsg(db);
+        (!text.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned()
+        })
+    };
+    Err(rusqlite::Error::SqliteFailure(
+        ffi::Error::new(code),
+        message,
+    ))
 }
 
 /// Sorts an SQLite failure by what the writer must do about it.
@@ -559,6 +686,52 @@ mod tests {
             "INSERT OR FAIL INTO events (id, project_id, issue_id, level, received_at_us, payload) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6), (?7, ?8, ?9, ?10, ?11, ?12)"
         );
+    }
+
+    #[test]
+    fn event_insert_reports_sqlite_errors_with_their_message() {
+        let connection = Connection::open_in_memory().unwrap();
+        let error = EventInsert::prepare(&connection, 1)
+            .err()
+            .expect("no events table");
+        assert!(
+            error.to_string().contains("no such table: events"),
+            "{error}"
+        );
+
+        connection
+            .execute_batch(
+                "CREATE TABLE events (id BLOB NOT NULL, project_id BLOB NOT NULL,
+                    issue_id BLOB NOT NULL, level TEXT NOT NULL, received_at_us INTEGER NOT NULL,
+                    payload TEXT NOT NULL CHECK (length(payload) < 5)) STRICT",
+            )
+            .unwrap();
+        let mut insert = EventInsert::prepare(&connection, 1).unwrap();
+        let row = |payload: &str| EventRow {
+            id: Uuid::now_v7(),
+            project_id: Uuid::now_v7(),
+            issue_id: Uuid::now_v7(),
+            level: "error".into(),
+            received_at_us: 7,
+            payload: payload.into(),
+        };
+        insert.execute(&[&row("{}")]).unwrap();
+        let refused = insert.execute(&[&row("{\"long\":1}")]).unwrap_err();
+        assert_eq!(classify(&refused), StoreErrorKind::Rejected);
+        assert!(
+            refused.to_string().contains("CHECK constraint failed"),
+            "{refused}"
+        );
+        // The statement is usable again after a failure.
+        insert.execute(&[&row("[]")]).unwrap();
+        let stored: Vec<(String, i64)> = connection
+            .prepare("SELECT payload, received_at_us FROM events ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(stored, [("{}".to_owned(), 7), ("[]".to_owned(), 7)]);
     }
 
     #[test]
