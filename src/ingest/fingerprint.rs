@@ -4,7 +4,7 @@
 //! The key is built from the decoded event as sent. It works on any JSON value, validated or
 //! not: a field of the wrong type counts as missing, so the function never fails.
 
-use simd_json::OwnedValue;
+use simd_json::BorrowedValue as Value;
 
 /// Separates the parts of an array `fingerprint`.
 const CUSTOM_PART_SEPARATOR: char = '\n';
@@ -31,16 +31,16 @@ pub fn normalise(s: &str) -> String {
 ///    the normalised message (line and column never count);
 /// 3. an `exception` object: `type_name:` + normalised `value`;
 /// 4. `msg:` + normalised `message`.
-pub fn fingerprint(value: &OwnedValue) -> String {
+pub fn fingerprint(value: &Value<'_>) -> String {
     let object = match value {
-        OwnedValue::Object(object) => object,
+        Value::Object(object) => object,
         _ => return MESSAGE_KEY_PREFIX.to_owned(),
     };
     let message = string_field(object.get("message")).unwrap_or("");
 
     match object.get("fingerprint") {
-        Some(OwnedValue::String(custom)) if !custom.is_empty() => return custom.clone(),
-        Some(OwnedValue::Array(parts)) if !parts.is_empty() => {
+        Some(Value::String(custom)) if !custom.is_empty() => return custom.to_string(),
+        Some(Value::Array(parts)) if !parts.is_empty() => {
             let mut key = String::new();
             for (index, part) in parts.iter().enumerate() {
                 if index > 0 {
@@ -53,14 +53,14 @@ pub fn fingerprint(value: &OwnedValue) -> String {
         _ => {}
     }
 
-    if let Some(OwnedValue::Array(frames)) = object.get("stacktrace") {
+    if let Some(Value::Array(frames)) = object.get("stacktrace") {
         if !frames.is_empty() {
             let mut key = String::with_capacity(frames.len() * 48 + message.len() + 1);
             for (index, frame) in frames.iter().enumerate() {
                 if index > 0 {
                     key.push(FRAME_SEPARATOR);
                 }
-                if let OwnedValue::Object(frame) = frame {
+                if let Value::Object(frame) = frame {
                     key.push_str(string_field(frame.get("filename")).unwrap_or(""));
                     key.push(FRAME_FIELD_SEPARATOR);
                     key.push_str(string_field(frame.get("function_name")).unwrap_or(""));
@@ -74,7 +74,7 @@ pub fn fingerprint(value: &OwnedValue) -> String {
         }
     }
 
-    if let Some(OwnedValue::Object(exception)) = object.get("exception") {
+    if let Some(Value::Object(exception)) = object.get("exception") {
         let type_name = string_field(exception.get("type_name")).unwrap_or("");
         let exception_value = string_field(exception.get("value")).unwrap_or("");
         let mut key = String::with_capacity(type_name.len() + 1 + exception_value.len());
@@ -90,9 +90,9 @@ pub fn fingerprint(value: &OwnedValue) -> String {
     key
 }
 
-fn string_field(value: Option<&OwnedValue>) -> Option<&str> {
+fn string_field<'v>(value: Option<&'v Value<'_>>) -> Option<&'v str> {
     match value {
-        Some(OwnedValue::String(s)) => Some(s.as_str()),
+        Some(Value::String(s)) => Some(s),
         _ => None,
     }
 }
@@ -134,9 +134,9 @@ fn push_normalised(out: &mut String, s: &str) {
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> OwnedValue {
-        let mut bytes = json.as_bytes().to_vec();
-        simd_json::to_owned_value(&mut bytes).expect("test JSON is valid")
+    fn parse(json: &str) -> Value<'static> {
+        let bytes = Box::leak(json.as_bytes().to_vec().into_boxed_slice());
+        simd_json::to_borrowed_value(bytes).expect("test JSON is valid")
     }
 
     fn reference_normalise(s: &str) -> String {
