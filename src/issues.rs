@@ -119,6 +119,16 @@ impl Issue {
     }
 }
 
+/// A new time-ordered (v7) id. Each thread keeps its own clock context: the crate's shared one
+/// is a process-wide lock that every shard would take for every event. Ids stay ordered per
+/// thread, and a project's events and issues are all made on its owner shard.
+pub fn new_id() -> Uuid {
+    thread_local! {
+        static CONTEXT: uuid::ContextV7 = const { uuid::ContextV7::new() };
+    }
+    CONTEXT.with(|context| Uuid::new_v7(uuid::Timestamp::now(context)))
+}
+
 pub fn rfc3339(unix_us: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(unix_us as i128 * 1000)
         .ok()
@@ -242,7 +252,7 @@ impl ProjectState {
         let id = match self.by_fingerprint.get(fingerprint) {
             Some(id) => *id,
             None => {
-                let id = Uuid::now_v7();
+                let id = new_id();
                 let issue = Issue {
                     id,
                     project_id,
@@ -324,6 +334,13 @@ impl ProjectState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn new_ids_are_version_7_and_increase_on_a_thread() {
+        let ids: Vec<Uuid> = (0..10_000).map(|_| new_id()).collect();
+        assert!(ids.iter().all(|id| id.get_version_num() == 7));
+        assert!(ids.windows(2).all(|pair| pair[0] < pair[1]));
+    }
 
     fn state() -> (ProjectState, Uuid) {
         (ProjectState::new(1), Uuid::new_v4())

@@ -5,6 +5,7 @@
 //! (or fewer bytes consumed than given), never an error.
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
 /// Request line plus headers. A larger head is refused with 431 so that one connection cannot
 /// make the server buffer an unbounded head (PROTOCOL.md section 7).
@@ -197,9 +198,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     // Parsing only the first HEADER_BYTES_MAX bytes makes a longer head look incomplete, which
     // the length check below turns into 431.
     let window = &buf[..buf.len().min(HEADER_BYTES_MAX)];
-    let mut header_slots = [httparse::EMPTY_HEADER; HEADERS_COUNT_MAX];
-    let mut request = httparse::Request::new(&mut header_slots);
-    let head_len = match request.parse(window) {
+    // Uninitialized slots: httparse writes only those it fills, so a request does not pay for
+    // clearing all of them.
+    let mut header_slots = [const { MaybeUninit::<httparse::Header>::uninit() }; HEADERS_COUNT_MAX];
+    let mut request = httparse::Request::new(&mut []);
+    let head_len = match request.parse_with_uninit_headers(window, &mut header_slots) {
         Ok(httparse::Status::Complete(head_len)) => head_len,
         Ok(httparse::Status::Partial) if buf.len() > HEADER_BYTES_MAX => {
             return Err(HttpError::HeadersTooLarge)

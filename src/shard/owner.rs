@@ -172,7 +172,7 @@ impl Shard {
                 event.level,
                 received_us,
             );
-            let event_id = Uuid::now_v7();
+            let event_id = crate::issues::new_id();
             let issue_id = issue.id;
             turn.touch(project_id, issue_id);
             if watched {
