@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::http::parse::Head;
 use crate::store::{KeyRow, ProjectRow, Scope};
+use crate::IdMap;
 
 /// Random bytes in a key: 24 bytes print as the 48 hex digits the key formats require.
 const KEY_RANDOM_BYTES: usize = 24;
@@ -101,14 +102,14 @@ pub enum Refusal {
 /// One shard's copy of every project and key.
 #[derive(Default)]
 pub struct Directory {
-    projects: HashMap<Uuid, Arc<ProjectRow>>,
+    projects: IdMap<Uuid, Arc<ProjectRow>>,
     slugs: HashMap<String, Uuid>,
-    keys_by_hash: HashMap<String, KeyEntry>,
-    key_rows: HashMap<Uuid, KeyRow>,
+    keys_by_hash: IdMap<String, KeyEntry>,
+    key_rows: IdMap<Uuid, KeyRow>,
     /// Hashes of plain keys already seen to be known, so a busy SDK's key is hashed once per
     /// shard rather than on every request. Only known keys enter, so its size is bounded by the
     /// number of keys, whatever strangers send.
-    known_hashes: std::cell::RefCell<HashMap<Box<str>, Box<str>>>,
+    known_hashes: std::cell::RefCell<IdMap<Box<str>, Box<str>>>,
 }
 
 impl Directory {
@@ -164,9 +165,13 @@ impl Directory {
     /// The live key entry for a plain key.
     pub fn key(&self, plain: Option<&str>) -> Result<&KeyEntry, Refusal> {
         let plain = plain.ok_or(Refusal::Unauthorized)?;
-        let memo = self.known_hashes.borrow().get(plain).cloned();
+        let memo = self
+            .known_hashes
+            .borrow()
+            .get(plain)
+            .map(|hash| self.keys_by_hash.get(&**hash));
         let entry = match memo {
-            Some(hash) => self.keys_by_hash.get(&*hash),
+            Some(entry) => entry,
             None => {
                 let hash = hash_key(plain);
                 let entry = self.keys_by_hash.get(&hash);

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::ingest::event::Level;
 use crate::store::IssueRow;
+use crate::IdMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -177,7 +178,7 @@ struct RateWindow {
 
 #[derive(Default)]
 pub struct ProjectState {
-    issues: HashMap<Uuid, Issue>,
+    issues: IdMap<Uuid, Issue>,
     by_fingerprint: HashMap<String, Uuid>,
     unresolved: u64,
     rate: RateWindow,

@@ -31,3 +31,9 @@ pub mod stream;
 pub mod ws;
 
 pub use server::io_uring_error;
+
+/// A hash map keyed by values the server made or already trusts (ids, known keys): a fast
+/// seeded hash. Maps whose keys come from what clients send keep the standard SipHash.
+pub type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set form of [`IdMap`].
+pub type IdSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -1,6 +1,5 @@
 //! Start-up and shutdown: storage, listeners, shard threads, signals.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::shard::mesh::{owner_of, ShardMsg, SHARD_QUEUE_MAX};
 use crate::shard::{self, ShardInit};
 use crate::store::{self, Snapshot, Store, WriterConfig};
+use crate::IdMap;
 
 /// Pending connections per listener before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 4096;
@@ -186,8 +186,8 @@ fn directory(snapshot: &Snapshot) -> Directory {
 }
 
 /// Each project's restored issue state goes to its owner shard.
-fn split_state(snapshot: &Snapshot, shard_count: usize) -> Vec<HashMap<uuid::Uuid, ProjectState>> {
-    let mut owned: Vec<HashMap<_, _>> = (0..shard_count).map(|_| HashMap::new()).collect();
+fn split_state(snapshot: &Snapshot, shard_count: usize) -> Vec<IdMap<uuid::Uuid, ProjectState>> {
+    let mut owned: Vec<IdMap<_, _>> = (0..shard_count).map(|_| IdMap::default()).collect();
     for project in &snapshot.projects {
         owned[owner_of(&project.id, shard_count)]
             .insert(project.id, ProjectState::new(shard_count));

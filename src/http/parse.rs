@@ -228,7 +228,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut connection_keep_alive = false;
     for slot in request.headers.iter() {
         let name = slot.name;
-        let value = String::from_utf8_lossy(slot.value);
+        // Checked whole first: the usual all-ASCII value is validated much faster than lossily.
+        let value = match std::str::from_utf8(slot.value) {
+            Ok(value) => std::borrow::Cow::Borrowed(value),
+            Err(_) => String::from_utf8_lossy(slot.value),
+        };
         if name.eq_ignore_ascii_case("content-length") {
             let length = parse_content_length(&value)?;
             if content_length.is_some_and(|earlier| earlier != length) {

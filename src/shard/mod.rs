@@ -8,7 +8,6 @@ pub mod owner;
 pub mod wheel;
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -29,6 +28,7 @@ use crate::metrics::{CloseReason, ConnKind, Metrics, ShardMetrics};
 use crate::store::{Ack, Change, EventRow, KeyRow, ProjectRow, Store};
 use crate::stream::{deliver_to, Filters, Published};
 use crate::ws::codec::{encode_close, CLOSE_GOING_AWAY};
+use crate::{IdMap, IdSet};
 use mesh::{Mesh, ShardMsg};
 use wheel::{TimerKey, TimerWheel};
 
@@ -101,10 +101,10 @@ pub struct Shard {
     pub counters: Arc<ShardMetrics>,
     pub directory: RefCell<Directory>,
     /// State of the projects this shard owns.
-    pub owned: RefCell<HashMap<Uuid, ProjectState>>,
+    pub owned: RefCell<IdMap<Uuid, ProjectState>>,
     pub conns: RefCell<Registry<ConnEntry>>,
     /// Welcomed local subscribers of each project.
-    pub subscribers: RefCell<HashMap<Uuid, Vec<ConnId>>>,
+    pub subscribers: RefCell<IdMap<Uuid, Vec<ConnId>>>,
     pub wheel: RefCell<TimerWheel<Timer>>,
     pub draining: Cell<bool>,
     /// What this reactor turn gives the store, handed over once at the end of the turn.
@@ -126,7 +126,7 @@ pub struct ShardInit {
     pub store: Store,
     pub metrics: Metrics,
     pub directory: Directory,
-    pub owned: HashMap<Uuid, ProjectState>,
+    pub owned: IdMap<Uuid, ProjectState>,
     /// Told when this shard has no connections left after `Drain`.
     pub drained: std::sync::mpsc::Sender<usize>,
 }
@@ -529,7 +529,7 @@ impl Shard {
 pub struct StoreTurn {
     /// (project, issue) in the order first touched.
     issues: Vec<(Uuid, Uuid)>,
-    touched: std::collections::HashSet<Uuid>,
+    touched: IdSet<Uuid>,
     events: Vec<EventRow>,
 }
 
@@ -570,7 +570,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             directory: RefCell::new(init.directory),
             owned: RefCell::new(init.owned),
             conns: RefCell::new(Registry::new()),
-            subscribers: RefCell::new(HashMap::new()),
+            subscribers: RefCell::default(),
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS)),
             draining: Cell::new(false),
             store_turn: RefCell::new(StoreTurn::default()),
