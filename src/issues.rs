@@ -233,6 +233,13 @@ impl ProjectState {
         Ok(())
     }
 
+    /// Returns what `take_rate` took at `now_us` for a request that was then refused.
+    pub fn give_back_rate(&mut self, limit_per_minute: u32, events: u64, now_us: i64) {
+        if limit_per_minute > 0 && self.rate.minute == now_us.div_euclid(60_000_000) {
+            self.rate.used = self.rate.used.saturating_sub(events);
+        }
+    }
+
     /// Whether an event with this fingerprint would be discarded (checked before any state changes).
     pub fn is_discarded(&self, fingerprint: &str) -> bool {
         self.by_fingerprint
@@ -284,6 +291,7 @@ impl ProjectState {
             Status::Unresolved | Status::Archived => Grouped::Counted,
         };
         issue.event_count += 1;
+        issue.first_seen_us = issue.first_seen_us.min(seen_us);
         issue.last_seen_us = issue.last_seen_us.max(seen_us);
         (grouped, issue)
     }
@@ -392,6 +400,10 @@ mod tests {
         assert_eq!(s.take_rate(2, 1, 61_000_000), Err(59));
         assert_eq!(s.take_rate(2, 1, 120_000_000), Ok(()));
         assert_eq!(s.take_rate(0, 1_000, 120_000_000), Ok(()));
+        s.give_back_rate(2, 1, 120_000_000);
+        assert_eq!(s.take_rate(2, 2, 121_000_000), Ok(()));
+        s.give_back_rate(2, 2, 121_000_000);
+        assert_eq!(s.take_rate(2, 2, 122_000_000), Ok(()));
     }
 
     #[test]

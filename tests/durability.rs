@@ -37,17 +37,22 @@ fn ingest_url(server: &Server) -> String {
 
 /// One event on a keep-alive agent: Some((status, body)) or None when the connection failed.
 fn send(agent: &ureq::Agent, url: &str, key: &str, event: &Value) -> Option<(u16, Value)> {
+    let reply = send_for_reply(agent, url, key, event)?;
+    Some((reply.status, reply.json()))
+}
+
+/// One event; the whole reply, headers included, or None when the exchange failed.
+fn send_for_reply(agent: &ureq::Agent, url: &str, key: &str, event: &Value) -> Option<HttpReply> {
     let auth = format!("Bearer {key}");
     let body = event.to_string();
-    let reply = try_http_exchange(
+    try_http_exchange(
         agent,
         "POST",
         url,
         &[("authorization", &auth)],
         Some(body.as_bytes()),
     )
-    .ok()?;
-    Some((reply.status, reply.json()))
+    .ok()
 }
 
 fn every_accepted_event_is_stored_at_sigterm(backend: Backend) {
@@ -479,12 +484,18 @@ fn postgres_restart_mid_load_loses_no_acknowledged_event() {
             Instant::now() < deadline,
             "no 503 while the database was down (ingest {ingest_refused}, health {health_down})"
         );
-        let (status, body) = send(&agent, &url, &project.ingest_key, &next_event())
+        let reply = send_for_reply(&agent, &url, &project.ingest_key, &next_event())
             .expect("the server answers while the database is down");
-        match status {
+        let body = reply.json();
+        match reply.status {
             202 => assert!(accepted.insert(body["event_id"].as_str().unwrap().to_string())),
             503 => {
-                assert!(body["error"].is_string(), "{body}");
+                assert_eq!(body, json!({"error": "overloaded"}));
+                let retry_after = reply.header("retry-after").expect("Retry-After on 503");
+                assert!(
+                    retry_after.trim().parse::<u64>().is_ok_and(|s| s >= 1),
+                    "{retry_after}"
+                );
                 ingest_refused = true;
             }
             other => panic!("unexpected {other}: {body}"),

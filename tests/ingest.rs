@@ -430,7 +430,39 @@ fn every_key_form_is_read(backend: Backend) {
         let (status, _, body) = read_response(&mut stream).expect("a response");
         assert_eq!(status, 202, "{header}: {}", String::from_utf8_lossy(&body));
     }
-    assert_eq!(server.event_total(&project), 10);
+
+    // Several forms at once: the first place in PROTOCOL order decides, the rest are ignored.
+    let key = project.ingest_key.as_str();
+    let bearer_unknown = format!("Bearer {unknown}");
+    let sentry_unknown = format!("Sentry sentry_key={unknown}");
+    let cases: [(&[(&str, &str)], String, u16); 4] = [
+        (
+            &[("authorization", &bearer_unknown)],
+            format!("?key={key}"),
+            401,
+        ),
+        (
+            &[("authorization", key), ("x-sentry-auth", &sentry_unknown)],
+            String::new(),
+            202,
+        ),
+        (&[("x-sentry-auth", &unknown)], format!("?key={key}"), 401),
+        (
+            &[("x-sentry-auth", key)],
+            format!("?key={unknown}&token={unknown}"),
+            202,
+        ),
+    ];
+    for (headers, query, expected) in cases {
+        let reply = server.request_with(
+            "POST",
+            &format!("/api/v1/events{query}"),
+            headers,
+            Some(br#"{"message":"several forms"}"#),
+        );
+        assert_eq!(reply.status, expected, "{headers:?} {query}");
+    }
+    assert_eq!(server.event_total(&project), 12);
 }
 
 fn keys_are_refused_by_scope_and_project(backend: Backend) {
@@ -625,7 +657,7 @@ fn bulk_is_all_or_nothing(backend: Backend) {
     assert_eq!(status, 400, "{body}");
     let error = error_of(&body);
     assert!(
-        error.starts_with("invalid event: ") && error.contains('2'),
+        error.starts_with("invalid event: index 2: "),
         "names the index: {error}"
     );
     let (status, body) = server.post(
@@ -634,7 +666,10 @@ fn bulk_is_all_or_nothing(backend: Backend) {
         &json!([{"message": "x", "level": "nope"}]),
     );
     assert_eq!(status, 400, "{body}");
-    assert!(error_of(&body).contains('0'), "{body}");
+    assert!(
+        error_of(&body).starts_with("invalid event: index 0: "),
+        "{body}"
+    );
     let reply = server.request(
         "POST",
         "/api/v1/events/bulk",
@@ -680,6 +715,14 @@ fn bulk_is_all_or_nothing(backend: Backend) {
     assert_eq!(body["results"].as_array().unwrap().len(), BULK_EVENTS_MAX);
     assert_eq!(server.all_issues(&project).len(), 6);
     assert_eq!(server.event_total(&project), 3 + BULK_EVENTS_MAX as u64);
+    // The store holds exactly the accepted events: none of the refused requests' elements.
+    let mut store = server.store_reader();
+    let stored = 3 + BULK_EVENTS_MAX as u64;
+    assert!(
+        wait_until(Duration::from_secs(10), || store.event_rows() == stored),
+        "{} rows stored, {stored} accepted",
+        store.event_rows()
+    );
 }
 
 /// Sends only a head with this Content-Length; the answer must come without any body sent.
@@ -894,15 +937,27 @@ fn rate_limit_answers_429_with_retry_after(backend: Backend) {
             .expect("whole seconds");
         assert!((1..=60).contains(&retry_after), "Retry-After {retry_after}");
     }
-    let (status, _) = server.post(
+    let reply = server.request(
+        "POST",
         "/api/v1/events/bulk",
         Some(&project.ingest_key),
-        &json!([{"message": "bulk too"}]),
+        Some(br#"[{"message":"bulk too"}]"#),
     );
-    assert_eq!(status, 429);
+    assert_eq!(reply.status, 429);
+    assert_eq!(reply.json(), json!({"error": "rate limited"}));
+    assert!(
+        reply.header("retry-after").is_some(),
+        "bulk 429 has Retry-After"
+    );
     let issues = server.all_issues(&project);
     assert_eq!(issues.len(), 3, "refused events stored nothing: {issues:?}");
     assert_eq!(server.event_total(&project), 3);
+    let mut store = server.store_reader();
+    assert!(
+        wait_until(Duration::from_secs(10), || store.event_rows() == 3),
+        "{} rows stored, 3 accepted",
+        store.event_rows()
+    );
     // Another project is not limited by this one.
     let other = server.project("Unlimited");
     for _ in 0..5 {
@@ -921,6 +976,8 @@ fn sampling_keeps_its_share(backend: Backend) {
             .0,
         200
     );
+    let (mut watcher, first) = server.subscribe(&project);
+    assert_eq!(first["count"], 0, "{first}");
     for i in 0..10 {
         let (status, body) = server.event(
             &project.ingest_key,
@@ -933,14 +990,12 @@ fn sampling_keeps_its_share(backend: Backend) {
         Some(&project.ingest_key),
         &json!([{"message": "a"}, {"message": "b"}]),
     );
-    assert_eq!(status, 202, "{body}");
-    assert!(
-        body["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|r| r.get("event_id").is_none()),
-        "{body}"
+    assert_eq!(
+        (status, body),
+        (
+            202,
+            json!({"status": "accepted", "results": [{"status": "sampled"}, {"status": "sampled"}]})
+        )
     );
     assert!(
         server.all_issues(&project).is_empty(),
@@ -961,6 +1016,23 @@ fn sampling_keeps_its_share(backend: Backend) {
         assert_accepted(status, &body);
     }
     assert_eq!(server.event_total(&project), 10);
+    // Nothing sampled out reached the stream: its first message is the first kept event's.
+    let created = next_json(&mut watcher);
+    assert_eq!(
+        (
+            &created["type"],
+            &created["action"],
+            &created["issue"]["title"]
+        ),
+        (&json!("issue"), &json!("created"), &json!("kept 0")),
+        "{created}"
+    );
+    let mut store = server.store_reader();
+    assert!(
+        wait_until(Duration::from_secs(10), || store.event_rows() == 10),
+        "{} rows stored, 10 kept",
+        store.event_rows()
+    );
 }
 
 fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
@@ -968,6 +1040,13 @@ fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
     // management change would wait that long for its commit.
     let server = Server::start_with(backend, &[]);
     let project = server.project("Overloaded");
+    let sampled_out = server.project("Sampled out");
+    let (status, body) = server.patch(
+        &format!("/api/v1/projects/{}", sampled_out.slug),
+        Some(ADMIN_TOKEN),
+        &json!({"sample_rate": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
     let server = server.restart_with(&[
         "--queue-events",
         "5",
@@ -1020,6 +1099,11 @@ fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
         &json!([{"message": "bulk"}]),
     );
     assert_eq!((status, body), (503, json!({"error": "overloaded"})));
+    // What would not be stored needs no room: sampling still answers while the queue is full.
+    assert_eq!(
+        server.event(&sampled_out.ingest_key, &json!({"message": "not kept"})),
+        (202, json!({"status": "sampled"}))
+    );
 
     // SIGTERM flushes every accepted event, and only those.
     let server = server.restart_with(&[]);

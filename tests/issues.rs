@@ -15,6 +15,7 @@ on_both_backends!(
     issue_routes_refuse_unknown_malformed_and_foreign_ids,
     listing_filters_and_cursor_pagination,
     issue_events_newest_first_with_limit,
+    event_timestamps_set_first_and_last_seen,
 );
 
 /// Sends one event and returns its issue id.
@@ -237,6 +238,24 @@ fn grouping_follows_the_four_rules(backend: Backend) {
         "inner spaces count"
     );
 
+    // The keys are exactly the texts PROTOCOL spells out: a custom fingerprint equal to a
+    // derived key lands in that key's issue.
+    for (key, expected) in [
+        ("app.js|checkout;lib.js|pay:card declined at dead", &stacked),
+        ("TypeError:bad pointer 7f3a", &exception),
+        ("msg:timeout at ff after 10 tries", &message),
+    ] {
+        assert_eq!(
+            &issue_of(
+                &server,
+                &project,
+                json!({"message": "spelled out", "fingerprint": key})
+            ),
+            expected,
+            "{key}"
+        );
+    }
+
     // The same event in another project is another issue.
     let other = server.project("Grouping Elsewhere");
     assert_ne!(
@@ -263,7 +282,7 @@ fn grouping_follows_the_four_rules(backend: Backend) {
             count(&exception),
             count(&message)
         ),
-        (2, 2, 2, 3, 3)
+        (2, 2, 3, 4, 4)
     );
 }
 
@@ -432,6 +451,13 @@ fn issue_routes_refuse_unknown_malformed_and_foreign_ids(backend: Backend) {
             let reply = server.request(method, &path, Some(&a.dashboard_key), Some(b"{}"));
             assert_eq!(reply.status, 400, "{method} {path}");
             assert!(reply.json()["error"].is_string());
+            // Without a key the answer is 401, whatever the path holds.
+            let reply = server.request(method, &path, None, Some(b"{}"));
+            assert_eq!(
+                (reply.status, reply.json()),
+                (401, json!({"error": "unauthorized"})),
+                "{method} {path} without a key"
+            );
         }
     }
     for (method, path) in paths(&id) {
@@ -693,4 +719,65 @@ fn issue_events_newest_first_with_limit(backend: Backend) {
         (Some(issue_id.as_str()), Some(6))
     );
     assert_eq!(issue["title"], "repeated failure");
+}
+
+fn event_timestamps_set_first_and_last_seen(backend: Backend) {
+    let server = Server::start_with(backend, &[]);
+    let project = server.project("Clocks");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let seen = |server: &Server, id: &str| {
+        let issue = get_issue(server, &project, id);
+        let at = |field: &str| {
+            time::OffsetDateTime::parse(
+                issue[field].as_str().unwrap(),
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap()
+            .unix_timestamp()
+        };
+        (at("first_seen"), at("last_seen"))
+    };
+    let hour_ago = time::OffsetDateTime::from_unix_timestamp(now - 3600)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let id = issue_of(
+        &server,
+        &project,
+        json!({"message": "clock", "timestamp": hour_ago}),
+    );
+    assert_eq!(seen(&server, &id), (now - 3600, now - 3600));
+    // Unix seconds; an older event moves first_seen back and leaves last_seen.
+    issue_of(
+        &server,
+        &project,
+        json!({"message": "clock", "timestamp": now - 7200}),
+    );
+    assert_eq!(seen(&server, &id), (now - 7200, now - 3600));
+    // A clock far off (a day ahead, 40 days behind) counts as the receive time.
+    issue_of(
+        &server,
+        &project,
+        json!({"message": "clock", "timestamp": now - 40 * 86_400}),
+    );
+    let (first, last) = seen(&server, &id);
+    assert_eq!(first, now - 7200);
+    assert!(
+        (now..now + 30).contains(&last),
+        "last_seen {last}, now {now}"
+    );
+    issue_of(
+        &server,
+        &project,
+        json!({"message": "clock", "timestamp": now + 86_400}),
+    );
+    let (_, last) = seen(&server, &id);
+    assert!(
+        (now..now + 30).contains(&last),
+        "last_seen {last}, now {now}"
+    );
+    let before = seen(&server, &id);
+    let server = server.restart();
+    assert_eq!(seen(&server, &id), before, "kept across a restart");
+    assert_eq!(get_issue(&server, &project, &id)["event_count"], 4);
 }

@@ -105,9 +105,9 @@ fn list_query(head: &Head) -> Result<ListQuery, Response> {
     })
 }
 
-/// The issue id from the path and the project of the dashboard key presented.
+/// The issue id from the path and the project of the dashboard key presented. The key is
+/// checked first: without a valid one the answer is 401 whatever the path holds.
 fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid), Response> {
-    let issue_id = Uuid::parse_str(id).map_err(|_| Response::error(400, "malformed issue id"))?;
     let key = presented_key(head);
     let project_id = shard
         .directory
@@ -115,6 +115,7 @@ fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid
         .authorize(key.as_deref(), Scope::Dashboard, None)
         .map_err(refusal)?
         .project_id;
+    let issue_id = Uuid::parse_str(id).map_err(|_| Response::error(400, "malformed issue id"))?;
     Ok((issue_id, project_id))
 }
 

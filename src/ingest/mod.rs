@@ -13,6 +13,8 @@ pub struct Incoming {
     pub title: String,
     pub level: Level,
     pub environment: Option<String>,
+    /// `timestamp` in microseconds since the Unix epoch, if the event has one.
+    pub timestamp_us: Option<i64>,
     /// The event as sent: the request bytes themselves for a single event, re-encoded for
     /// the elements of an array.
     pub json: Vec<u8>,
@@ -30,7 +32,30 @@ impl Incoming {
             title: event.title,
             level: event.level,
             environment: event.environment,
+            timestamp_us: event.timestamp_us,
             json,
+        }
+    }
+}
+
+/// How far ahead of the receive time an event's `timestamp` may be (clock skew).
+const TIMESTAMP_FUTURE_MAX_US: i64 = 60_000_000;
+/// How far behind the receive time an event's `timestamp` may be.
+const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
+
+impl Incoming {
+    /// When the event happened: its `timestamp`, or the receive time when it has none or when
+    /// the timestamp lies more than a minute ahead or 30 days behind (a client's clock is off),
+    /// so that one bad clock cannot pin an issue's first or last sight far in the past or future.
+    pub fn occurred_us(&self, received_us: i64) -> i64 {
+        match self.timestamp_us {
+            Some(at)
+                if at <= received_us.saturating_add(TIMESTAMP_FUTURE_MAX_US)
+                    && at >= received_us.saturating_sub(TIMESTAMP_PAST_MAX_US) =>
+            {
+                at
+            }
+            _ => received_us,
         }
     }
 }
@@ -62,5 +87,35 @@ pub fn decode_frame(body: Vec<u8>) -> Result<(Vec<Incoming>, bool), EventError> 
         ))
     } else {
         Ok((vec![decode_event(body)?], false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(timestamp: &str) -> Incoming {
+        decode_event(format!(r#"{{"message":"m","timestamp":{timestamp}}}"#).into_bytes()).unwrap()
+    }
+
+    #[test]
+    fn occurred_is_the_timestamp_within_the_skew_bounds() {
+        let received = 1_700_000_000_000_000;
+        assert_eq!(at("null").occurred_us(received), received);
+        assert_eq!(
+            at("1699999000").occurred_us(received),
+            1_699_999_000_000_000
+        );
+        assert_eq!(
+            at("1700000060").occurred_us(received),
+            1_700_000_060_000_000
+        );
+        // Over a minute ahead, or more than 30 days behind: the receive time.
+        assert_eq!(at("1700000061").occurred_us(received), received);
+        assert_eq!(at("1697407999").occurred_us(received), received);
+        assert_eq!(
+            at("1697408000").occurred_us(received),
+            1_697_408_000_000_000
+        );
     }
 }

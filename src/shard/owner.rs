@@ -131,11 +131,6 @@ impl Shard {
             return;
         };
         let batch = events.len() as u64;
-        if !self.store.has_room(events.len()) {
-            self.counters.rejected(Rejection::Overloaded, batch);
-            let _ = reply.send(IngestReply::Overloaded);
-            return;
-        }
         let shards = self.shard_count();
         let mut owned = self.owned.borrow_mut();
         let state = owned
@@ -148,20 +143,41 @@ impl Shard {
             let _ = reply.send(IngestReply::RateLimited { retry_after_s });
             return;
         }
+        // Sampled-out and discarded events are answered without storage, so only the rest
+        // need room in the queue; when it has none the request is refused whole (503) before
+        // any state changes, and gives its share of the rate limit back.
+        let skipped: Vec<Option<EventOutcome>> = events
+            .iter()
+            .map(|event| {
+                if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
+                    Some(EventOutcome::Sampled)
+                } else if state.is_discarded(&event.fingerprint) {
+                    Some(EventOutcome::Discarded)
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let to_store = skipped.iter().filter(|outcome| outcome.is_none()).count();
+        if to_store > 0 && !self.store.has_room(to_store) {
+            state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
+            self.counters.rejected(Rejection::Overloaded, batch);
+            let _ = reply.send(IngestReply::Overloaded);
+            return;
+        }
         let mut outcomes = Vec::with_capacity(events.len());
         let mut turn = self.store_turn.borrow_mut();
         // Stream messages are built only when someone watches the project.
         let watched = state.subscribers_by_shard.iter().any(|n| *n > 0);
         let mut items = Vec::new();
-        for event in events {
-            if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
-                self.counters.rejected(Rejection::Sampled, 1);
-                outcomes.push(EventOutcome::Sampled);
-                continue;
-            }
-            if state.is_discarded(&event.fingerprint) {
-                self.counters.rejected(Rejection::Discarded, 1);
-                outcomes.push(EventOutcome::Discarded);
+        for (event, skipped) in events.into_iter().zip(skipped) {
+            if let Some(outcome) = skipped {
+                let reason = match outcome {
+                    EventOutcome::Sampled => Rejection::Sampled,
+                    _ => Rejection::Discarded,
+                };
+                self.counters.rejected(reason, 1);
+                outcomes.push(outcome);
                 continue;
             }
             let count_before = state.unresolved_count();
@@ -170,7 +186,7 @@ impl Shard {
                 &event.fingerprint,
                 &event.title,
                 event.level,
-                received_us,
+                event.occurred_us(received_us),
             );
             let event_id = crate::issues::new_id();
             let issue_id = issue.id;
