@@ -19,6 +19,7 @@ on_both_backends!(
     rate_limit_answers_429_with_retry_after,
     sampling_keeps_its_share,
     full_storage_queue_answers_503_and_loses_nothing,
+    retention_days_removes_older_events,
 );
 
 /// Revocation must hold on every shard: this many fresh connections spread over both.
@@ -1112,4 +1113,43 @@ fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
         server.store_reader().event_ids(),
         accepted.iter().cloned().collect()
     );
+}
+
+fn retention_days_removes_older_events(backend: Backend) {
+    let server = Server::start_with(backend, &[]);
+    let project = server.project("Retained");
+    let kept_elsewhere = server.project("Retained Elsewhere");
+    let mut ids = Vec::new();
+    for (project, message) in [
+        (&project, "old"),
+        (&project, "old"),
+        (&project, "new"),
+        (&kept_elsewhere, "old"),
+    ] {
+        let (status, body) = server.event(&project.ingest_key, &json!({"message": message}));
+        assert_accepted(status, &body);
+        ids.push(body["event_id"].as_str().unwrap().to_string());
+    }
+    let mut store = server.store_reader();
+    assert!(wait_until(Duration::from_secs(10), || store.event_rows() == 4));
+    for (id, days) in [(&ids[0], 10), (&ids[1], 6), (&ids[3], 10)] {
+        store.backdate_event(id, days);
+    }
+    // A new retention applies right away, to that project's events only.
+    let (status, body) = server.patch(
+        &format!("/api/v1/projects/{}", project.slug),
+        Some(ADMIN_TOKEN),
+        &json!({"retention_days": 5}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["retention_days"], 5, "{body}");
+    assert!(
+        wait_until(Duration::from_secs(10), || store.event_rows() == 2),
+        "{} rows left",
+        store.event_rows()
+    );
+    let left = store.event_ids();
+    assert_eq!(left, [ids[2].clone(), ids[3].clone()].into_iter().collect());
+    // Issues keep their counts: retention removes stored events, not history.
+    assert_eq!(server.event_total(&project), 3);
 }

@@ -535,6 +535,14 @@ impl Writer {
                 events,
                 ack,
             } => {
+                // A project's settings may have changed its retention: apply it after this
+                // take's commit rather than at the next hourly pass.
+                if changes
+                    .iter()
+                    .any(|change| matches!(change, Change::Project(_)))
+                {
+                    self.next_maintain_at = Instant::now();
+                }
                 // Someone waiting for a commit rings the inbox and is committed at the end of
                 // this take; here only a batch at its size limit closes early.
                 self.pending.push(changes, events, ack);

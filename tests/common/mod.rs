@@ -572,6 +572,25 @@ impl StoreReader {
         }
     }
 
+    /// Moves a stored event's receive time `days` back, as if it had come in then.
+    pub fn backdate_event(&mut self, event_id: &str, days: i32) {
+        let changed = match self {
+            StoreReader::Sqlite(connection) => connection
+                .execute(
+                    "UPDATE events SET received_at_us = received_at_us - ?2 * 86400000000 WHERE id = ?1",
+                    rusqlite::params![uuid::Uuid::parse_str(event_id).unwrap().as_bytes().to_vec(), days],
+                )
+                .unwrap() as u64,
+            StoreReader::Postgres(client) => client
+                .execute(
+                    "UPDATE events SET received_at = received_at - $2::int4 * interval '1 day' WHERE id::text = $1",
+                    &[&event_id, &days],
+                )
+                .unwrap(),
+        };
+        assert_eq!(changed, 1, "event {event_id} is stored");
+    }
+
     /// Stored events (rows, duplicates included).
     pub fn event_rows(&mut self) -> u64 {
         match self {
