@@ -884,12 +884,56 @@ fn websocket_ingest_answers_every_frame(backend: Backend) {
         &pipelined[..],
         "frames are answered in order"
     );
+
+    // A refusal over the socket has the HTTP body: two events over a limit of one.
+    let (status, body) = server.patch(
+        &format!("/api/v1/projects/{}", project.slug),
+        Some(ADMIN_TOKEN),
+        &json!({"rate_limit_per_minute": 1}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let limited = ws_text(
+        &mut ws,
+        json!([{"message": "a"}, {"message": "b"}]).to_string(),
+    );
+    assert_eq!(limited, json!({"error": "rate limited"}));
     ws.close(None).ok();
     assert_eq!(
         server.event_total(&project),
         6,
-        "the bad frames stored nothing"
+        "the bad and refused frames stored nothing"
     );
+
+    // Revoking a key closes the ingest sockets opened with it (1008) and refuses new ones.
+    let (status, created) = server.post(
+        &format!("/api/v1/projects/{}/keys", project.slug),
+        Some(ADMIN_TOKEN),
+        &json!({"scope": "ingest"}),
+    );
+    assert_eq!(status, 201, "{created}");
+    let key_path = format!("/ingest?key={}", created["key"].as_str().unwrap());
+    let mut doomed = server.ws(&key_path).expect("upgrade with the new key");
+    let (status, body) = server.post(
+        &format!("/api/v1/keys/{}/revoke", created["id"].as_str().unwrap()),
+        Some(ADMIN_TOKEN),
+        &json!({}),
+    );
+    assert_eq!((status, body), (200, json!({"status": "ok"})));
+    loop {
+        match doomed.read() {
+            Ok(tungstenite::Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+                break;
+            }
+            Ok(tungstenite::Message::Ping(_)) => continue,
+            other => panic!("expected close 1008, got {other:?}"),
+        }
+    }
+    match server.ws(&key_path) {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status().as_u16(), 401),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("a revoked key was upgraded"),
+    }
 }
 
 /// Keeps a fixed per-minute window from rolling over in the middle of a short sequence.

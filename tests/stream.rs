@@ -12,8 +12,6 @@ use tungstenite::Message;
 
 /// Subscribers each test opens per project; more are opened until both shards have some.
 const SUBSCRIBERS_MIN: usize = 4;
-/// How long a revoked key may keep working (PROTOCOL.md: within one second), with slack.
-const REVOCATION_LIMIT: Duration = Duration::from_secs(5);
 
 fn stream_path(project: &Project) -> String {
     format!(
@@ -799,7 +797,8 @@ fn stream_refusals_come_before_the_upgrade() {
     assert_eq!((status, body), (200, json!({"status": "ok"})));
     let mut metrics = MetricsConn::open(&server);
     let before = metrics.accepted_by_shard();
-    let revoked_everywhere = wait_until(REVOCATION_LIMIT, || {
+    // PROTOCOL allows a second; the server applies a revocation on every shard before its 200.
+    let revoked_everywhere = {
         (0..4).all(|_| {
             let mut request = server.ws_url(&path(&key)).into_client_request().unwrap();
             request
@@ -812,7 +811,7 @@ fn stream_refusals_come_before_the_upgrade() {
                 _ => false,
             }
         })
-    });
+    };
     assert!(
         revoked_everywhere,
         "a revoked dashboard key still opens streams"
