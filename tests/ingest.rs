@@ -436,7 +436,8 @@ fn every_key_form_is_read(backend: Backend) {
     let key = project.ingest_key.as_str();
     let bearer_unknown = format!("Bearer {unknown}");
     let sentry_unknown = format!("Sentry sentry_key={unknown}");
-    let cases: [(&[(&str, &str)], String, u16); 4] = [
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Headers, String, u16); 4] = [
         (
             &[("authorization", &bearer_unknown)],
             format!("?key={key}"),
