@@ -944,7 +944,7 @@ fn away_from_a_minute_boundary() {
         .unwrap()
         .as_secs_f64()
         % 60.0;
-    if second > 55.0 {
+    if second > 45.0 {
         std::thread::sleep(Duration::from_secs_f64(60.5 - second));
     }
 }

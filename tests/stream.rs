@@ -808,7 +808,8 @@ fn stream_refusals_come_before_the_upgrade() {
                 Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
                     r.status().as_u16() == 401
                 }
-                _ => false,
+                Ok(_) => false,
+                Err(other) => panic!("upgrade with a revoked key: {other:?}"),
             }
         })
     };

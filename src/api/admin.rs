@@ -205,6 +205,7 @@ async fn update_project(
             .map(|p| (**p).clone())
             .ok_or_else(Response::not_found)?
     };
+    let retention_before = row.retention_days;
     for (name, value) in &body {
         match name.as_str() {
             "rate_limit_per_minute" => {
@@ -244,7 +245,11 @@ async fn update_project(
         }
     }
     let shown = project_json(&row);
+    let retention_shortened = row.retention_days < retention_before;
     publish_directory(shard, vec![Change::Project(row)]).await?;
+    if retention_shortened {
+        shard.store.apply_retention();
+    }
     Ok(Response::of(200, &shown))
 }
 

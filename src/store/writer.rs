@@ -107,6 +107,8 @@ enum Command {
         project_id: Option<Uuid>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// Run the retention pass after this take's commit instead of at the next hourly one.
+    ApplyRetention,
     Shutdown,
 }
 
@@ -300,6 +302,12 @@ impl Store {
         if let Err(Command::CountEvents { reply, .. }) = self.inner.commands.send(command) {
             let _ = reply.send(Err(self.closed_error("count events")));
         }
+    }
+
+    /// A project's retention was shortened: its old events go after the next commit rather
+    /// than at the next hourly pass.
+    pub fn apply_retention(&self) {
+        let _ = self.inner.commands.send(Command::ApplyRetention);
     }
 
     /// False from a failed commit until the next successful one.
@@ -535,14 +543,6 @@ impl Writer {
                 events,
                 ack,
             } => {
-                // A project's settings may have changed its retention: apply it after this
-                // take's commit rather than at the next hourly pass.
-                if changes
-                    .iter()
-                    .any(|change| matches!(change, Change::Project(_)))
-                {
-                    self.next_maintain_at = Instant::now();
-                }
                 // Someone waiting for a commit rings the inbox and is committed at the end of
                 // this take; here only a batch at its size limit closes early.
                 self.pending.push(changes, events, ack);
@@ -570,6 +570,7 @@ impl Writer {
                 let result = self.query(|backend| backend.count_events(project_id));
                 let _ = reply.send(result);
             }
+            Command::ApplyRetention => self.next_maintain_at = Instant::now(),
             Command::Shutdown => unreachable!("shutdown is handled by the loop"),
         }
     }
