@@ -533,6 +533,13 @@ fn postgres_restart_mid_load_loses_no_acknowledged_event() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Once the backlog of the outage is written, the queue (30) has room for all of these
+    // whatever the database's pace.
+    assert!(
+        wait_until(WAIT_LIMIT, || server.metric("mesher_storage_queue_events")
+            == 0.0),
+        "the outage's backlog was not written"
+    );
     for _ in 0..20 {
         let (status, body) =
             send(&agent, &url, &project.ingest_key, &next_event()).expect("answer");
