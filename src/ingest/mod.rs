@@ -20,6 +20,11 @@ pub struct Incoming {
     pub json: Vec<u8>,
 }
 
+/// How far ahead of the receive time an event's `timestamp` may be (clock skew).
+const TIMESTAMP_FUTURE_MAX_US: i64 = 60_000_000;
+/// How far behind the receive time an event's `timestamp` may be.
+const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
+
 impl Incoming {
     fn new(event: Event, raw: Option<Vec<u8>>) -> Incoming {
         let json = raw.unwrap_or_else(|| {
@@ -36,14 +41,7 @@ impl Incoming {
             json,
         }
     }
-}
 
-/// How far ahead of the receive time an event's `timestamp` may be (clock skew).
-const TIMESTAMP_FUTURE_MAX_US: i64 = 60_000_000;
-/// How far behind the receive time an event's `timestamp` may be.
-const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
-
-impl Incoming {
     /// When the event happened: its `timestamp`, or the receive time when it has none or when
     /// the timestamp lies more than a minute ahead or 30 days behind (a client's clock is off),
     /// so that one bad clock cannot pin an issue's first or last sight far in the past or future.
