@@ -718,13 +718,9 @@ fn bulk_is_all_or_nothing(backend: Backend) {
     assert_eq!(server.all_issues(&project).len(), 6);
     assert_eq!(server.event_total(&project), 3 + BULK_EVENTS_MAX as u64);
     // The store holds exactly the accepted events: none of the refused requests' elements.
-    let mut store = server.store_reader();
-    let stored = 3 + BULK_EVENTS_MAX as u64;
-    assert!(
-        wait_until(Duration::from_secs(10), || store.event_rows() == stored),
-        "{} rows stored, {stored} accepted",
-        store.event_rows()
-    );
+    server
+        .store_reader()
+        .assert_event_rows(3 + BULK_EVENTS_MAX as u64);
 }
 
 /// Sends only a head with this Content-Length; the answer must come without any body sent.
@@ -887,12 +883,7 @@ fn websocket_ingest_answers_every_frame(backend: Backend) {
     );
 
     // A refusal over the socket has the HTTP body: two events over a limit of one.
-    let (status, body) = server.patch(
-        &format!("/api/v1/projects/{}", project.slug),
-        Some(ADMIN_TOKEN),
-        &json!({"rate_limit_per_minute": 1}),
-    );
-    assert_eq!(status, 200, "{body}");
+    server.set_project(&project, json!({"rate_limit_per_minute": 1}));
     let limited = ws_text(
         &mut ws,
         json!([{"message": "a"}, {"message": "b"}]).to_string(),
@@ -952,12 +943,7 @@ fn away_from_a_minute_boundary() {
 fn rate_limit_answers_429_with_retry_after(backend: Backend) {
     let server = Server::start_with(backend, &[]);
     let project = server.project("Limited");
-    let (status, body) = server.patch(
-        &format!("/api/v1/projects/{}", project.slug),
-        Some(ADMIN_TOKEN),
-        &json!({"rate_limit_per_minute": 3}),
-    );
-    assert_eq!(status, 200, "{body}");
+    server.set_project(&project, json!({"rate_limit_per_minute": 3}));
     away_from_a_minute_boundary();
     for i in 0..3 {
         let (status, body) = server.event(
@@ -998,12 +984,7 @@ fn rate_limit_answers_429_with_retry_after(backend: Backend) {
     let issues = server.all_issues(&project);
     assert_eq!(issues.len(), 3, "refused events stored nothing: {issues:?}");
     assert_eq!(server.event_total(&project), 3);
-    let mut store = server.store_reader();
-    assert!(
-        wait_until(Duration::from_secs(10), || store.event_rows() == 3),
-        "{} rows stored, 3 accepted",
-        store.event_rows()
-    );
+    server.store_reader().assert_event_rows(3);
     // Another project is not limited by this one.
     let other = server.project("Unlimited");
     for _ in 0..5 {
@@ -1073,12 +1054,7 @@ fn sampling_keeps_its_share(backend: Backend) {
         (&json!("issue"), &json!("created"), &json!("kept 0")),
         "{created}"
     );
-    let mut store = server.store_reader();
-    assert!(
-        wait_until(Duration::from_secs(10), || store.event_rows() == 10),
-        "{} rows stored, 10 kept",
-        store.event_rows()
-    );
+    server.store_reader().assert_event_rows(10);
 }
 
 fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
@@ -1087,12 +1063,7 @@ fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
     let server = Server::start_with(backend, &[]);
     let project = server.project("Overloaded");
     let sampled_out = server.project("Sampled out");
-    let (status, body) = server.patch(
-        &format!("/api/v1/projects/{}", sampled_out.slug),
-        Some(ADMIN_TOKEN),
-        &json!({"sample_rate": 0}),
-    );
-    assert_eq!(status, 200, "{body}");
+    server.set_project(&sampled_out, json!({"sample_rate": 0}));
     let server = server.restart_with(&[
         "--queue-events",
         "5",
@@ -1176,23 +1147,14 @@ fn retention_days_removes_older_events(backend: Backend) {
         ids.push(body["event_id"].as_str().unwrap().to_string());
     }
     let mut store = server.store_reader();
-    assert!(wait_until(Duration::from_secs(10), || store.event_rows() == 4));
+    store.assert_event_rows(4);
     for (id, days) in [(&ids[0], 10), (&ids[1], 6), (&ids[3], 10)] {
         store.backdate_event(id, days);
     }
     // A new retention applies right away, to that project's events only.
-    let (status, body) = server.patch(
-        &format!("/api/v1/projects/{}", project.slug),
-        Some(ADMIN_TOKEN),
-        &json!({"retention_days": 5}),
-    );
-    assert_eq!(status, 200, "{body}");
+    let body = server.set_project(&project, json!({"retention_days": 5}));
     assert_eq!(body["retention_days"], 5, "{body}");
-    assert!(
-        wait_until(Duration::from_secs(10), || store.event_rows() == 2),
-        "{} rows left",
-        store.event_rows()
-    );
+    store.assert_event_rows(2);
     let left = store.event_ids();
     assert_eq!(left, [ids[2].clone(), ids[3].clone()].into_iter().collect());
     // Issues keep their counts: retention removes stored events, not history.

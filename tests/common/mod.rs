@@ -249,6 +249,17 @@ impl Server {
         }
     }
 
+    /// PATCHes a project's settings with the admin token; the answer must be 200.
+    pub fn set_project(&self, project: &Project, settings: Value) -> Value {
+        let (status, body) = self.patch(
+            &format!("/api/v1/projects/{}", project.slug),
+            Some(ADMIN_TOKEN),
+            &settings,
+        );
+        assert_eq!(status, 200, "{settings}: {body}");
+        body
+    }
+
     pub fn event(&self, key: &str, event: &Value) -> (u16, Value) {
         self.post("/api/v1/events", Some(key), event)
     }
@@ -589,6 +600,16 @@ impl StoreReader {
                 .unwrap(),
         };
         assert_eq!(changed, 1, "event {event_id} is stored");
+    }
+
+    /// Waits (up to 10 s) until the store holds exactly `expected` event rows.
+    pub fn assert_event_rows(&mut self, expected: u64) {
+        let settled = wait_until(Duration::from_secs(10), || self.event_rows() == expected);
+        assert!(
+            settled,
+            "{} event rows stored, {expected} expected",
+            self.event_rows()
+        );
     }
 
     /// Stored events (rows, duplicates included).
