@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The request budget of this machine beside mesher's own figures, in requests per server
 # CPU-second: the io_uring ceiling (examples/uring_ceiling.rs, a reply per request and nothing
-# else), mesher's GET /health, and mesher's POST /api/v1/events with ~1 KiB events on the
-# embedded SQLite store. Server on CPU 0, wrk on CPU 1, keep-alive, 64 connections.
+# else) for GET and for the same ~1 KiB POST that mesher ingests (what receiving the body costs
+# the kernel alone), mesher's GET /health, and mesher's POST /api/v1/events with ~1 KiB events
+# on the embedded SQLite store. The ratios are over the GET ceiling. Server on CPU 0, wrk on
+# CPU 1, keep-alive, 64 connections.
 #
-# The three run in turn, RUNS rounds, so that each round sees the same machine (it is shared
+# The four run in turn, RUNS rounds, so that each round sees the same machine (it is shared
 # and its speed drifts); each figure is the median over the rounds, and the last column is that
 # median over the ceiling's. Ingest CPU is read after the store has written every accepted
 # event, so it includes the cost of storing them. Prints a markdown table.
@@ -66,6 +68,7 @@ measure() {
 
 for _ in $(seq "$runs"); do
   measure ceiling "$ceiling" "http://127.0.0.1:19001/"
+  measure ceiling_post "$ceiling" "http://127.0.0.1:19001/" -s "$work/post.lua"
   measure health "$mesher" "http://127.0.0.1:19002/health"
   measure ingest "$mesher" "http://127.0.0.1:19002/api/v1/events" -s "$work/post.lua"
 done
@@ -82,5 +85,6 @@ row() {
   }
 }
 row "io_uring ceiling (fixed reply)" ceiling
+row "io_uring ceiling, sent the ingest POST" ceiling_post
 row "mesher GET /health" health
 row "mesher POST /api/v1/events (~1 KiB, SQLite)" ingest

@@ -3,6 +3,7 @@
 //! The directory is small and read on every request, so every shard keeps its own copy and
 //! applies changes broadcast over the mesh: lookups take no lock and touch no other core.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -35,8 +36,9 @@ pub fn hash_key(plain: &str) -> String {
     hex::encode(Sha256::digest(plain.as_bytes()))
 }
 
-/// The key a request presents, from the first place that has one (PROTOCOL section 2).
-pub fn presented_key(head: &Head) -> Option<String> {
+/// The key a request presents, from the first place that has one (PROTOCOL section 2);
+/// borrowed from the head unless it had to be decoded from the query.
+pub fn presented_key(head: &Head) -> Option<Cow<'_, str>> {
     if let Some(value) = head.header("authorization") {
         let value = value.trim();
         let key = match value.split_once(' ') {
@@ -44,31 +46,32 @@ pub fn presented_key(head: &Head) -> Option<String> {
             _ => value,
         };
         if !key.is_empty() {
-            return Some(key.to_string());
+            return Some(Cow::Borrowed(key));
         }
     }
     if let Some(value) = head.header("x-sentry-auth") {
         if let Some(key) = sentry_key(value) {
-            return Some(key);
+            return Some(Cow::Borrowed(key));
         }
     }
     ["key", "token", "sentry_key"]
         .iter()
         .find_map(|name| head.query_param(name).filter(|v| !v.is_empty()))
+        .map(Cow::Owned)
 }
 
 /// `KEY` (Mesher style) or `Sentry sentry_key=KEY, sentry_version=7, ...` (Sentry style).
-fn sentry_key(value: &str) -> Option<String> {
+fn sentry_key(value: &str) -> Option<&str> {
     let value = value.trim();
     let Some(rest) = value
         .strip_prefix("Sentry ")
         .or_else(|| value.strip_prefix("sentry "))
     else {
-        return (!value.is_empty() && !value.contains(' ')).then(|| value.to_string());
+        return (!value.is_empty() && !value.contains(' ')).then_some(value);
     };
     rest.split(',').find_map(|part| {
         let (name, key) = part.trim().split_once('=')?;
-        (name.trim() == "sentry_key" && !key.trim().is_empty()).then(|| key.trim().to_string())
+        (name.trim() == "sentry_key" && !key.trim().is_empty()).then(|| key.trim())
     })
 }
 
@@ -208,10 +211,9 @@ mod tests {
 
     #[test]
     fn sentry_header_forms() {
-        assert_eq!(sentry_key("mshr_abc").as_deref(), Some("mshr_abc"));
+        assert_eq!(sentry_key("mshr_abc"), Some("mshr_abc"));
         assert_eq!(
-            sentry_key("Sentry sentry_version=7, sentry_key=mshr_abc, sentry_client=x/1")
-                .as_deref(),
+            sentry_key("Sentry sentry_version=7, sentry_key=mshr_abc, sentry_client=x/1"),
             Some("mshr_abc")
         );
         assert_eq!(sentry_key("Sentry sentry_version=7"), None);

@@ -181,6 +181,8 @@ pub struct ProjectState {
     issues: IdMap<Uuid, Issue>,
     by_fingerprint: HashMap<String, Uuid>,
     unresolved: u64,
+    /// Discarded issues: while there are none, no event needs the check before grouping.
+    discarded: u64,
     rate: RateWindow,
     /// Stream subscribers of this project on each shard; fan-out goes to shards with any.
     pub subscribers_by_shard: Vec<u32>,
@@ -195,8 +197,10 @@ impl ProjectState {
     }
 
     pub fn restore(&mut self, issue: Issue) {
-        if issue.status == Status::Unresolved {
-            self.unresolved += 1;
+        match issue.status {
+            Status::Unresolved => self.unresolved += 1,
+            Status::Discarded => self.discarded += 1,
+            Status::Resolved | Status::Archived => {}
         }
         self.by_fingerprint
             .insert(issue.fingerprint.clone(), issue.id);
@@ -240,12 +244,18 @@ impl ProjectState {
         }
     }
 
+    pub fn has_discarded(&self) -> bool {
+        self.discarded > 0
+    }
+
     /// Whether an event with this fingerprint would be discarded (checked before any state changes).
     pub fn is_discarded(&self, fingerprint: &str) -> bool {
-        self.by_fingerprint
-            .get(fingerprint)
-            .and_then(|id| self.issues.get(id))
-            .is_some_and(|issue| issue.status == Status::Discarded)
+        self.has_discarded()
+            && self
+                .by_fingerprint
+                .get(fingerprint)
+                .and_then(|id| self.issues.get(id))
+                .is_some_and(|issue| issue.status == Status::Discarded)
     }
 
     /// Groups one event into its issue; returns what happened and the issue.
@@ -302,11 +312,15 @@ impl ProjectState {
         if issue.status == status {
             return Some((false, issue));
         }
-        if issue.status == Status::Unresolved {
-            self.unresolved -= 1;
+        match issue.status {
+            Status::Unresolved => self.unresolved -= 1,
+            Status::Discarded => self.discarded -= 1,
+            Status::Resolved | Status::Archived => {}
         }
-        if status == Status::Unresolved {
-            self.unresolved += 1;
+        match status {
+            Status::Unresolved => self.unresolved += 1,
+            Status::Discarded => self.discarded += 1,
+            Status::Resolved | Status::Archived => {}
         }
         issue.status = status;
         Some((true, issue))
@@ -391,6 +405,20 @@ mod tests {
             Grouped::Discarded
         );
         assert_eq!(s.issue(&id).unwrap().event_count, 4);
+        assert!(s.has_discarded());
+        s.set_status(&id, Status::Unresolved);
+        assert!(!s.has_discarded() && !s.is_discarded("fp"));
+    }
+
+    #[test]
+    fn restored_discarded_issues_are_known_as_discarded() {
+        let (mut source, p) = state();
+        let id = source.group(p, "fp", "boom", Level::Error, 1).1.id;
+        source.set_status(&id, Status::Discarded);
+        let (mut restored, _) = state();
+        restored.restore(source.issue(&id).unwrap().clone());
+        assert!(restored.has_discarded() && restored.is_discarded("fp"));
+        assert_eq!(restored.unresolved_count(), 0);
     }
 
     #[test]

@@ -162,7 +162,7 @@ fn issue(project: &ProjectRow, fingerprint: &str) -> IssueRow {
         project_id: project.id,
         fingerprint: fingerprint.to_string(),
         title: format!("Title of {fingerprint}"),
-        level: "error".to_string(),
+        level: "error".into(),
         status: "unresolved".to_string(),
         event_count: 1,
         first_seen_us: BASE_US,
@@ -175,7 +175,7 @@ fn event(issue: &IssueRow, received_at_us: i64, payload: &str) -> EventRow {
         id: Uuid::now_v7(),
         project_id: issue.project_id,
         issue_id: issue.id,
-        level: "error".to_string(),
+        level: "error".into(),
         received_at_us,
         payload: payload.to_string(),
     }

@@ -94,13 +94,17 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
             Response::of(202, &json!({ "status": "accepted", "results": results }))
         }
         IngestReply::Done(outcomes) => match outcomes.first() {
-            // The hot path's answer, written directly: ids are plain hex and dashes.
-            Some(EventOutcome::Accepted { event_id, issue_id }) => Response::json(
-                202,
-                format!(
-                    r#"{{"status":"accepted","event_id":"{event_id}","issue_id":"{issue_id}"}}"#
-                ),
-            ),
+            // The hot path's answer, written directly (no `fmt`): ids are plain hex and dashes.
+            Some(EventOutcome::Accepted { event_id, issue_id }) => {
+                let mut body = Vec::with_capacity(128);
+                let mut id = Uuid::encode_buffer();
+                body.extend_from_slice(br#"{"status":"accepted","event_id":""#);
+                body.extend_from_slice(event_id.hyphenated().encode_lower(&mut id).as_bytes());
+                body.extend_from_slice(br#"","issue_id":""#);
+                body.extend_from_slice(issue_id.hyphenated().encode_lower(&mut id).as_bytes());
+                body.extend_from_slice(br#""}"#);
+                Response::json(202, body)
+            }
             Some(EventOutcome::Sampled) => Response::json(202, r#"{"status":"sampled"}"#),
             Some(EventOutcome::Discarded) => Response::json(202, r#"{"status":"discarded"}"#),
             None => Response::error(500, "no outcome for the event"),

@@ -43,10 +43,19 @@ pub enum NoRoute {
     MethodNotAllowed(&'static str),
 }
 
+/// Segments of the longest route's path (`/api/v1/issues/:id/resolve`).
+const SEGMENTS_MAX: usize = 5;
+
 pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Split onto the stack: a longer path matches no route.
+    let mut segments = [""; SEGMENTS_MAX];
+    let mut count = 0;
+    for segment in path.trim_start_matches('/').split('/') {
+        *segments.get_mut(count).ok_or(NoRoute::NotFound)? = segment;
+        count += 1;
+    }
     // (allowed methods, route for the request's method)
-    let (allow, found): (&'static str, Option<Route<'a>>) = match segments.as_slice() {
+    let (allow, found): (&'static str, Option<Route<'a>>) = match &segments[..count] {
         ["health"] => ("GET", get(method, Route::Health)),
         ["metrics"] => ("GET", get(method, Route::Metrics)),
         ["ingest"] => ("GET", get(method, Route::IngestSocket)),
@@ -135,5 +144,10 @@ mod tests {
             Err(NoRoute::MethodNotAllowed("GET, POST"))
         );
         assert_eq!(route("GET", "/stream/projects/"), Err(NoRoute::NotFound));
+        assert_eq!(
+            route("POST", "/api/v1/issues/abc/resolve/more"),
+            Err(NoRoute::NotFound)
+        );
+        assert_eq!(route("GET", "/a/b/c/d/e/f/g/h"), Err(NoRoute::NotFound));
     }
 }

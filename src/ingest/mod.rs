@@ -17,7 +17,7 @@ pub struct Incoming {
     pub timestamp_us: Option<i64>,
     /// The event as sent: the request bytes themselves for a single event, re-encoded for
     /// the elements of an array.
-    pub json: Vec<u8>,
+    pub json: String,
 }
 
 /// How far ahead of the receive time an event's `timestamp` may be (clock skew).
@@ -26,11 +26,12 @@ const TIMESTAMP_FUTURE_MAX_US: i64 = 60_000_000;
 const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
 
 impl Incoming {
-    fn new(event: Event, raw: Option<Vec<u8>>) -> Incoming {
+    /// `raw`: the bytes `event` was parsed from, when they are to be kept as sent.
+    fn new(event: Event, raw: Option<String>) -> Incoming {
         let json = raw.unwrap_or_else(|| {
             let mut json = Vec::with_capacity(512);
             event.write_json(&mut json);
-            json
+            String::from_utf8(json).expect("JSON is written from strings")
         });
         Incoming {
             fingerprint: event.fingerprint,
@@ -60,11 +61,28 @@ impl Incoming {
 
 /// One event object; its bytes are kept exactly as sent.
 pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
-    // simd-json parses in place, so it works on a copy and the original stays verbatim.
-    let mut scratch = body.clone();
-    let event = parse_event(&mut scratch)?;
-    Ok(Incoming::new(event, Some(body)))
+    thread_local! {
+        /// simd-json parses in place, so it works on a copy, kept per thread so that an event
+        /// costs no allocation for it; the original stays verbatim.
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        scratch.clear();
+        scratch.extend_from_slice(&body);
+        let event = parse_event(scratch)?;
+        // SAFETY: simd-json accepted these very bytes (their copy), and it refuses any input
+        // that is not UTF-8 as a whole, not only inside strings.
+        let json = unsafe { String::from_utf8_unchecked(body) };
+        let incoming = Incoming::new(event, Some(json));
+        if scratch.capacity() > SCRATCH_BYTES_KEPT_MAX {
+            *scratch = Vec::new();
+        }
+        Ok(incoming)
+    })
 }
+
+/// A scratch copy grown past this by a large event is not kept for the next one.
+const SCRATCH_BYTES_KEPT_MAX: usize = 64 * 1024;
 
 /// A JSON array of events (bulk).
 pub fn decode_bulk(mut body: Vec<u8>) -> Result<Vec<Incoming>, EventError> {

@@ -145,20 +145,27 @@ impl Shard {
         }
         // Sampled-out and discarded events are answered without storage, so only the rest
         // need room in the queue; when it has none the request is refused whole (503) before
-        // any state changes, and gives its share of the rate limit back.
-        let skipped: Vec<Option<EventOutcome>> = events
-            .iter()
-            .map(|event| {
-                if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
-                    Some(EventOutcome::Sampled)
-                } else if state.is_discarded(&event.fingerprint) {
-                    Some(EventOutcome::Discarded)
-                } else {
-                    None
-                }
-            })
-            .collect();
-        let to_store = skipped.iter().filter(|outcome| outcome.is_none()).count();
+        // any state changes, and gives its share of the rate limit back. Empty when the project
+        // samples nothing out and discards nothing.
+        let skipped: Vec<Option<EventOutcome>> = if project.sample_rate < 1.0
+            || state.has_discarded()
+        {
+            events
+                .iter()
+                .map(|event| {
+                    if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
+                        Some(EventOutcome::Sampled)
+                    } else if state.is_discarded(&event.fingerprint) {
+                        Some(EventOutcome::Discarded)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let to_store = events.len() - skipped.iter().filter(|o| o.is_some()).count();
         if to_store > 0 && !self.store.has_room(to_store) {
             state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
             self.counters.rejected(Rejection::Overloaded, batch);
@@ -170,8 +177,8 @@ impl Shard {
         // Stream messages are built only when someone watches the project.
         let watched = state.subscribers_by_shard.iter().any(|n| *n > 0);
         let mut items = Vec::new();
-        for (event, skipped) in events.into_iter().zip(skipped) {
-            if let Some(outcome) = skipped {
+        for (index, event) in events.into_iter().enumerate() {
+            if let Some(outcome) = skipped.get(index).copied().flatten() {
                 let reason = match outcome {
                     EventOutcome::Sampled => Rejection::Sampled,
                     _ => Rejection::Discarded,
@@ -211,7 +218,7 @@ impl Shard {
                 items.push(stream::event_message(
                     event_id,
                     issue_id,
-                    &event.json,
+                    event.json.as_bytes(),
                     attributes,
                 ));
                 if state.unresolved_count() != count_before {
@@ -225,9 +232,9 @@ impl Shard {
                 id: event_id,
                 project_id,
                 issue_id,
-                level: event.level.as_str().to_string(),
+                level: event.level.as_str().into(),
                 received_at_us: received_us,
-                payload: String::from_utf8(event.json).expect("event JSON was validated as UTF-8"),
+                payload: event.json,
             });
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }
@@ -239,9 +246,13 @@ impl Shard {
         self.counters
             .events_accepted
             .fetch_add(accepted as u64, Relaxed);
-        let subscribers_by_shard = state.subscribers_by_shard.clone();
-        drop(owned);
-        self.fan_out(project_id, &subscribers_by_shard, items);
+        if !items.is_empty() {
+            let subscribers_by_shard = state.subscribers_by_shard.clone();
+            drop(owned);
+            self.fan_out(project_id, &subscribers_by_shard, items);
+        } else {
+            drop(owned);
+        }
         // Room was checked above; another shard may have filled the queue since, by at most a
         // batch each, which `submit` absorbs rather than lose what was grouped and streamed.
         if accepted > 0 && self.config.ack == AckMode::Durable {

@@ -16,6 +16,7 @@ mod postgres;
 mod sqlite;
 mod writer;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
@@ -97,7 +98,8 @@ pub struct EventRow {
     pub id: Uuid,
     pub project_id: Uuid,
     pub issue_id: Uuid,
-    pub level: String,
+    /// Borrowed from the level names when the row is written, owned when it is read back.
+    pub level: Cow<'static, str>,
     pub received_at_us: i64,
     /// The event JSON as the client sent it.
     pub payload: String,

@@ -582,7 +582,7 @@ impl Backend for PostgresBackend {
                     id: parse_uuid(row.get(0), operation)?,
                     project_id: parse_uuid(row.get(1), operation)?,
                     issue_id: parse_uuid(row.get(2), operation)?,
-                    level: row.get(3),
+                    level: Cow::Owned(row.get(3)),
                     received_at_us: row.get(4),
                     payload: row.get(5),
                 })
@@ -963,7 +963,7 @@ mod tests {
             id: Uuid::from_u128(1),
             project_id: Uuid::from_u128(2),
             issue_id: Uuid::from_u128(3),
-            level: "error".to_string(),
+            level: "error".into(),
             received_at_us: POSTGRES_EPOCH_UNIX_US + 5,
             // JSON text: a NUL in a client's string arrives escaped, and is stored as sent.
             payload: "{\"m\":\"a\\u0000b\"}".to_string(),

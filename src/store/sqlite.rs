@@ -1,6 +1,7 @@
 //! The embedded default backend: one SQLite file in WAL mode. Ids are 16-byte blobs, times are
 //! integer microseconds since the Unix epoch.
 
+use std::borrow::Cow;
 use std::ffi::{c_int, CString};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -446,7 +447,7 @@ impl Backend for SqliteBackend {
                         id: Uuid::from_bytes(row.get(0)?),
                         project_id: Uuid::from_bytes(row.get(1)?),
                         issue_id: Uuid::from_bytes(row.get(2)?),
-                        level: row.get(3)?,
+                        level: Cow::Owned(row.get(3)?),
                         received_at_us: row.get(4)?,
                         payload: row.get(5)?,
                     })

@@ -777,7 +777,7 @@ mod tests {
             id: Uuid::now_v7(),
             project_id: Uuid::nil(),
             issue_id: Uuid::nil(),
-            level: "error".to_string(),
+            level: "error".into(),
             received_at_us: 0,
             payload: "{}".to_string(),
         })]
