@@ -2,8 +2,9 @@
 # Sustained ingest into PostgreSQL: mesher on CPU 0 with --database-url, wrk on CPU 1 posting
 # ~1 KiB events over 64 keep-alive connections for SECONDS; then the events committed per
 # second (counted in the database) beside the raw COPY rate of the same rows on the same server.
-# The same run first measures the minimal io_uring server (examples/uring_ceiling.rs) the same
-# way, so accepted events per CPU-second can be compared with the cost of answering a request.
+# The same run measures the minimal io_uring server (examples/uring_ceiling.rs) the same way,
+# before and after the ingest (this machine's speed drifts within minutes), so accepted events
+# per CPU-second can be compared with the mean cost of answering a request around them.
 #
 # Usage: scripts/ingest_pg.sh [seconds]   (default 60; DATABASE_URL or 127.0.0.1:5432/test)
 set -euo pipefail
@@ -28,16 +29,21 @@ trap cleanup EXIT
 psql "$base_url" -qc "CREATE SCHEMA $schema"
 hz=$(getconf CLK_TCK)
 
-taskset -c 0 target/release/examples/uring_ceiling 127.0.0.1:19051 2>/dev/null &
-ceiling_pid=$!
-sleep 0.5
 ceiling_secs=$(( secs < 20 ? secs : 20 ))
-ceiling_before=$(awk '{print $14 + $15}' "/proc/$ceiling_pid/stat")
-taskset -c 1 wrk -t1 -c64 -d"${ceiling_secs}s" http://127.0.0.1:19051/ > "$work/ceiling.txt"
-ceiling_after=$(awk '{print $14 + $15}' "/proc/$ceiling_pid/stat")
-kill "$ceiling_pid"; ceiling_pid=""
-ceiling_rps=$(awk '/Requests\/sec/ {print $2}' "$work/ceiling.txt")
-ceiling_per_cpu=$(echo "$ceiling_rps * $ceiling_secs * $hz / ($ceiling_after - $ceiling_before)" | bc -l)
+# Requests per CPU-second of the minimal server, measured now.
+measure_ceiling() {
+  taskset -c 0 target/release/examples/uring_ceiling 127.0.0.1:19051 2>/dev/null &
+  ceiling_pid=$!
+  sleep 0.5
+  local before after rps
+  before=$(awk '{print $14 + $15}' "/proc/$ceiling_pid/stat")
+  taskset -c 1 wrk -t1 -c64 -d"${ceiling_secs}s" http://127.0.0.1:19051/ > "$work/ceiling.txt"
+  after=$(awk '{print $14 + $15}' "/proc/$ceiling_pid/stat")
+  kill "$ceiling_pid"; ceiling_pid=""
+  rps=$(awk '/Requests\/sec/ {print $2}' "$work/ceiling.txt")
+  echo "$rps * $ceiling_secs * $hz / ($after - $before)" | bc -l
+}
+ceiling_first=$(measure_ceiling)
 events() { psql "$url" -tAc "SELECT count(*) FROM events"; }
 
 taskset -c 0 target/release/mesher serve --listen 127.0.0.1:19050 --shards 1 --data-dir "$work/data" \
@@ -57,22 +63,28 @@ rows_before=$(events)
 cpu_before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
 started=$(date +%s.%N)
 taskset -c 1 wrk -t1 -c64 -d"${secs}s" -s "$work/post.lua" http://127.0.0.1:19050/api/v1/events > "$work/wrk.txt"
-cpu_after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-# Everything accepted is committed within the flush interval; wait for the queue to empty.
+# Everything accepted is committed within the flush interval; wait for the queue to empty, so
+# that the CPU read below includes storing every accepted event.
 for _ in $(seq 100); do
   depth=$(curl -s http://127.0.0.1:19050/metrics | awk '/^mesher_storage_queue_events/ {print $2}')
   [ "$depth" = 0 ] && break; sleep 0.1
 done
+cpu_after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
 ended=$(date +%s.%N)
 rows_after=$(events)
 rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
 non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.txt")
 cpu=$(echo "($cpu_after - $cpu_before) / $hz" | bc -l)
 committed=$(( rows_after - rows_before ))
+# Mesher stops first, so that the second measurement has CPU 0 to itself as the first had.
+kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+ceiling_last=$(measure_ceiling)
+ceiling_per_cpu=$(echo "($ceiling_first + $ceiling_last) / 2" | bc -l)
 echo "| measure | value |"
 echo "|---|---|"
 printf '| accepted events/s (wrk, %ss, 64 connections) | %.0f |\n' "$secs" "$rps"
-printf '| minimal io_uring server, requests per server CPU-second (%ss) | %.0f |\n' "$ceiling_secs" "$ceiling_per_cpu"
+printf '| minimal io_uring server, requests per server CPU-second (%ss before, %ss after; mean) | %.0f, %.0f; %.0f |\n' \
+  "$ceiling_secs" "$ceiling_secs" "$ceiling_first" "$ceiling_last" "$ceiling_per_cpu"
 per_cpu=$(echo "$rps * $secs / $cpu" | bc -l)
 printf '| accepted events per server CPU-second | %.0f |\n' "$per_cpu"
 printf '| ratio to the minimal server | %.2f |\n' "$(echo "$per_cpu / $ceiling_per_cpu" | bc -l)"
