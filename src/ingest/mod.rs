@@ -69,15 +69,16 @@ pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.clear();
         scratch.extend_from_slice(&body);
-        let event = parse_event(scratch)?;
-        // SAFETY: simd-json accepted these very bytes (their copy), and it refuses any input
-        // that is not UTF-8 as a whole, not only inside strings.
-        let json = unsafe { String::from_utf8_unchecked(body) };
-        let incoming = Incoming::new(event, Some(json));
+        let decoded = parse_event(scratch).map(|event| {
+            // SAFETY: simd-json accepted these very bytes (their copy), and it refuses any
+            // input that is not UTF-8 as a whole, not only inside strings.
+            let json = unsafe { String::from_utf8_unchecked(body) };
+            Incoming::new(event, Some(json))
+        });
         if scratch.capacity() > SCRATCH_BYTES_KEPT_MAX {
             *scratch = Vec::new();
         }
-        Ok(incoming)
+        decoded
     })
 }
 
@@ -112,6 +113,22 @@ mod tests {
 
     fn at(timestamp: &str) -> Incoming {
         decode_event(format!(r#"{{"message":"m","timestamp":{timestamp}}}"#).into_bytes()).unwrap()
+    }
+
+    #[test]
+    fn single_events_keep_their_bytes_as_sent_whatever_came_before() {
+        let escaped = br#"{ "message" : "caf\u00e9 \"x\"", "level":"info" }"#;
+        let large = format!(r#"{{"message":"big","pad":"{}"}}"#, "y".repeat(100_000));
+        assert!(decode_event(b"{\"message\":".to_vec()).is_err());
+        assert_eq!(
+            decode_event(large.clone().into_bytes()).unwrap().json,
+            large
+        );
+        let event = decode_event(escaped.to_vec()).unwrap();
+        assert_eq!(event.json.as_bytes(), escaped);
+        assert_eq!(event.title, "café \"x\"");
+        let not_utf8 = [&br#"{"message":"a"#[..], &[0xff], br#""}"#].concat();
+        assert!(matches!(decode_event(not_utf8), Err(EventError::Json(_))));
     }
 
     #[test]
