@@ -100,7 +100,8 @@ impl Shard {
             .or_insert_with(|| ProjectState::new(shards)))
     }
 
-    /// Sends a project's new messages to every shard with subscribers of it.
+    /// Sends a project's new messages to every shard with subscribers of it. Sending only
+    /// queues, so this may run while the project's state is borrowed.
     fn fan_out(&self, project_id: Uuid, subscribers_by_shard: &[u32], items: Vec<Published>) {
         if items.is_empty() {
             return;
@@ -246,13 +247,8 @@ impl Shard {
         self.counters
             .events_accepted
             .fetch_add(accepted as u64, Relaxed);
-        if !items.is_empty() {
-            let subscribers_by_shard = state.subscribers_by_shard.clone();
-            drop(owned);
-            self.fan_out(project_id, &subscribers_by_shard, items);
-        } else {
-            drop(owned);
-        }
+        self.fan_out(project_id, &state.subscribers_by_shard, items);
+        drop(owned);
         // Room was checked above; another shard may have filled the queue since, by at most a
         // batch each, which `submit` absorbs rather than lose what was grouped and streamed.
         if accepted > 0 && self.config.ack == AckMode::Durable {
@@ -286,9 +282,7 @@ impl Shard {
                 state.unresolved_count(),
             ));
         }
-        let subscribers_by_shard = state.subscribers_by_shard.clone();
-        drop(owned);
-        self.fan_out(project_id, &subscribers_by_shard, items);
+        self.fan_out(project_id, &state.subscribers_by_shard, items);
         Some(true)
     }
 
