@@ -197,10 +197,8 @@ impl ProjectState {
     }
 
     pub fn restore(&mut self, issue: Issue) {
-        match issue.status {
-            Status::Unresolved => self.unresolved += 1,
-            Status::Discarded => self.discarded += 1,
-            Status::Resolved | Status::Archived => {}
+        if let Some(count) = self.count_of(issue.status) {
+            *count += 1;
         }
         self.by_fingerprint
             .insert(issue.fingerprint.clone(), issue.id);
@@ -241,6 +239,15 @@ impl ProjectState {
     pub fn give_back_rate(&mut self, limit_per_minute: u32, events: u64, now_us: i64) {
         if limit_per_minute > 0 && self.rate.minute == now_us.div_euclid(60_000_000) {
             self.rate.used = self.rate.used.saturating_sub(events);
+        }
+    }
+
+    /// The count kept of issues in `status`, for the statuses that have one.
+    fn count_of(&mut self, status: Status) -> Option<&mut u64> {
+        match status {
+            Status::Unresolved => Some(&mut self.unresolved),
+            Status::Discarded => Some(&mut self.discarded),
+            Status::Resolved | Status::Archived => None,
         }
     }
 
@@ -308,22 +315,17 @@ impl ProjectState {
 
     /// Sets an issue's status; None if the issue is not in this project, else whether it changed.
     pub fn set_status(&mut self, id: &Uuid, status: Status) -> Option<(bool, &Issue)> {
-        let issue = self.issues.get_mut(id)?;
-        if issue.status == status {
-            return Some((false, issue));
+        let old = std::mem::replace(&mut self.issues.get_mut(id)?.status, status);
+        let changed = old != status;
+        if changed {
+            if let Some(count) = self.count_of(old) {
+                *count -= 1;
+            }
+            if let Some(count) = self.count_of(status) {
+                *count += 1;
+            }
         }
-        match issue.status {
-            Status::Unresolved => self.unresolved -= 1,
-            Status::Discarded => self.discarded -= 1,
-            Status::Resolved | Status::Archived => {}
-        }
-        match status {
-            Status::Unresolved => self.unresolved += 1,
-            Status::Discarded => self.discarded += 1,
-            Status::Resolved | Status::Archived => {}
-        }
-        issue.status = status;
-        Some((true, issue))
+        Some((changed, &self.issues[id]))
     }
 
     /// Newest `last_seen` first, after `cursor`, at most `limit`; also whether more follow.

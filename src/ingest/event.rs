@@ -248,7 +248,7 @@ pub fn event_from_value(mut value: Value<'_>) -> Result<Event<'_>, String> {
 
 /// Inputs up to this size parse with working buffers kept per thread; a larger one (a bulk body
 /// of megabytes) gets its own, so no thread holds on to megabytes of them.
-const REUSED_BUFFERS_INPUT_BYTES_MAX: usize = 64 * 1024;
+pub(crate) const REUSED_BUFFERS_INPUT_BYTES_MAX: usize = 64 * 1024;
 
 thread_local! {
     /// simd-json's working buffers by depth limit, reused across parses on this thread: each

@@ -3,7 +3,10 @@
 pub mod event;
 pub mod fingerprint;
 
-use event::{body_is_array, parse_bulk, parse_event, parse_frame, Event, EventError, Level};
+use event::{
+    body_is_array, parse_bulk, parse_event, parse_frame, Event, EventError, Level,
+    REUSED_BUFFERS_INPUT_BYTES_MAX,
+};
 
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
 /// The parsed value is dropped on the accepting shard, where it was made.
@@ -63,7 +66,8 @@ impl Incoming {
 pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
     thread_local! {
         /// simd-json parses in place, so it works on a copy, kept per thread so that an event
-        /// costs no allocation for it; the original stays verbatim.
+        /// costs no allocation for it (up to the size simd-json's own buffers are kept for);
+        /// the original stays verbatim.
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     SCRATCH.with_borrow_mut(|scratch| {
@@ -75,15 +79,12 @@ pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
             let json = unsafe { String::from_utf8_unchecked(body) };
             Incoming::new(event, Some(json))
         });
-        if scratch.capacity() > SCRATCH_BYTES_KEPT_MAX {
+        if scratch.capacity() > REUSED_BUFFERS_INPUT_BYTES_MAX {
             *scratch = Vec::new();
         }
         decoded
     })
 }
-
-/// A scratch copy grown past this by a large event is not kept for the next one.
-const SCRATCH_BYTES_KEPT_MAX: usize = 64 * 1024;
 
 /// A JSON array of events (bulk).
 pub fn decode_bulk(mut body: Vec<u8>) -> Result<Vec<Incoming>, EventError> {

@@ -148,13 +148,12 @@ impl Shard {
         // need room in the queue; when it has none the request is refused whole (503) before
         // any state changes, and gives its share of the rate limit back. Empty when the project
         // samples nothing out and discards nothing.
-        let skipped: Vec<Option<EventOutcome>> = if project.sample_rate < 1.0
-            || state.has_discarded()
-        {
+        let samples = project.sample_rate < 1.0;
+        let skipped: Vec<Option<EventOutcome>> = if samples || state.has_discarded() {
             events
                 .iter()
                 .map(|event| {
-                    if project.sample_rate < 1.0 && rand::random::<f64>() >= project.sample_rate {
+                    if samples && rand::random::<f64>() >= project.sample_rate {
                         Some(EventOutcome::Sampled)
                     } else if state.is_discarded(&event.fingerprint) {
                         Some(EventOutcome::Discarded)
