@@ -554,8 +554,7 @@ thread_local! {
 
 /// Runs one shard to completion on the current thread.
 pub fn run(init: ShardInit) -> Result<(), String> {
-    let runtime = tokio_uring::Runtime::new(tokio_uring::builder().entries(1024))
-        .map_err(|e| crate::io_uring_error(&e))?;
+    let runtime = crate::server::reactor_runtime(1024).map_err(|e| crate::io_uring_error(&e))?;
     DRAINED.with(|d| *d.borrow_mut() = Some(init.drained.clone()));
     runtime.block_on(async move {
         let counters = init.metrics.shards[init.index].clone();
