@@ -8,8 +8,9 @@
 #
 # The four run in turn, RUNS rounds, so that each round sees the same machine (it is shared
 # and its speed drifts); each figure is the median over the rounds, and the last column is that
-# median over the ceiling's. Ingest CPU is read after the store has written every accepted
-# event, so it includes the cost of storing them. Prints a markdown table.
+# median over the ceiling's; every round's figures follow the table. Ingest CPU is read after
+# the store has written every accepted event, so it includes the cost of storing them. Prints a
+# markdown table.
 #
 # Usage: scripts/ceiling.sh [seconds] [runs]   (defaults 10 and 3)
 set -euo pipefail
@@ -88,3 +89,7 @@ row "io_uring ceiling (fixed reply)" ceiling
 row "io_uring ceiling, sent the ingest POST" ceiling_post
 row "mesher GET /health" health
 row "mesher POST /api/v1/events (~1 KiB, SQLite)" ingest
+echo
+echo "Every round, requests per server CPU-second (ceiling GET, ceiling POST, /health, ingest):"
+paste <(awk '{print $3}' "$work/ceiling") <(awk '{print $3}' "$work/ceiling_post") \
+  <(awk '{print $3}' "$work/health") <(awk '{print $3}' "$work/ingest") | tr '\t' ' '
