@@ -1,6 +1,6 @@
 //! The io_uring ceiling on this machine: the least work a server can do per HTTP request
-//! (one read, one fixed reply written per request seen) on one tokio-uring reactor thread, its
-//! ring set up as mesher's are.
+//! (one read, one fixed reply written per request seen) on one tokio-uring reactor thread whose
+//! ring is set up as mesher's are, so that the two differ only in what they do per request.
 //! PERF.md measures it with wrk beside `mesher`'s own `/health` and ingest throughput.
 //!
 //! Usage: `cargo run --release --example uring_ceiling -- 127.0.0.1:9000`
@@ -15,9 +15,7 @@ fn main() {
     let address = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:9000".into());
-    // The same ring set-up as mesher's reactors, so that the two differ only in what they do
-    // per request.
-    let runtime = mesher::server::reactor_runtime(1024).expect("io_uring");
+    let runtime = mesher::shard::reactor_runtime().expect("io_uring");
     runtime.block_on(async move {
         let listener =
             tokio_uring::net::TcpListener::bind(address.parse().expect("address")).expect("bind");

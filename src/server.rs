@@ -129,26 +129,7 @@ pub fn io_uring_error(error: &std::io::Error) -> String {
 
 /// Fails fast, before anything else starts, when io_uring is unavailable.
 fn probe_io_uring() -> Result<(), String> {
-    reactor_runtime(8).map(drop).map_err(|e| io_uring_error(&e))
-}
-
-/// A reactor thread's tokio-uring runtime with `entries` submission slots.
-///
-/// The ring is set up for cooperative task running where the kernel has it (5.19+): a
-/// completion that arrives while the reactor is busy waits for the reactor's next system call
-/// instead of interrupting it, so a loaded reactor is not interrupted once per arriving request.
-/// An older kernel refuses the flag (EINVAL) and gets the plain ring.
-pub fn reactor_runtime(entries: u32) -> std::io::Result<tokio_uring::Runtime> {
-    let mut cooperative = tokio_uring::builder();
-    cooperative
-        .entries(entries)
-        .uring_builder(tokio_uring::uring_builder().setup_coop_taskrun());
-    match tokio_uring::Runtime::new(&cooperative) {
-        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
-            tokio_uring::Runtime::new(tokio_uring::builder().entries(entries))
-        }
-        result => result,
-    }
+    crate::shard::reactor_runtime().map(drop)
 }
 
 fn wait_for_signal() -> Result<(), String> {

@@ -552,9 +552,32 @@ thread_local! {
     static DRAINED: RefCell<Option<std::sync::mpsc::Sender<usize>>> = const { RefCell::new(None) };
 }
 
+/// Submission slots of a reactor's ring.
+const RING_ENTRIES: u32 = 1024;
+
+/// A reactor thread's tokio-uring runtime, or an operator's explanation of why there is none.
+///
+/// The ring is set up for cooperative task running where the kernel has it (5.19+): a
+/// completion that arrives while the reactor is busy waits for the reactor's next system call
+/// instead of interrupting it once per arriving request. An older kernel refuses the flag
+/// (EINVAL) and gets the plain ring.
+pub fn reactor_runtime() -> Result<tokio_uring::Runtime, String> {
+    let mut cooperative = tokio_uring::builder();
+    cooperative
+        .entries(RING_ENTRIES)
+        .uring_builder(tokio_uring::uring_builder().setup_coop_taskrun());
+    match tokio_uring::Runtime::new(&cooperative) {
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            tokio_uring::Runtime::new(tokio_uring::builder().entries(RING_ENTRIES))
+        }
+        result => result,
+    }
+    .map_err(|error| crate::io_uring_error(&error))
+}
+
 /// Runs one shard to completion on the current thread.
 pub fn run(init: ShardInit) -> Result<(), String> {
-    let runtime = crate::server::reactor_runtime(1024).map_err(|e| crate::io_uring_error(&e))?;
+    let runtime = reactor_runtime()?;
     DRAINED.with(|d| *d.borrow_mut() = Some(init.drained.clone()));
     runtime.block_on(async move {
         let counters = init.metrics.shards[init.index].clone();
