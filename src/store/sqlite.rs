@@ -2,9 +2,11 @@
 //! integer microseconds since the Unix epoch.
 
 use std::borrow::Cow;
-use std::ffi::{c_int, CString};
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
+use std::ptr::{self, NonNull};
 use std::time::Duration;
 
 use rusqlite::{ffi, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
@@ -25,6 +27,12 @@ const BUSY_TIMEOUT_MS: u64 = 5_000;
 const EVENT_ROWS_PER_INSERT: usize = 100;
 /// Bytes per database page, the largest SQLite allows.
 const PAGE_SIZE: i64 = 65_536;
+/// WAL pages after which a commit checkpoints them into the database file (SQLite's own
+/// default: 64 MiB of WAL at this page size).
+const CHECKPOINT_PAGES: c_int = 1000;
+/// SQLite's own page cache, in KiB: room for the B-tree pages inserts keep coming back to
+/// (interior pages, the index, issues), since the kernel's copy of the file is let go.
+const CACHE_KIB: i64 = 32 * 1024;
 /// Cached prepared statements: the few fixed ones below plus headroom for reads.
 const STATEMENT_CACHE_CAPACITY: usize = 32;
 
@@ -130,6 +138,9 @@ pub(super) struct SqliteBackend {
     event_inserts: Option<EventInserts>,
     connection: Connection,
     path: PathBuf,
+    /// The database file, for telling the kernel which of its pages we no longer need.
+    /// Declared after the connection, whose checkpoint hook uses its descriptor.
+    _database_file: File,
 }
 
 impl SqliteBackend {
@@ -163,14 +174,27 @@ impl SqliteBackend {
             // can take the last commits back.
             connection.pragma_update(None, "synchronous", "NORMAL")?;
             connection.pragma_update(None, "foreign_keys", "ON")?;
+            connection.pragma_update(None, "cache_size", -CACHE_KIB)?;
             connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
             Ok(())
         };
         configure().map_err(|error| sqlite_error("configure connection", error))?;
+        let database_file = File::open(&path).map_err(|error| {
+            let cause = format!("{}: {error}", path.display());
+            StoreError::new(BACKEND, "open", StoreErrorKind::Unavailable, cause)
+        })?;
+        // SAFETY: the hook's context is the descriptor of `database_file`, which the backend
+        // closes only after the connection (field order); the hook runs on the connection's
+        // own thread, inside its commits.
+        unsafe {
+            let fd = database_file.as_raw_fd() as isize as *mut c_void;
+            ffi::sqlite3_wal_hook(connection.handle(), Some(checkpoint_and_release), fd);
+        }
         Ok(SqliteBackend {
             event_inserts: None,
             connection,
             path,
+            _database_file: database_file,
         })
     }
 
@@ -181,6 +205,41 @@ impl SqliteBackend {
         let versions = statement.query_map([], |row| row.get(0))?;
         versions.collect()
     }
+}
+
+/// Runs after every commit in place of SQLite's automatic checkpoint, with the same threshold
+/// and mode, and then lets go of the kernel's cached copy of the database file.
+///
+/// Events are written once and seldom read, and the file only grows: every page a checkpoint
+/// writes would otherwise take a fresh page of memory, and the file would crowd everything
+/// else out of the page cache. The checkpoint has synced the file (synchronous = NORMAL), so
+/// its pages are clean and dropping them is cheap; the kernel reuses that memory for the next
+/// checkpoint's pages. What inserts read again stays in SQLite's own cache (`CACHE_KIB`).
+unsafe extern "C" fn checkpoint_and_release(
+    fd: *mut c_void,
+    db: *mut ffi::sqlite3,
+    database: *const c_char,
+    wal_pages: c_int,
+) -> c_int {
+    if wal_pages >= CHECKPOINT_PAGES {
+        // PASSIVE, as the automatic checkpoint: it never waits for a reader, and whatever it
+        // could not copy now the next one will. Its errors are the next commit's to report.
+        // SAFETY: SQLite calls the hook with its open connection and the database's name.
+        let code = unsafe {
+            ffi::sqlite3_wal_checkpoint_v2(
+                db,
+                database,
+                ffi::SQLITE_CHECKPOINT_PASSIVE,
+                ptr::null_mut(),
+                ptr::null_mut(),
+            )
+        };
+        if code == ffi::SQLITE_OK {
+            // SAFETY: plain system call on the backend's open descriptor (see `open`).
+            unsafe { libc::posix_fadvise(fd as isize as c_int, 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+    ffi::SQLITE_OK
 }
 
 /// `OR FAIL`: a failing row leaves the rows before it in place, so SQLite keeps no statement
@@ -815,6 +874,56 @@ mod tests {
         assert_eq!(events[0].received_at_us, 5);
         drop(backend);
         let _ = std::fs::remove_dir_all(&data_dir);
+    }
+
+    /// Pages of `file` the kernel holds in its page cache, out of all its pages.
+    fn cached_pages(file: &File) -> (usize, usize) {
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let pages = len.div_ceil(page);
+        let mut resident = vec![0u8; pages];
+        // SAFETY: a read-only shared mapping of a file we hold open, only passed to mincore
+        // (which reads nothing through it) and unmapped before returning.
+        unsafe {
+            let map = libc::mmap(
+                ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(map, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(map, len, resident.as_mut_ptr()), 0);
+            libc::munmap(map, len);
+        }
+        (resident.iter().filter(|r| *r & 1 == 1).count(), pages)
+    }
+
+    #[test]
+    fn checkpoints_move_the_wal_into_the_file_and_let_its_cached_pages_go() {
+        let data_dir =
+            std::env::temp_dir().join(format!("mesher-sqlite-ckpt-{}", Uuid::new_v4().simple()));
+        let backend = SqliteBackend::open(&data_dir).unwrap();
+        let connection = &backend.connection;
+        connection.execute_batch("CREATE TABLE filler (b BLOB)").unwrap();
+        // 80 MiB in transactions of 8 MiB: past the checkpoint threshold (1000 pages of 64 KiB).
+        for _ in 0..10 {
+            connection
+                .execute_batch(
+                    "BEGIN; WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n
+                     WHERE i < 8) INSERT INTO filler SELECT zeroblob(1048576) FROM n; COMMIT;",
+                )
+                .unwrap();
+        }
+        let file = File::open(data_dir.join(FILE_NAME)).unwrap();
+        let (cached, pages) = cached_pages(&file);
+        let file_bytes = file.metadata().unwrap().len();
+        drop(backend);
+        let _ = std::fs::remove_dir_all(&data_dir);
+        assert!(file_bytes >= 60 << 20, "checkpointed {file_bytes} bytes");
+        assert!(cached * 4 < pages, "{cached} of {pages} pages still cached");
     }
 
     #[test]

@@ -389,11 +389,9 @@ impl Pending {
         if self.parts.is_empty() {
             self.oldest_at = Some(Instant::now());
         }
-        if self.changes.is_empty() {
-            self.changes = changes;
-        } else {
-            self.changes.extend(changes);
-        }
+        // Into the batch's own buffer, which keeps its capacity from one batch to the next:
+        // a batch is hundreds of KiB, and a fresh buffer each time is fresh memory each time.
+        self.changes.extend(changes);
         self.events += events;
         self.parts.push(Part {
             end: self.changes.len(),
@@ -595,32 +593,38 @@ impl Writer {
     /// batch's rows for good, each submission is committed on its own so one bad submission
     /// costs only its own rows (its ack gets the error).
     fn flush(&mut self) {
-        let batch = std::mem::take(&mut self.pending);
-        if batch.parts.is_empty() {
+        if self.pending.parts.is_empty() {
             return;
         }
-        let outcome = self.commit_with_retry(&batch.changes, batch.events);
-        let split =
-            matches!(&outcome, Err(error) if !error.is_retryable()) && batch.parts.len() > 1;
+        let Pending {
+            mut changes,
+            parts,
+            events,
+            oldest_at: _,
+        } = std::mem::take(&mut self.pending);
+        let outcome = self.commit_with_retry(&changes, events);
+        let split = matches!(&outcome, Err(error) if !error.is_retryable()) && parts.len() > 1;
         if split {
             let mut start = 0;
-            for part in batch.parts {
-                let changes = &batch.changes[start..part.end];
+            for part in parts {
+                let part_changes = &changes[start..part.end];
                 start = part.end;
-                let outcome = self.commit_with_retry(changes, part.events);
-                self.settle(changes.len(), part.ack, outcome);
+                let outcome = self.commit_with_retry(part_changes, part.events);
+                self.settle(part_changes.len(), part.ack, outcome);
             }
         } else {
-            for part in batch.parts {
+            for part in parts {
                 self.settle(0, part.ack, outcome.clone());
             }
             if outcome.is_err() {
-                self.settle(batch.changes.len(), None, outcome);
+                self.settle(changes.len(), None, outcome);
             }
         }
         self.shared
             .queue_depth_events
-            .fetch_sub(batch.events, Ordering::AcqRel);
+            .fetch_sub(events, Ordering::AcqRel);
+        changes.clear();
+        self.pending.changes = changes;
     }
 
     /// Fires an ack and counts `rows` as refused when the outcome is an error.
