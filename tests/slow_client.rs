@@ -203,11 +203,13 @@ fn publish_paced(
 
 #[test]
 fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
-    // Small storage batches: a default batch of 2,000 padded events swings the heap by as much
-    // as the backlog this test looks for. No ping on a busy machine: the stalled client would
-    // not answer it and be closed for that instead.
+    // PostgreSQL, whose cache lives in its own processes: the embedded store's page cache
+    // (tens of MB) fills as the file grows, in the server's memory. Small storage batches: a
+    // default batch of 2,000 padded events swings the heap by as much as the backlog this test
+    // looks for. No ping on a busy machine: the stalled client would not answer it and be
+    // closed for that instead.
     let server = Server::start_with(
-        Backend::Sqlite,
+        Backend::Postgres,
         &[
             "--stream-buffer",
             "100",
@@ -252,9 +254,8 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
     }
 
     // The stalled client holds a bounded backlog: the second 10,000 events (over 10 MB) must
-    // not show in the server's memory. Up to a few MB move for other reasons (SQLite's page
-    // cache of 2 MB and its WAL index filling as the file grows, allocator arenas); an
-    // unbounded backlog would add the whole 10 MB.
+    // not show in the server's memory. Up to a few MB move for other reasons (storage
+    // batches, allocator arenas); an unbounded backlog would add the whole 10 MB.
     let payload_bytes = PHASE_EVENTS * PADDING_BYTES as u64;
     let growth_bytes = rss_second_bytes.saturating_sub(rss_first_bytes);
     eprintln!(

@@ -60,8 +60,13 @@ pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, text: Vec<u8>) ->
 }
 
 async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Incoming>, bulk: bool) -> Response {
-    let (reply, answer) = tokio::sync::oneshot::channel();
     let owner = owner_of(&project_id, shard.shard_count());
+    if owner == shard.index {
+        // The project's state lives here: no message, no task switch.
+        let reply = shard.ingest(project_id, events, now_us()).reply().await;
+        return render(reply, bulk);
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
     shard.mesh.send(
         owner,
         ShardMsg::Ingest {

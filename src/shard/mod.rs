@@ -109,6 +109,9 @@ pub struct Shard {
     pub draining: Cell<bool>,
     /// What this reactor turn gives the store, handed over once at the end of the turn.
     pub store_turn: RefCell<StoreTurn>,
+    /// A hand-over of `store_turn` is asked for and not yet made.
+    store_turn_due: Cell<bool>,
+    store_turn_wanted: Notify,
     drained_reported: Cell<bool>,
     /// Slugs of projects being created (shard 0 only).
     pending_slugs: RefCell<std::collections::HashSet<String>>,
@@ -397,6 +400,14 @@ impl Shard {
         self.store.submit(changes, ack);
     }
 
+    /// Asks for `flush_store` once the reactor has run the tasks that are ready now, so that
+    /// events accepted by this shard's own connections in one turn go to the store together.
+    pub fn store_flush_due(&self) {
+        if !self.store_turn_due.replace(true) {
+            self.store_turn_wanted.notify_one();
+        }
+    }
+
     /// A revoked key stops working everywhere, open WebSockets included (close 1008).
     fn close_sessions_of_key(&self, key_id: Uuid) {
         let sessions: Vec<ConnId> = self
@@ -596,6 +607,8 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS)),
             draining: Cell::new(false),
             store_turn: RefCell::new(StoreTurn::default()),
+            store_turn_due: Cell::new(false),
+            store_turn_wanted: Notify::new(),
             drained_reported: Cell::new(false),
             pending_slugs: RefCell::new(Default::default()),
             started: Instant::now(),
@@ -607,6 +620,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
         }
         tokio_uring::spawn(shard.mesh.clone().forward());
         tokio_uring::spawn(tick_loop(shard.clone()));
+        tokio_uring::spawn(store_turn_loop(shard.clone()));
         shard.schedule(shard.config.drain_interval_ms, Timer::Drain);
         let mut inbox = init.inbox;
         while let Some(msg) = inbox.recv().await {
@@ -656,6 +670,16 @@ async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) 
                 backoff_ms = (backoff_ms * 2).min(1000);
             }
         }
+    }
+}
+
+/// Makes the hand-overs asked for by `store_flush_due`: woken behind the tasks already ready,
+/// it runs when they have had their turn.
+async fn store_turn_loop(shard: Rc<Shard>) {
+    loop {
+        shard.store_turn_wanted.notified().await;
+        shard.store_turn_due.set(false);
+        shard.flush_store(None);
     }
 }
 

@@ -7,16 +7,43 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::mesh::{EventOutcome, IngestReply, IssuePage, ListQuery, Reply, ShardMsg};
+use super::mesh::{EventOutcome, IngestReply, IssuePage, ListQuery, ShardMsg};
 use super::Shard;
 use crate::config::AckMode;
 use crate::ingest::Incoming;
 use crate::issues::{Cursor, Grouped, ProjectState, Status};
 use crate::metrics::Rejection;
-use crate::store::EventRow;
+use crate::store::{EventRow, StoreError};
 use crate::stream::{self, Attributes, Published};
+
+/// What the owner made of an ingest request.
+pub enum Ingested {
+    Reply(IngestReply),
+    /// `--ack durable`: the events are accepted, and answered once the commit that holds
+    /// them is made.
+    AfterCommit {
+        outcomes: Vec<EventOutcome>,
+        committed: oneshot::Receiver<Result<(), StoreError>>,
+    },
+}
+
+impl Ingested {
+    pub async fn reply(self) -> IngestReply {
+        match self {
+            Ingested::Reply(reply) => reply,
+            Ingested::AfterCommit {
+                outcomes,
+                committed,
+            } => match committed.await {
+                Ok(Ok(())) => IngestReply::Done(outcomes),
+                _ => IngestReply::StorageFailed,
+            },
+        }
+    }
+}
 
 impl Shard {
     pub(super) fn handle_owned(self: &Rc<Self>, msg: ShardMsg) {
@@ -26,7 +53,16 @@ impl Shard {
                 events,
                 received_us,
                 reply,
-            } => self.ingest(project_id, events, received_us, reply),
+            } => match self.ingest(project_id, events, received_us) {
+                Ingested::Reply(answer) => {
+                    let _ = reply.send(answer);
+                }
+                later @ Ingested::AfterCommit { .. } => {
+                    tokio_uring::spawn(async move {
+                        let _ = reply.send(later.reply().await);
+                    });
+                }
+            },
             ShardMsg::SetStatus {
                 project_id,
                 issue_id,
@@ -120,16 +156,10 @@ impl Shard {
         }
     }
 
-    fn ingest(
-        self: &Rc<Self>,
-        project_id: Uuid,
-        events: Vec<Incoming>,
-        received_us: i64,
-        reply: Reply<IngestReply>,
-    ) {
+    /// Groups, streams and queues a project's events (this shard owns the project).
+    pub fn ingest(&self, project_id: Uuid, events: Vec<Incoming>, received_us: i64) -> Ingested {
         let Some(project) = self.directory.borrow().project_by_id(&project_id).cloned() else {
-            let _ = reply.send(IngestReply::UnknownProject);
-            return;
+            return Ingested::Reply(IngestReply::UnknownProject);
         };
         let batch = events.len() as u64;
         let shards = self.shard_count();
@@ -141,8 +171,7 @@ impl Shard {
             state.take_rate(project.rate_limit_per_minute, batch, received_us)
         {
             self.counters.rejected(Rejection::RateLimited, batch);
-            let _ = reply.send(IngestReply::RateLimited { retry_after_s });
-            return;
+            return Ingested::Reply(IngestReply::RateLimited { retry_after_s });
         }
         // Sampled-out and discarded events are answered without storage, so only the rest
         // need room in the queue; when it has none the request is refused whole (503) before
@@ -169,8 +198,7 @@ impl Shard {
         if to_store > 0 && !self.store.has_room(to_store) {
             state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
             self.counters.rejected(Rejection::Overloaded, batch);
-            let _ = reply.send(IngestReply::Overloaded);
-            return;
+            return Ingested::Reply(IngestReply::Overloaded);
         }
         let mut outcomes = Vec::with_capacity(events.len());
         let mut turn = self.store_turn.borrow_mut();
@@ -253,15 +281,13 @@ impl Shard {
         if accepted > 0 && self.config.ack == AckMode::Durable {
             let (ack, committed) = tokio::sync::oneshot::channel();
             self.flush_store(Some(ack));
-            tokio_uring::spawn(async move {
-                let answer = match committed.await {
-                    Ok(Ok(())) => IngestReply::Done(outcomes),
-                    _ => IngestReply::StorageFailed,
-                };
-                let _ = reply.send(answer);
-            });
+            Ingested::AfterCommit {
+                outcomes,
+                committed,
+            }
         } else {
-            let _ = reply.send(IngestReply::Done(outcomes));
+            self.store_flush_due();
+            Ingested::Reply(IngestReply::Done(outcomes))
         }
     }
 
