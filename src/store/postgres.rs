@@ -148,6 +148,7 @@ const UPSERT_KEYS: &str = concat!(
         created_at = EXCLUDED.created_at"
 );
 
+/// An issue's project and fingerprint are fixed when it is created; an update leaves them be.
 const UPSERT_ISSUES: &str = concat!(
     "INSERT INTO issues (id, project_id, fingerprint, title, level, status, event_count,
         first_seen, last_seen)
@@ -162,8 +163,7 @@ const UPSERT_ISSUES: &str = concat!(
         AS r (id, project_id, fingerprint, title, level, status, event_count, first_seen_us,
             last_seen_us, position)
     ORDER BY r.position
-    ON CONFLICT (id) DO UPDATE SET project_id = EXCLUDED.project_id,
-        fingerprint = EXCLUDED.fingerprint, title = EXCLUDED.title, level = EXCLUDED.level,
+    ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title, level = EXCLUDED.level,
         status = EXCLUDED.status, event_count = EXCLUDED.event_count,
         first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen"
 );
