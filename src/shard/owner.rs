@@ -1,7 +1,8 @@
 //! The owner side of a shard: the only writer of its projects' issue state.
 //!
-//! Ingest, status changes and subscriptions of a project all arrive here as mesh messages, in
-//! order, so grouping needs no lock and stream messages leave in the order they were made.
+//! Ingest, status changes and subscriptions of a project all run on its owner's thread: as mesh
+//! messages, in order, from other shards, and ingest from the owner's own connections directly.
+//! So grouping needs no lock and stream messages leave in the order they were made.
 
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
