@@ -12,11 +12,16 @@
 # the store has written every accepted event, so it includes the cost of storing them. Prints a
 # markdown table.
 #
-# Usage: scripts/ceiling.sh [seconds] [runs]   (defaults 10 and 3)
+# With `many` as the third argument, each ingested event's message is one of 17,576 three-letter
+# words, so the store keeps ~17.5k issues live instead of one (the other rows post one event).
+#
+# Usage: scripts/ceiling.sh [seconds] [runs] [one|many]   (defaults 10, 3 and one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 runs=${2:-3}
+issues=${3:-one}
+case "$issues" in one|many) ;; *) echo "issues: one or many, not $issues" >&2; exit 2 ;; esac
 command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 cargo build --release -q -p mesher --bin mesher --example uring_ceiling
 work=$(mktemp -d)
@@ -43,10 +48,22 @@ wrk.headers["authorization"] = "Bearer $key"
 wrk.headers["content-type"] = "application/json"
 wrk.body = '{"message":"ceiling run","level":"error","environment":"bench","tags":{"release":"1.0"},"pad":"$pad"}'
 LUA
+cp "$work/post.lua" "$work/ingest.lua"
+if [ "$issues" = many ]; then
+  cat > "$work/ingest.lua" <<LUA
+local headers = { ["authorization"] = "Bearer $key", ["content-type"] = "application/json" }
+local letter = function() return string.char(97 + math.random(0, 25)) end
+request = function()
+  local word = letter() .. letter() .. letter()
+  return wrk.format("POST", nil, headers, '{"message":"failure ' .. word ..
+    '","level":"error","environment":"bench","tags":{"release":"1.0"},"pad":"$pad"}')
+end
+LUA
+fi
 
-# Waits until mesher's store has committed every accepted event.
+# Waits (up to 2 minutes) until mesher's store has committed every accepted event.
 store_drained() {
-  for _ in $(seq 600); do
+  for _ in $(seq 2400); do
     [ "$(curl -sf http://127.0.0.1:19002/metrics | awk '/^mesher_storage_queue_events/ {print $2}')" = 0 ] && return
     sleep 0.05
   done
@@ -71,7 +88,7 @@ for _ in $(seq "$runs"); do
   measure ceiling "$ceiling" "http://127.0.0.1:19001/"
   measure ceiling_post "$ceiling" "http://127.0.0.1:19001/" -s "$work/post.lua"
   measure health "$mesher" "http://127.0.0.1:19002/health"
-  measure ingest "$mesher" "http://127.0.0.1:19002/api/v1/events" -s "$work/post.lua"
+  measure ingest "$mesher" "http://127.0.0.1:19002/api/v1/events" -s "$work/ingest.lua"
 done
 
 median_row() { sort -n -k3 "$work/$1" | sed -n "$(( (runs + 1) / 2 ))p"; }
@@ -88,7 +105,8 @@ row() {
 row "io_uring ceiling (fixed reply)" ceiling
 row "io_uring ceiling, sent the ingest POST" ceiling_post
 row "mesher GET /health" health
-row "mesher POST /api/v1/events (~1 KiB, SQLite)" ingest
+label="~1 KiB, SQLite"; [ "$issues" = many ] && label="$label, ~17.5k issues"
+row "mesher POST /api/v1/events ($label)" ingest
 echo
 echo "Every round, requests per server CPU-second (ceiling GET, ceiling POST, /health, ingest):"
 paste <(awk '{print $3}' "$work/ceiling") <(awk '{print $3}' "$work/ceiling_post") \
