@@ -910,7 +910,9 @@ mod tests {
             std::env::temp_dir().join(format!("mesher-sqlite-ckpt-{}", Uuid::new_v4().simple()));
         let backend = SqliteBackend::open(&data_dir).unwrap();
         let connection = &backend.connection;
-        connection.execute_batch("CREATE TABLE filler (b BLOB)").unwrap();
+        connection
+            .execute_batch("CREATE TABLE filler (b BLOB)")
+            .unwrap();
         // 80 MiB in transactions of 8 MiB: past the checkpoint threshold (1000 pages of 64 KiB).
         for _ in 0..10 {
             connection
