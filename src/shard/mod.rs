@@ -7,7 +7,7 @@ pub mod mesh;
 pub mod owner;
 pub mod wheel;
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -107,8 +107,9 @@ pub struct Shard {
     pub subscribers: RefCell<IdMap<Uuid, Vec<ConnId>>>,
     pub wheel: RefCell<TimerWheel<Timer>>,
     pub draining: Cell<bool>,
-    /// What this reactor turn gives the store, handed over once at the end of the turn.
-    pub store_turn: RefCell<StoreTurn>,
+    /// What this reactor turn gives the store, handed over once at the end of the turn
+    /// (`store_turn()`).
+    store_turn: RefCell<StoreTurn>,
     /// A hand-over of `store_turn` is asked for and not yet made.
     store_turn_due: Cell<bool>,
     store_turn_wanted: Notify,
@@ -400,12 +401,14 @@ impl Shard {
         self.store.submit(changes, ack);
     }
 
-    /// Asks for `flush_store` once the reactor has run the tasks that are ready now, so that
-    /// events accepted by this shard's own connections in one turn go to the store together.
-    pub fn store_flush_due(&self) {
+    /// This turn's rows for the store, to add to. Their hand-over (`flush_store`) is made
+    /// once the reactor has run the tasks that are ready now, so that everything one turn
+    /// accepts, from connections and mesh messages alike, goes to the store together.
+    pub fn store_turn(&self) -> RefMut<'_, StoreTurn> {
         if !self.store_turn_due.replace(true) {
             self.store_turn_wanted.notify_one();
         }
+        self.store_turn.borrow_mut()
     }
 
     /// A revoked key stops working everywhere, open WebSockets included (close 1008).
@@ -645,7 +648,6 @@ pub fn run(init: ShardInit) -> Result<(), String> {
                     next = inbox.try_recv().ok();
                 }
             }
-            shard.flush_store(None);
         }
     });
     Ok(())
@@ -673,8 +675,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) 
     }
 }
 
-/// Makes the hand-overs asked for by `store_flush_due`: woken behind the tasks already ready,
-/// it runs when they have had their turn.
+/// Makes the hand-overs `store_turn()` asks for: woken behind the tasks already ready, it
+/// runs when they have had their turn.
 async fn store_turn_loop(shard: Rc<Shard>) {
     loop {
         shard.store_turn_wanted.notified().await;

@@ -202,7 +202,7 @@ impl Shard {
             return Ingested::Reply(IngestReply::Overloaded);
         }
         let mut outcomes = Vec::with_capacity(events.len());
-        let mut turn = self.store_turn.borrow_mut();
+        let mut turn = self.store_turn();
         // Stream messages are built only when someone watches the project.
         let watched = state.subscribers_by_shard.iter().any(|n| *n > 0);
         let mut items = Vec::new();
@@ -287,7 +287,6 @@ impl Shard {
                 committed,
             }
         } else {
-            self.store_flush_due();
             Ingested::Reply(IngestReply::Done(outcomes))
         }
     }
@@ -300,7 +299,7 @@ impl Shard {
         if !changed {
             return Some(false);
         }
-        self.store_turn.borrow_mut().touch(project_id, issue_id);
+        self.store_turn().touch(project_id, issue_id);
         let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
         if state.unresolved_count() != count_before {
             items.push(stream::issue_count_message(
