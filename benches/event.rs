@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use mesher::ingest::event::parse_event;
+use mesher::ingest::event::{parse_event, write_json, Document, Fields, EVENT_DEPTH_MAX};
 use mesher::ingest::fingerprint::fingerprint;
 
 /// About 1 KiB, shaped like a browser SDK's error report with a 10-frame stack trace.
@@ -17,7 +17,6 @@ fn event_benches(c: &mut Criterion) {
     group.bench_function("parse_event_1k_10_frames", |b| {
         b.iter_batched_ref(
             || EVENT_JSON.as_bytes().to_vec(),
-            // The value borrows the body, so it is dropped here too (as on the server).
             |body| {
                 let event = parse_event(black_box(body)).expect("bench event is valid");
                 black_box(&event);
@@ -27,16 +26,17 @@ fn event_benches(c: &mut Criterion) {
     });
 
     let mut body = EVENT_JSON.as_bytes().to_vec();
-    let event = parse_event(&mut body).expect("bench event is valid");
+    let document = Document::parse(&mut body, EVENT_DEPTH_MAX).expect("bench event is JSON");
+    let fields = Fields::of(document.root());
     group.bench_function("fingerprint_10_frames", |b| {
-        b.iter(|| fingerprint(black_box(&event.value)))
+        b.iter(|| fingerprint(black_box(&fields)))
     });
 
     let mut out = Vec::with_capacity(2 * EVENT_JSON.len());
     group.bench_function("write_json_1k", |b| {
         b.iter(|| {
             out.clear();
-            black_box(&event).write_json(&mut out);
+            write_json(black_box(document.root()), &mut out);
             black_box(out.len())
         })
     });

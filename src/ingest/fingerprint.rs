@@ -1,10 +1,13 @@
 //! Grouping key of an event (PROTOCOL "Grouping"): events with the same key in a project
 //! belong to one issue.
 //!
-//! The key is built from the decoded event as sent. It works on any JSON value, validated or
+//! The key is built from the event's fields as sent. It works on any JSON value, validated or
 //! not: a field of the wrong type counts as missing, so the function never fails.
 
-use simd_json::BorrowedValue as Value;
+use simd_json::prelude::*;
+use simd_json::tape::Value;
+
+use super::event::{last_field, Fields};
 
 /// Separates the parts of an array `fingerprint`.
 const CUSTOM_PART_SEPARATOR: char = '\n';
@@ -31,42 +34,35 @@ pub fn normalise(s: &str) -> String {
 ///    the normalised message (line and column never count);
 /// 3. an `exception` object: `type_name:` + normalised `value`;
 /// 4. `msg:` + normalised `message`.
-pub fn fingerprint(value: &Value<'_>) -> String {
-    let object = match value {
-        Value::Object(object) => object,
-        _ => return MESSAGE_KEY_PREFIX.to_owned(),
-    };
-    let message = string_field(object.get("message")).unwrap_or("");
+pub fn fingerprint(event: &Fields<'_, '_>) -> String {
+    let message = string_field(event.message).unwrap_or("");
 
-    match object.get("fingerprint") {
-        Some(Value::String(custom)) if !custom.is_empty() => return custom.to_string(),
-        Some(Value::Array(parts)) if !parts.is_empty() => {
+    if let Some(custom) = event.fingerprint {
+        if let Some(key) = custom.as_str().filter(|key| !key.is_empty()) {
+            return key.to_owned();
+        }
+        if let Some(parts) = custom.as_array().filter(|parts| !parts.is_empty()) {
             let mut key = String::new();
             for (index, part) in parts.iter().enumerate() {
                 if index > 0 {
                     key.push(CUSTOM_PART_SEPARATOR);
                 }
-                key.push_str(string_field(Some(part)).unwrap_or(""));
+                key.push_str(part.as_str().unwrap_or(""));
             }
             return key;
         }
-        _ => {}
     }
 
-    if let Some(Value::Array(frames)) = object.get("stacktrace") {
+    if let Some(frames) = event.stacktrace.and_then(|frames| frames.as_array()) {
         if !frames.is_empty() {
             let mut key = String::with_capacity(frames.len() * 48 + message.len() + 1);
             for (index, frame) in frames.iter().enumerate() {
                 if index > 0 {
                     key.push(FRAME_SEPARATOR);
                 }
-                if let Value::Object(frame) = frame {
-                    key.push_str(string_field(frame.get("filename")).unwrap_or(""));
-                    key.push(FRAME_FIELD_SEPARATOR);
-                    key.push_str(string_field(frame.get("function_name")).unwrap_or(""));
-                } else {
-                    key.push(FRAME_FIELD_SEPARATOR);
-                }
+                key.push_str(string_field(last_field(frame, "filename")).unwrap_or(""));
+                key.push(FRAME_FIELD_SEPARATOR);
+                key.push_str(string_field(last_field(frame, "function_name")).unwrap_or(""));
             }
             key.push(':');
             push_normalised(&mut key, message);
@@ -74,9 +70,9 @@ pub fn fingerprint(value: &Value<'_>) -> String {
         }
     }
 
-    if let Some(Value::Object(exception)) = object.get("exception") {
-        let type_name = string_field(exception.get("type_name")).unwrap_or("");
-        let exception_value = string_field(exception.get("value")).unwrap_or("");
+    if let Some(exception) = event.exception.filter(|exception| exception.is_object()) {
+        let type_name = string_field(last_field(exception, "type_name")).unwrap_or("");
+        let exception_value = string_field(last_field(exception, "value")).unwrap_or("");
         let mut key = String::with_capacity(type_name.len() + 1 + exception_value.len());
         key.push_str(type_name);
         key.push(':');
@@ -90,11 +86,8 @@ pub fn fingerprint(value: &Value<'_>) -> String {
     key
 }
 
-fn string_field<'v>(value: Option<&'v Value<'_>>) -> Option<&'v str> {
-    match value {
-        Some(Value::String(s)) => Some(s),
-        _ => None,
-    }
+fn string_field<'a>(value: Option<Value<'_, 'a>>) -> Option<&'a str> {
+    value.and_then(ValueIntoString::into_string)
 }
 
 /// Appends `normalise(s)` to `out` without an intermediate string in the common ASCII case.
@@ -134,9 +127,13 @@ fn push_normalised(out: &mut String, s: &str) {
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Value<'static> {
-        let bytes = Box::leak(json.as_bytes().to_vec().into_boxed_slice());
-        simd_json::to_borrowed_value(bytes).expect("test JSON is valid")
+    /// The fields of the event in `json`, parsed into a tape kept for the rest of the test run.
+    fn parse(json: &str) -> Fields<'static, 'static> {
+        let bytes = Box::leak(Box::new(json.as_bytes().to_vec()));
+        let tape = Box::leak(Box::new(
+            simd_json::to_tape(bytes).expect("test JSON is valid"),
+        ));
+        Fields::of(tape.as_value())
     }
 
     fn reference_normalise(s: &str) -> String {

@@ -3,13 +3,9 @@
 pub mod event;
 pub mod fingerprint;
 
-use event::{
-    body_is_array, parse_bulk, parse_event, parse_frame, Event, EventError, Level,
-    REUSED_BUFFERS_INPUT_BYTES_MAX,
-};
+use event::{body_is_array, parse_bulk, parse_event, Event, EventError, Level};
 
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
-/// The parsed value is dropped on the accepting shard, where it was made.
 #[derive(Debug)]
 pub struct Incoming {
     pub fingerprint: String,
@@ -29,13 +25,7 @@ const TIMESTAMP_FUTURE_MAX_US: i64 = 60_000_000;
 const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
 
 impl Incoming {
-    /// `raw`: the bytes `event` was parsed from, when they are to be kept as sent.
-    fn new(event: Event, raw: Option<String>) -> Incoming {
-        let json = raw.unwrap_or_else(|| {
-            let mut json = Vec::with_capacity(512);
-            event.write_json(&mut json);
-            String::from_utf8(json).expect("JSON is written from strings")
-        });
+    fn new(event: Event, json: String) -> Incoming {
         Incoming {
             fingerprint: event.fingerprint,
             title: event.title,
@@ -64,10 +54,11 @@ impl Incoming {
 
 /// One event object; its bytes are kept exactly as sent.
 pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
+    /// Bodies up to this size are parsed in a copy kept per thread.
+    const REUSED_SCRATCH_BYTES_MAX: usize = 64 * 1024;
     thread_local! {
         /// simd-json parses in place, so it works on a copy, kept per thread so that an event
-        /// costs no allocation for it (up to the size simd-json's own buffers are kept for);
-        /// the original stays verbatim.
+        /// costs no allocation for it; the original stays verbatim.
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     SCRATCH.with_borrow_mut(|scratch| {
@@ -77,32 +68,27 @@ pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
             // SAFETY: simd-json accepted these very bytes (their copy), and it refuses any
             // input that is not UTF-8 as a whole, not only inside strings.
             let json = unsafe { String::from_utf8_unchecked(body) };
-            Incoming::new(event, Some(json))
+            Incoming::new(event, json)
         });
-        if scratch.capacity() > REUSED_BUFFERS_INPUT_BYTES_MAX {
+        if scratch.capacity() > REUSED_SCRATCH_BYTES_MAX {
             *scratch = Vec::new();
         }
         decoded
     })
 }
 
-/// A JSON array of events (bulk).
+/// A JSON array of events (bulk); each element's JSON is written anew from the parsed value.
 pub fn decode_bulk(mut body: Vec<u8>) -> Result<Vec<Incoming>, EventError> {
     Ok(parse_bulk(&mut body)?
         .into_iter()
-        .map(|e| Incoming::new(e, None))
+        .map(|(event, json)| Incoming::new(event, json))
         .collect())
 }
 
 /// A WebSocket ingest frame: an object or an array; also says which it was.
 pub fn decode_frame(body: Vec<u8>) -> Result<(Vec<Incoming>, bool), EventError> {
     if body_is_array(&body) {
-        let mut body = body;
-        let events = parse_frame(&mut body)?;
-        Ok((
-            events.into_iter().map(|e| Incoming::new(e, None)).collect(),
-            true,
-        ))
+        Ok((decode_bulk(body)?, true))
     } else {
         Ok((vec![decode_event(body)?], false))
     }
@@ -130,6 +116,41 @@ mod tests {
         assert_eq!(event.title, "café \"x\"");
         let not_utf8 = [&br#"{"message":"a"#[..], &[0xff], br#""}"#].concat();
         assert!(matches!(decode_event(not_utf8), Err(EventError::Json(_))));
+    }
+
+    #[test]
+    fn frames_hold_an_object_kept_as_sent_or_an_array_written_anew() {
+        let (single, was_array) = decode_frame(br#" {"message":"one"} "#.to_vec()).unwrap();
+        assert!(!was_array);
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].json, r#" {"message":"one"} "#);
+        let (many, was_array) =
+            decode_frame(br#" [{"message":"a"}, {"message":"b","level":"info"}]"#.to_vec())
+                .unwrap();
+        assert!(was_array);
+        let jsons: Vec<&str> = many.iter().map(|event| event.json.as_str()).collect();
+        assert_eq!(
+            jsons,
+            [r#"{"message":"a"}"#, r#"{"message":"b","level":"info"}"#]
+        );
+        assert_eq!(many[1].level, Level::Info);
+
+        let refused = |body: &[u8]| decode_frame(body.to_vec()).unwrap_err().to_string();
+        assert_eq!(
+            refused(br#""text""#),
+            "invalid event: event must be a JSON object, got string"
+        );
+        assert_eq!(
+            refused(b"[]"),
+            "invalid event: empty array: at least one event required"
+        );
+        assert_eq!(
+            refused(br#"[{"message":"a"},{}]"#),
+            "invalid event: index 1: message or exception required"
+        );
+        let too_many = format!("[{}]", vec![r#"{"message":"x"}"#; 101].join(","));
+        assert!(decode_frame(too_many.into_bytes()).is_err());
+        assert!(refused(b"{").starts_with("invalid JSON: "));
     }
 
     #[test]
