@@ -230,10 +230,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut connection_keep_alive = false;
     for slot in request.headers.iter() {
         let name = slot.name;
-        // Checked whole first: the usual all-ASCII value is validated much faster than lossily.
-        let value = match std::str::from_utf8(slot.value) {
-            Ok(value) => std::borrow::Cow::Borrowed(value),
-            Err(_) => String::from_utf8_lossy(slot.value),
+        // The usual all-ASCII value needs no UTF-8 decoding; obs-text is decoded lossily.
+        let value = match slot.value.is_ascii() {
+            // SAFETY: ASCII is UTF-8.
+            true => Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(slot.value) }),
+            false => String::from_utf8_lossy(slot.value),
         };
         if name.eq_ignore_ascii_case("content-length") {
             let length = parse_content_length(&value)?;
