@@ -3,7 +3,10 @@
 pub mod event;
 pub mod fingerprint;
 
-use event::{body_is_array, parse_bulk, parse_event, Event, EventError, Level};
+use event::{
+    body_is_array, parse_bulk, parse_event, Event, EventError, Level,
+    REUSED_BUFFERS_INPUT_BYTES_MAX,
+};
 
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
 #[derive(Debug)]
@@ -54,11 +57,10 @@ impl Incoming {
 
 /// One event object; its bytes are kept exactly as sent.
 pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
-    /// Bodies up to this size are parsed in a copy kept per thread.
-    const REUSED_SCRATCH_BYTES_MAX: usize = 64 * 1024;
     thread_local! {
         /// simd-json parses in place, so it works on a copy, kept per thread so that an event
-        /// costs no allocation for it; the original stays verbatim.
+        /// costs no allocation for it (up to the size simd-json's own buffers are kept for);
+        /// the original stays verbatim.
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     SCRATCH.with_borrow_mut(|scratch| {
@@ -70,7 +72,7 @@ pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
             let json = unsafe { String::from_utf8_unchecked(body) };
             Incoming::new(event, json)
         });
-        if scratch.capacity() > REUSED_SCRATCH_BYTES_MAX {
+        if scratch.capacity() > REUSED_BUFFERS_INPUT_BYTES_MAX {
             *scratch = Vec::new();
         }
         decoded
