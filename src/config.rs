@@ -97,8 +97,10 @@ pub struct Config {
     #[arg(long, env = "MESHER_FLUSH_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub flush_interval_ms: u64,
 
-    /// Events per storage transaction at most.
-    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = 2000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Events per storage transaction at most. Large, because the writer falls behind mostly
+    /// when events land in many issues: each transaction rewrites every index page it touches,
+    /// so the more events share a transaction, the fewer pages are written per event.
+    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_events: usize,
 
     /// Events that may wait for storage before ingest answers 503.

@@ -48,7 +48,7 @@ impl Default for WriterConfig {
     fn default() -> WriterConfig {
         WriterConfig {
             flush_interval_ms: 50,
-            batch_events_max: 2_000,
+            batch_events_max: 10_000,
             queue_events_max: 100_000,
         }
     }
