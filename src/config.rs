@@ -94,17 +94,15 @@ pub struct Config {
     pub keepalive_timeout: u64,
 
     /// Storage flush interval in milliseconds: accepted events are written at least this often.
-    #[arg(long, env = "MESHER_FLUSH_INTERVAL_MS", default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "MESHER_FLUSH_INTERVAL_MS", default_value_t = crate::store::FLUSH_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub flush_interval_ms: u64,
 
-    /// Events per storage transaction at most. Large, because the writer falls behind mostly
-    /// when events land in many issues: each transaction rewrites every index page it touches,
-    /// so the more events share a transaction, the fewer pages are written per event.
-    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = 10_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    /// Events per storage transaction at most.
+    #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = crate::store::BATCH_EVENTS_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_events: usize,
 
     /// Events that may wait for storage before ingest answers 503.
-    #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = 100_000, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = crate::store::QUEUE_EVENTS_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub queue_events: usize,
 }
 

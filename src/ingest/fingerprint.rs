@@ -60,9 +60,10 @@ pub fn fingerprint(event: &Fields<'_, '_>) -> String {
                 if index > 0 {
                     key.push(FRAME_SEPARATOR);
                 }
-                key.push_str(string_field(last_field(frame, "filename")).unwrap_or(""));
+                let (filename, function_name) = frame_names(frame);
+                key.push_str(filename);
                 key.push(FRAME_FIELD_SEPARATOR);
-                key.push_str(string_field(last_field(frame, "function_name")).unwrap_or(""));
+                key.push_str(function_name);
             }
             key.push(':');
             push_normalised(&mut key, message);
@@ -84,6 +85,20 @@ pub fn fingerprint(event: &Fields<'_, '_>) -> String {
     key.push_str(MESSAGE_KEY_PREFIX);
     push_normalised(&mut key, message);
     key
+}
+
+/// A frame's `filename` and `function_name` in one pass over its fields, each the last of its
+/// name, empty when missing or not a string.
+fn frame_names<'a>(frame: Value<'_, 'a>) -> (&'a str, &'a str) {
+    let (mut filename, mut function_name) = ("", "");
+    for (name, value) in frame.as_object().iter().flat_map(|fields| fields.iter()) {
+        match name {
+            "filename" => filename = value.into_string().unwrap_or(""),
+            "function_name" => function_name = value.into_string().unwrap_or(""),
+            _ => {}
+        }
+    }
+    (filename, function_name)
 }
 
 fn string_field<'a>(value: Option<Value<'_, 'a>>) -> Option<&'a str> {

@@ -24,7 +24,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
 
-pub use writer::{Ack, Overloaded, Store, StoreStats, WriterConfig};
+pub use writer::{
+    Ack, Overloaded, Store, StoreStats, WriterConfig, BATCH_EVENTS_DEFAULT,
+    FLUSH_INTERVAL_MS_DEFAULT, QUEUE_EVENTS_DEFAULT,
+};
 
 /// Retention a new project gets, in days.
 pub const RETENTION_DAYS_DEFAULT: u32 = 90;

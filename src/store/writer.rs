@@ -34,6 +34,16 @@ const MAINTAIN_RETRY_INTERVAL_MS: u64 = 60_000;
 /// without bound.
 const BATCH_CHANGES_PER_EVENT_MAX: usize = 4;
 
+/// Default of `WriterConfig::flush_interval_ms` (and of `--flush-interval-ms`).
+pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 50;
+/// Default of `WriterConfig::batch_events_max` (and of `--batch-events`). Large, because the
+/// writer falls behind mostly when events land in many issues: each transaction rewrites every
+/// index page it touches, so the more events share a transaction, the fewer pages are written
+/// per event. A writer that keeps up commits every flush interval anyway.
+pub const BATCH_EVENTS_DEFAULT: usize = 10_000;
+/// Default of `WriterConfig::queue_events_max` (and of `--queue-events`).
+pub const QUEUE_EVENTS_DEFAULT: usize = 100_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterConfig {
     /// A submission waits at most this long before its batch is committed.
@@ -47,9 +57,9 @@ pub struct WriterConfig {
 impl Default for WriterConfig {
     fn default() -> WriterConfig {
         WriterConfig {
-            flush_interval_ms: 50,
-            batch_events_max: 10_000,
-            queue_events_max: 100_000,
+            flush_interval_ms: FLUSH_INTERVAL_MS_DEFAULT,
+            batch_events_max: BATCH_EVENTS_DEFAULT,
+            queue_events_max: QUEUE_EVENTS_DEFAULT,
         }
     }
 }
