@@ -41,8 +41,11 @@ pub fn hash_key(plain: &str) -> String {
 pub fn presented_key(head: &Head) -> Option<Cow<'_, str>> {
     if let Some(value) = head.header("authorization") {
         let value = value.trim();
-        let key = match value.split_once(' ') {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("bearer") => rest.trim(),
+        // A byte search: ' ' is ASCII, and `split_once` costs more than the rest of this.
+        let key = match value.bytes().position(|byte| byte == b' ') {
+            Some(space) if value[..space].eq_ignore_ascii_case("bearer") => {
+                value[space + 1..].trim()
+            }
             _ => value,
         };
         if !key.is_empty() {

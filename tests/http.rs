@@ -448,6 +448,30 @@ fn idle_keep_alive_connection_closes_after_keepalive_timeout() {
 }
 
 #[test]
+fn idle_timeout_longer_than_the_request_timeout_is_kept() {
+    // The connection's timer is first armed for the request deadline (1 s); it must then wait
+    // for the idle deadline (2 s) rather than close the connection at the earlier one.
+    let server = Server::start_with(
+        Backend::Sqlite,
+        &["--request-timeout", "1", "--keepalive-timeout", "2"],
+    );
+    let mut stream = server.connect();
+    send_raw(&mut stream, health_request());
+    assert_eq!(read_response(&mut stream).map(|r| r.0), Some(200));
+    let started = Instant::now();
+    assert!(
+        closed_by_peer(&mut stream),
+        "idle connection closed without a response"
+    );
+    let idle_for = started.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(1500),
+        "closed after {idle_for:?}, before the 2 s keep-alive timeout"
+    );
+    assert!(idle_for < Duration::from_secs(10));
+}
+
+#[test]
 fn bytes_that_are_not_http_get_400_and_close() {
     let server = Server::start();
     let cases: [&[u8]; 7] = [

@@ -13,7 +13,7 @@ use super::router::{self, NoRoute, CONTROL_BODY_BYTES_MAX};
 use crate::api::{self, Handled};
 use crate::conn::registry::ConnId;
 use crate::metrics::CloseReason;
-use crate::shard::{Shard, Timer};
+use crate::shard::{Deadline, Shard};
 
 /// Bytes asked of the kernel per read; a request head usually fits in one.
 const READ_CHUNK_BYTES: usize = 4096;
@@ -52,18 +52,6 @@ pub async fn read_more(
     let len = buf.len();
     let (result, slice) = stream.read(buf.slice(len..)).await;
     (result, slice.into_inner())
-}
-
-fn set_timer(shard: &Shard, id: ConnId, timer: Option<Timer>, after_ms: u64) {
-    let key = timer.map(|t| shard.schedule(after_ms, t));
-    let old = {
-        let mut conns = shard.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else {
-            return;
-        };
-        std::mem::replace(&mut entry.timer, key)
-    };
-    shard.cancel(old);
 }
 
 fn set_busy(shard: &Shard, id: ConnId, busy: bool) {
@@ -113,7 +101,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if !request_started {
                     request_started = true;
                     set_busy(shard, id, true);
-                    set_timer(shard, id, Some(Timer::Request(id)), request_timeout_ms);
+                    shard.set_deadline(id, Some((Deadline::Request, request_timeout_ms)));
                 }
                 match parse_head(&buf) {
                     Ok(Some(head)) => break head,
@@ -127,7 +115,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if shard.draining.get() {
                     return End::Closed(CloseReason::Shutdown);
                 }
-                set_timer(shard, id, Some(Timer::Idle(id)), keepalive_timeout_ms);
+                shard.set_deadline(id, Some((Deadline::Idle, keepalive_timeout_ms)));
             }
             let (result, returned) = read_more(stream, buf, READ_CHUNK_BYTES).await;
             buf = returned;
@@ -171,7 +159,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             }
         }
         let body = decoder.take_body();
-        set_timer(shard, id, None, 0);
+        shard.set_deadline(id, None);
 
         let keep_alive = head.keep_alive && !shard.draining.get();
         // 404 and 405 end like any other response, so `Connection: close` holds for them too.

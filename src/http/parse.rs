@@ -318,7 +318,12 @@ fn split_target(method: &str, target: &str) -> Result<(String, String), HttpErro
     } else {
         return Err(bad("invalid request target"));
     };
-    let (raw_path, query) = origin_form.split_once('?').unwrap_or((origin_form, ""));
+    // Byte searches here and in `decode_path`: for a target this short they cost a fraction
+    // of the char searches of `split_once` and `contains`.
+    let (raw_path, query) = match origin_form.bytes().position(|byte| byte == b'?') {
+        Some(at) => (&origin_form[..at], &origin_form[at + 1..]),
+        None => (origin_form, ""),
+    };
     let path = if raw_path.is_empty() {
         "/".to_owned()
     } else {
@@ -351,7 +356,7 @@ fn percent_escape(bytes: &[u8]) -> Option<u8> {
 
 /// Strict: a path with a broken escape or non-UTF-8 bytes cannot name a route, so it is a 400.
 fn decode_path(raw: &str) -> Result<String, HttpError> {
-    if !raw.contains('%') {
+    if !raw.bytes().any(|byte| byte == b'%') {
         return Ok(raw.to_owned());
     }
     let raw = raw.as_bytes();

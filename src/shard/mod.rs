@@ -44,10 +44,8 @@ const INBOX_BATCH_MAX: usize = 256;
 /// What a connection's timer does when it fires.
 #[derive(Clone, Copy, Debug)]
 pub enum Timer {
-    /// A started request did not complete in time: answer 408 and close.
-    Request(ConnId),
-    /// A keep-alive connection sat idle too long.
-    Idle(ConnId),
+    /// An HTTP connection's deadline may have passed (see `Shard::set_deadline`).
+    Deadline(ConnId),
     /// Time to ping a WebSocket client.
     Ping(ConnId),
     /// The client did not answer the ping.
@@ -80,12 +78,27 @@ pub struct Subscription {
     pub welcomed: bool,
 }
 
+/// What an HTTP connection's deadline ends when it passes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deadline {
+    /// A started request did not complete in time: answer 408 and close.
+    Request,
+    /// A keep-alive connection sat idle too long.
+    Idle,
+}
+
 pub struct ConnEntry {
     pub fd: RawFd,
     pub kind: ConnKind,
     /// A request is partly read or being answered (HTTP), so shutdown lets it finish.
     pub busy: bool,
+    /// The wheel timer of this connection: its deadline check (HTTP) or its next ping
+    /// (WebSocket).
     pub timer: Option<TimerKey>,
+    /// The tick `timer` fires at (HTTP).
+    pub timer_tick: u64,
+    /// HTTP: what ends the connection, and at which tick, unless it moves on before.
+    pub deadline: Option<(Deadline, u64)>,
     /// Why the server ended the connection, when it did.
     pub close_reason: Option<CloseReason>,
     pub socket: Option<Socket>,
@@ -149,9 +162,62 @@ impl Shard {
     }
 
     pub fn schedule(&self, after_ms: u64, timer: Timer) -> TimerKey {
-        self.wheel
-            .borrow_mut()
-            .schedule(Self::ticks(after_ms), timer)
+        self.schedule_ticks(Self::ticks(after_ms), timer)
+    }
+
+    fn schedule_ticks(&self, after_ticks: u64, timer: Timer) -> TimerKey {
+        self.wheel.borrow_mut().schedule(after_ticks, timer)
+    }
+
+    /// Sets or clears an HTTP connection's deadline, `after_ms` from now. Every request moves
+    /// the deadline, so the wheel is not told each time: the connection's one timer stays armed
+    /// at or before the deadline and, firing early, re-arms itself for the deadline of the
+    /// moment. Only a deadline earlier than the armed timer schedules a new one.
+    pub fn set_deadline(&self, id: ConnId, deadline: Option<(Deadline, u64)>) {
+        let now = self.now_tick();
+        let mut conns = self.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
+        entry.deadline = deadline.map(|(what, after_ms)| (what, now + Self::ticks(after_ms)));
+        let Some((_, at)) = entry.deadline else {
+            return;
+        };
+        if entry.timer.is_some() && entry.timer_tick <= at {
+            return;
+        }
+        let mut wheel = self.wheel.borrow_mut();
+        if let Some(old) = entry.timer.take() {
+            wheel.cancel(old);
+        }
+        entry.timer = Some(wheel.schedule(at - now, Timer::Deadline(id)));
+        entry.timer_tick = at;
+    }
+
+    /// An HTTP connection's timer fired: end the connection if its deadline has passed, else
+    /// wait for the deadline as it stands now.
+    fn check_deadline(&self, id: ConnId) {
+        let now = self.now_tick();
+        let passed = {
+            let mut conns = self.conns.borrow_mut();
+            let Some(entry) = conns.get_mut(id) else {
+                return;
+            };
+            entry.timer = None;
+            match entry.deadline {
+                None => return,
+                Some((what, at)) if at <= now => what,
+                Some((_, at)) => {
+                    entry.timer = Some(self.schedule_ticks(at - now, Timer::Deadline(id)));
+                    entry.timer_tick = at;
+                    return;
+                }
+            }
+        };
+        match passed {
+            Deadline::Request => self.interrupt_read(id, CloseReason::RequestTimeout),
+            Deadline::Idle => self.force_close(id, CloseReason::IdleTimeout),
+        }
     }
 
     pub fn cancel(&self, key: Option<TimerKey>) {
@@ -168,6 +234,8 @@ impl Shard {
             kind: ConnKind::Http,
             busy: false,
             timer: None,
+            timer_tick: 0,
+            deadline: None,
             close_reason: None,
             socket: None,
         })
@@ -484,8 +552,7 @@ impl Shard {
         self.wheel.borrow_mut().advance(tick, &mut fired);
         for timer in fired {
             match timer {
-                Timer::Request(id) => self.interrupt_read(id, CloseReason::RequestTimeout),
-                Timer::Idle(id) => self.force_close(id, CloseReason::IdleTimeout),
+                Timer::Deadline(id) => self.check_deadline(id),
                 Timer::Ping(id) => self.ping(id),
                 Timer::Pong(id) => self.force_close(id, CloseReason::PongTimeout),
                 Timer::CloseGrace(id) => self.force_close(id, CloseReason::Normal),
