@@ -126,9 +126,9 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 }
             }
         };
-        buf.drain(..head.head_len);
-
-        // The body, with the route's limit decided from the headers alone.
+        // The body, with the route's limit decided from the headers alone. It is decoded from
+        // where it lies after the head; the buffer is cut once, after it (no move of the body).
+        let mut used = head.head_len;
         let route = router::route(&head.method, &head.path);
         let limit = route
             .as_ref()
@@ -137,17 +137,19 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             Ok(decoder) => decoder,
             Err(error) => return reject(shard, stream, &mut out, &error).await,
         };
-        if head.expects_continue() && !decoder.is_done() && buf.is_empty() {
+        if head.expects_continue() && !decoder.is_done() && buf.len() == used {
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             if !write(stream, &mut out).await {
                 return End::Closed(CloseReason::IoError);
             }
         }
         loop {
-            match decoder.feed(&buf) {
-                Ok(consumed) => drop(buf.drain(..consumed)),
+            match decoder.feed(&buf[used..]) {
+                Ok(consumed) => used += consumed,
                 Err(error) => return reject(shard, stream, &mut out, &error).await,
             }
+            buf.drain(..used);
+            used = 0;
             if decoder.is_done() {
                 break;
             }
