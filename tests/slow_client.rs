@@ -254,15 +254,16 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
     }
 
     // The stalled client holds a bounded backlog: the second 10,000 events (over 10 MB) must
-    // not show in the server's memory. Up to a few MB move for other reasons (storage
-    // batches, allocator arenas); an unbounded backlog would add the whole 10 MB.
+    // not show in the server's memory. Up to 6 MB have been seen to move for other reasons on
+    // a busy machine (storage batches, allocator arenas); an unbounded backlog would add all
+    // of the 10 MB, and more with its frames' overhead.
     let payload_bytes = PHASE_EVENTS * PADDING_BYTES as u64;
     let growth_bytes = rss_second_bytes.saturating_sub(rss_first_bytes);
     eprintln!(
         "RSS {rss_first_bytes} -> {rss_second_bytes} bytes over {payload_bytes} payload bytes"
     );
     assert!(
-        growth_bytes < payload_bytes / 2,
+        growth_bytes < payload_bytes * 3 / 4,
         "server RSS grew {growth_bytes} bytes for {payload_bytes} payload bytes"
     );
 
