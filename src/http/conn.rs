@@ -205,7 +205,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             return End::Closed(CloseReason::Normal);
         }
         // Pipelined requests already here are answered before one write of all their responses.
-        let next_ready = matches!(parse_head(&buf), Ok(Some(_)));
+        let next_ready = !buf.is_empty() && matches!(parse_head(&buf), Ok(Some(_)));
         if (!next_ready || out.len() >= PIPELINE_WRITE_BYTES_MAX) && !write(stream, &mut out).await
         {
             return End::Closed(CloseReason::IoError);

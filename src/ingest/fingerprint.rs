@@ -109,17 +109,13 @@ fn string_field<'a>(value: Option<Value<'_, 'a>>) -> Option<&'a str> {
 fn push_normalised(out: &mut String, s: &str) {
     let start = out.len();
     if s.is_ascii() {
-        let bytes = s.as_bytes();
-        let mut index = 0;
-        while index < bytes.len() {
-            let byte = bytes[index].to_ascii_lowercase();
-            let next = bytes.get(index + 1).map(u8::to_ascii_lowercase);
-            if byte == b'0' && next == Some(b'x') {
-                index += 2;
-                continue;
-            }
-            out.push(char::from(byte));
-            index += 1;
+        // Copied and lowercased in bulk; "0x" is rare, so it is removed only when present.
+        out.push_str(s);
+        out[start..].make_ascii_lowercase();
+        if out.as_bytes()[start..].windows(2).any(|pair| pair == b"0x") {
+            let removed = out[start..].replace("0x", "");
+            out.truncate(start);
+            out.push_str(&removed);
         }
     } else {
         // Full Unicode lowercasing (context-dependent, e.g. final sigma) needs the whole string.
