@@ -8,9 +8,10 @@
 #
 # The four run in turn, RUNS rounds, so that each round sees the same machine (it is shared
 # and its speed drifts); each figure is the median over the rounds, and the last column is that
-# median over the ceiling's; every round's figures follow the table. Ingest CPU is read after
-# the store has written every accepted event, so it includes the cost of storing them. Prints a
-# markdown table.
+# median over the ceiling's; every round's figures follow the table, each with the CPU time the
+# host (hypervisor) took from CPU 0 during it, which marks a round run on a busy host. Ingest CPU
+# is read after the store has written every accepted event, so it includes the cost of storing
+# them. Prints a markdown table.
 #
 # With `many` as the third argument, each ingested event's message is one of 17,576 three-letter
 # words, so the store keeps ~17.5k issues live instead of one (the other rows post one event).
@@ -30,6 +31,8 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# Ticks the host took from CPU 0 (the server's), so that a round run on a busy host shows.
+steal_ticks() { awk '/^cpu0 / {print $9}' /proc/stat; }
 hz=$(getconf CLK_TCK)
 
 taskset -c 0 target/release/examples/uring_ceiling 127.0.0.1:19001 2>/dev/null &
@@ -75,13 +78,16 @@ measure() {
   local name=$1 pid=$2 url=$3; shift 3
   local before after rps cpu non2xx
   before=$(cpu_ticks "$pid")
+  steal_before=$(steal_ticks)
   taskset -c 1 wrk -t1 -c64 -d"${secs}s" "$@" "$url" > "$work/wrk.txt"
   [ "$pid" = "$mesher" ] && store_drained
   after=$(cpu_ticks "$pid")
+  steal=$(( $(steal_ticks) - steal_before ))
   rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
   cpu=$(echo "($after - $before) / $hz" | bc -l)
   non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.txt")
-  printf '%.0f %.2f %.0f %s\n' "$rps" "$cpu" "$(echo "$rps * $secs / $cpu" | bc -l)" "${non2xx:-0}" >> "$work/$name"
+  printf '%.0f %.2f %.0f %s %s\n' "$rps" "$cpu" "$(echo "$rps * $secs / $cpu" | bc -l)" "${non2xx:-0}" \
+    "$steal" >> "$work/$name"
 }
 
 for _ in $(seq "$runs"); do
@@ -97,7 +103,7 @@ echo "| server | requests/s | server CPU-s | requests per server CPU-s | x ceili
 echo "|---|---|---|---|---|---|"
 row() {
   median_row "$2" | {
-    read -r rps cpu per non2xx
+    read -r rps cpu per non2xx _
     printf '| %s | %s | %s | %s | %.2f | %s |\n' "$1" "$rps" "$cpu" "$per" \
       "$(echo "$per / $ceiling_per_cpu" | bc -l)" "$non2xx"
   }
@@ -108,6 +114,8 @@ row "mesher GET /health" health
 label="~1 KiB, SQLite"; [ "$issues" = many ] && label="$label, ~17.5k issues"
 row "mesher POST /api/v1/events ($label)" ingest
 echo
-echo "Every round, requests per server CPU-second (ceiling GET, ceiling POST, /health, ingest):"
-paste <(awk '{print $3}' "$work/ceiling") <(awk '{print $3}' "$work/ceiling_post") \
-  <(awk '{print $3}' "$work/health") <(awk '{print $3}' "$work/ingest") | tr '\t' ' '
+echo "Every round, requests per server CPU-second (ceiling GET, ceiling POST, /health, ingest),"
+echo "each with the CPU time the host took from CPU 0 meanwhile ([steal], in 1/${hz} s):"
+per_round() { awk '{printf "%s [%s]\n", $3, $5}' "$work/$1"; }
+paste <(per_round ceiling) <(per_round ceiling_post) <(per_round health) <(per_round ingest) |
+  tr '\t' ' '

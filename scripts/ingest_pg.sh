@@ -61,16 +61,21 @@ wrk.body = '{"message":"ingest run","level":"error","environment":"bench","tags"
 LUA
 rows_before=$(events)
 cpu_before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+steal_ticks() { awk '/^cpu0 / {print $9}' /proc/stat; }
+steal_before=$(steal_ticks)
 started=$(date +%s.%N)
 taskset -c 1 wrk -t1 -c64 -d"${secs}s" -s "$work/post.lua" http://127.0.0.1:19050/api/v1/events > "$work/wrk.txt"
 # Everything accepted is committed within the flush interval; wait for the queue to empty, so
 # that the CPU read below includes storing every accepted event.
+backlog=""
 for _ in $(seq 100); do
   depth=$(curl -s http://127.0.0.1:19050/metrics | awk '/^mesher_storage_queue_events/ {print $2}')
+  backlog=${backlog:-$depth}
   [ "$depth" = 0 ] && break; sleep 0.1
 done
 cpu_after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
 ended=$(date +%s.%N)
+steal=$(( $(steal_ticks) - steal_before ))
 rows_after=$(events)
 rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
 non2xx=$(awk '/Non-2xx/ {print $NF}' "$work/wrk.txt")
@@ -91,4 +96,9 @@ printf '| ratio to the minimal server | %.2f |\n' "$(echo "$per_cpu / $ceiling_p
 printf '| non-2xx answers | %s |\n' "${non2xx:-0}"
 printf '| events committed (counted in PostgreSQL) | %d |\n' "$committed"
 printf '| events committed per second, sustained | %.0f |\n' "$(echo "$committed / ($ended - $started)" | bc -l)"
+# A backlog means PostgreSQL fell behind: the queued events are fresh memory the server pays
+# for too. Steal is CPU time the host took from CPU 0: a busy host skews every figure.
+printf '| events waiting for storage when wrk stopped | %s |\n' "${backlog:-unknown}"
+printf '| CPU time the host took from CPU 0 during the ingest | %.1f%% |\n' \
+  "$(echo "100 * $steal / $hz / ($ended - $started)" | bc -l)"
 target/release/examples/store_rate --rows 200000 --database-url "$url" | sed -n 's/^| raw COPY/| raw COPY rate of the same rows/p; s/^| postgres store commit/| store backend commit rate of the same rows/p'
