@@ -7,7 +7,7 @@ use std::rc::Rc;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
-use super::parse::{parse_head, BodyDecoder, HttpError};
+use super::parse::{parse_head, parse_head_reusing, BodyDecoder, HeadBuffers, HttpError};
 use super::response::Response;
 use super::router::{self, NoRoute, CONTROL_BODY_BYTES_MAX};
 use crate::api::{self, Handled};
@@ -93,6 +93,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
     let keepalive_timeout_ms = shard.config.keepalive_timeout * 1000;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::new();
+    let mut head_buffers = HeadBuffers::default();
     loop {
         // The head: idle timer while nothing has arrived, request timer from the first byte.
         let mut request_started = false;
@@ -103,7 +104,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                     set_busy(shard, id, true);
                     shard.set_deadline(id, Some((Deadline::Request, request_timeout_ms)));
                 }
-                match parse_head(&buf) {
+                match parse_head_reusing(&buf, &mut head_buffers) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
                     Err(error) => return reject(shard, stream, &mut out, &error).await,
@@ -199,6 +200,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 return End::Upgraded(role, key_id, buf);
             }
         }
+        head_buffers = head.into_buffers();
         set_busy(shard, id, false);
         if !keep_alive {
             write(stream, &mut out).await;

@@ -88,11 +88,12 @@ pub struct Headers {
 }
 
 impl Headers {
-    fn with_capacity(count: usize, bytes: usize) -> Headers {
-        Headers {
-            text: String::with_capacity(bytes),
-            spans: Vec::with_capacity(count),
-        }
+    /// Empties the headers, keeping their memory, and makes room for `count` of `bytes`.
+    fn reset(&mut self, count: usize, bytes: usize) {
+        self.text.clear();
+        self.text.reserve(bytes);
+        self.spans.clear();
+        self.spans.reserve(count);
     }
 
     fn push(&mut self, name: &str, value: &str) {
@@ -129,6 +130,14 @@ impl<'a> FromIterator<(&'a str, &'a str)> for Headers {
     }
 }
 
+/// The buffers a finished request's head leaves to the next head on its connection, so that a
+/// warm keep-alive connection parses heads without allocating.
+#[derive(Debug, Default)]
+pub struct HeadBuffers {
+    path: String,
+    headers: Headers,
+}
+
 /// A parsed request head.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Head {
@@ -147,6 +156,14 @@ pub struct Head {
 }
 
 impl Head {
+    /// Gives back the head's buffers for the next head (`parse_head_reusing`).
+    pub fn into_buffers(self) -> HeadBuffers {
+        HeadBuffers {
+            path: self.path,
+            headers: self.headers,
+        }
+    }
+
     /// Value of the first header with this name (names compare case-insensitively).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
@@ -197,6 +214,12 @@ fn has_token(list: &str, token: &str) -> bool {
 /// Fails with `HeadersTooLarge` as soon as `buf` holds more than [`HEADER_BYTES_MAX`] bytes
 /// without a complete head.
 pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
+    parse_head_reusing(buf, &mut HeadBuffers::default())
+}
+
+/// As [`parse_head`], filling `spare`'s buffers instead of new ones; a head that is returned
+/// takes them.
+pub fn parse_head_reusing(buf: &[u8], spare: &mut HeadBuffers) -> Result<Option<Head>, HttpError> {
     // Parsing only the first HEADER_BYTES_MAX bytes makes a longer head look incomplete, which
     // the length check below turns into 431.
     let window = &buf[..buf.len().min(HEADER_BYTES_MAX)];
@@ -221,8 +244,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     // httparse accepts only HTTP/1.0 and HTTP/1.1; anything else is already a Version error.
     debug_assert!(version_minor <= 1);
     let (path, query) = split_target(method, target)?;
+    spare.path.clear();
+    spare.path.push_str(&path);
 
-    let mut headers = Headers::with_capacity(request.headers.len(), head_len);
+    let headers = &mut spare.headers;
+    headers.reset(request.headers.len(), head_len);
     let mut content_length: Option<u64> = None;
     let mut transfer_codings_count = 0usize;
     let mut chunked = false;
@@ -277,9 +303,9 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
 
     Ok(Some(Head {
         method: known_method(method).map_or_else(|| Cow::Owned(method.to_owned()), Cow::Borrowed),
-        path,
-        query,
-        headers,
+        path: std::mem::take(&mut spare.path),
+        query: query.to_owned(),
+        headers: std::mem::take(&mut spare.headers),
         body,
         keep_alive,
         head_len,
@@ -305,11 +331,12 @@ fn known_method(method: &str) -> Option<&'static str> {
         .find(|known| *known == method)
 }
 
-fn split_target(method: &str, target: &str) -> Result<(String, String), HttpError> {
+/// The decoded path (borrowed from the target unless it had escapes) and the raw query.
+fn split_target<'t>(method: &str, target: &'t str) -> Result<(Cow<'t, str>, &'t str), HttpError> {
     let origin_form = if target.starts_with('/') {
         target
     } else if target == "*" && method == "OPTIONS" {
-        return Ok(("*".to_owned(), String::new()));
+        return Ok((Cow::Borrowed("*"), ""));
     } else if let Some(after_scheme) = strip_http_scheme(target) {
         match after_scheme.find(['/', '?']) {
             Some(start) => &after_scheme[start..],
@@ -325,11 +352,11 @@ fn split_target(method: &str, target: &str) -> Result<(String, String), HttpErro
         None => (origin_form, ""),
     };
     let path = if raw_path.is_empty() {
-        "/".to_owned()
+        Cow::Borrowed("/")
     } else {
         decode_path(raw_path)?
     };
-    Ok((path, query.to_owned()))
+    Ok((path, query))
 }
 
 fn strip_http_scheme(target: &str) -> Option<&str> {
@@ -355,9 +382,9 @@ fn percent_escape(bytes: &[u8]) -> Option<u8> {
 }
 
 /// Strict: a path with a broken escape or non-UTF-8 bytes cannot name a route, so it is a 400.
-fn decode_path(raw: &str) -> Result<String, HttpError> {
+fn decode_path(raw: &str) -> Result<Cow<'_, str>, HttpError> {
     if !raw.bytes().any(|byte| byte == b'%') {
-        return Ok(raw.to_owned());
+        return Ok(Cow::Borrowed(raw));
     }
     let raw = raw.as_bytes();
     let mut decoded = Vec::with_capacity(raw.len());
@@ -372,7 +399,9 @@ fn decode_path(raw: &str) -> Result<String, HttpError> {
             index += 1;
         }
     }
-    String::from_utf8(decoded).map_err(|_| bad("path is not UTF-8"))
+    String::from_utf8(decoded)
+        .map(Cow::Owned)
+        .map_err(|_| bad("path is not UTF-8"))
 }
 
 /// Lenient, as browsers and form encoders are: a broken escape stays as written.
@@ -728,6 +757,30 @@ mod tests {
                 (state >> 24) as u8
             })
             .collect()
+    }
+
+    #[test]
+    fn reused_buffers_carry_nothing_into_the_next_head() {
+        let heads: [&[u8]; 4] = [
+            b"POST /api/v1/events/bulk?key=abc HTTP/1.1\r\nHost: mesher\r\nX-Long: aaaaaaaaaaaa\r\nContent-Length: 2\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nHost: m\r\n\r\n",
+            b"GET /a%20b HTTP/1.0\r\n\r\n",
+            b"OPTIONS * HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+        ];
+        let mut spare = HeadBuffers::default();
+        // A head that is incomplete or refused leaves the buffers usable.
+        assert_eq!(
+            parse_head_reusing(b"GET /x HTTP/1.1\r\nHo", &mut spare),
+            Ok(None)
+        );
+        assert!(parse_head_reusing(b"GET /%zz HTTP/1.1\r\n\r\n", &mut spare).is_err());
+        for input in heads.iter().chain(heads.iter().rev()) {
+            let head = parse_head_reusing(input, &mut spare)
+                .expect("valid head")
+                .expect("complete head");
+            assert_eq!(Some(head.clone()), parse_head(input).unwrap());
+            spare = head.into_buffers();
+        }
     }
 
     #[test]
