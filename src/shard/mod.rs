@@ -186,11 +186,13 @@ impl Shard {
         if entry.timer.is_some() && entry.timer_tick <= at {
             return;
         }
-        let mut wheel = self.wheel.borrow_mut();
-        if let Some(old) = entry.timer.take() {
-            wheel.cancel(old);
-        }
-        entry.timer = Some(wheel.schedule(at - now, Timer::Deadline(id)));
+        self.cancel(entry.timer.take());
+        self.arm_deadline_timer(entry, id, now, at);
+    }
+
+    /// Arms the connection's timer to fire at tick `at`.
+    fn arm_deadline_timer(&self, entry: &mut ConnEntry, id: ConnId, now: u64, at: u64) {
+        entry.timer = Some(self.schedule_ticks(at - now, Timer::Deadline(id)));
         entry.timer_tick = at;
     }
 
@@ -208,8 +210,7 @@ impl Shard {
                 None => return,
                 Some((what, at)) if at <= now => what,
                 Some((_, at)) => {
-                    entry.timer = Some(self.schedule_ticks(at - now, Timer::Deadline(id)));
-                    entry.timer_tick = at;
+                    self.arm_deadline_timer(entry, id, now, at);
                     return;
                 }
             }
