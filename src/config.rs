@@ -34,6 +34,10 @@ pub enum AckMode {
     Durable,
 }
 
+/// 256 MiB: room for ~250 one-MiB events or ~50 full bulk requests arriving at once, a small
+/// share of a server's memory.
+pub const PENDING_BODY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
+
 #[derive(Parser, Debug, Clone)]
 pub struct Config {
     /// Address to serve HTTP and WebSocket on; repeat for more than one.
@@ -100,6 +104,16 @@ pub struct Config {
     /// Events per storage transaction at most.
     #[arg(long, env = "MESHER_BATCH_EVENTS", default_value_t = crate::store::BATCH_EVENTS_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub batch_events: usize,
+
+    /// Open connections at most, of every kind; one more is answered 503 and closed
+    /// (default: the open-file limit less a reserve for storage and listeners).
+    #[arg(long, env = "MESHER_MAX_CONNECTIONS", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections: Option<usize>,
+
+    /// Bytes that request bodies still arriving may hold together; a body that would pass it
+    /// is answered 503 and its connection closed.
+    #[arg(long, env = "MESHER_MAX_PENDING_BODY_BYTES", default_value_t = PENDING_BODY_BYTES_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_pending_body_bytes: usize,
 
     /// Events that may wait for storage before ingest answers 503.
     #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = crate::store::QUEUE_EVENTS_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]

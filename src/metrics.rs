@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
+use crate::conn::limits::Limits;
 use crate::store::Store;
 
 /// Why a connection ended; each reason is its own counter.
@@ -21,10 +22,12 @@ pub enum CloseReason {
     PongTimeout,
     IoError,
     Shutdown,
+    /// Answered 503 and closed: too many connections, or no room for its request body.
+    Refused,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 9] = [
+    pub const ALL: [CloseReason; 10] = [
         CloseReason::Normal,
         CloseReason::RequestTimeout,
         CloseReason::IdleTimeout,
@@ -34,6 +37,7 @@ impl CloseReason {
         CloseReason::PongTimeout,
         CloseReason::IoError,
         CloseReason::Shutdown,
+        CloseReason::Refused,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -46,6 +50,7 @@ impl CloseReason {
             CloseReason::PongTimeout => "pong_timeout",
             CloseReason::IoError => "io_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Refused => "refused",
         }
     }
 }
@@ -113,7 +118,7 @@ const STATUSES: [u16; 17] = [
 pub struct ShardMetrics {
     pub conns_accepted: AtomicU64,
     conns_open: [AtomicU64; 3],
-    conns_closed: [AtomicU64; 9],
+    conns_closed: [AtomicU64; CloseReason::ALL.len()],
     responses: [AtomicU64; STATUSES.len() + 1],
     pub events_accepted: AtomicU64,
     events_rejected: [AtomicU64; 7],
@@ -121,6 +126,10 @@ pub struct ShardMetrics {
     pub stream_messages_dropped: AtomicU64,
     pub stream_slow_disconnects: AtomicU64,
     pub stream_subscriptions: AtomicU64,
+    /// Connections answered 503 because `--max-connections` were open.
+    pub conns_refused: AtomicU64,
+    /// Request bodies answered 503 because `--max-pending-body-bytes` were held.
+    pub bodies_refused: AtomicU64,
     pub loop_lag_us: AtomicU64,
     pub loop_lag_max_us: AtomicU64,
     pub mesh_backlog: AtomicU64,
@@ -174,8 +183,29 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every counter, summed over shards (loop lag per shard).
-    pub fn render(&self, store: &Store) -> String {
+    pub fn render(&self, store: &Store, limits: &Limits) -> String {
         let mut out = String::with_capacity(4096);
+        let gauges = [
+            (
+                "mesher_connections_limit",
+                "Open connections allowed (--max-connections).",
+                limits.connections.limit(),
+            ),
+            (
+                "mesher_http_pending_body_bytes",
+                "Bytes held by request bodies still arriving.",
+                limits.pending_body_bytes.used(),
+            ),
+            (
+                "mesher_http_pending_body_bytes_limit",
+                "Bytes request bodies still arriving may hold (--max-pending-body-bytes).",
+                limits.pending_body_bytes.limit(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            header(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
         header(
             &mut out,
             "mesher_connections_accepted_total",
@@ -261,7 +291,17 @@ impl Metrics {
             );
         }
         type Read = fn(&ShardMetrics) -> u64;
-        let counters: [(&str, &str, Read); 5] = [
+        let counters: [(&str, &str, Read); 7] = [
+            (
+                "mesher_connections_refused_total",
+                "Connections answered 503 because --max-connections were open.",
+                |m| m.conns_refused.load(Relaxed),
+            ),
+            (
+                "mesher_http_bodies_refused_total",
+                "Request bodies answered 503 because --max-pending-body-bytes were held.",
+                |m| m.bodies_refused.load(Relaxed),
+            ),
             (
                 "mesher_stream_messages_sent_total",
                 "Stream messages written to subscribers.",

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::Directory;
 use crate::config::Config;
+use crate::conn::limits::{Budget, Limits};
 use crate::issues::{Issue, ProjectState};
 use crate::metrics::Metrics;
 use crate::shard::mesh::{owner_of, ShardMsg, SHARD_QUEUE_MAX};
@@ -19,6 +20,8 @@ use crate::IdMap;
 
 /// Pending connections per listener before the kernel refuses more.
 const LISTEN_BACKLOG: i32 = 4096;
+/// Files kept free beside connections: storage, listeners, rings, logs.
+const FD_RESERVE: usize = 256;
 /// How long shutdown waits for in-flight requests and WebSocket close handshakes.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
@@ -56,6 +59,19 @@ pub fn run(config: Config) -> Result<(), String> {
     }
 
     let metrics = Metrics::new(shard_count);
+    let limits = Arc::new(Limits {
+        connections: Budget::new(
+            config
+                .max_connections
+                .unwrap_or_else(default_max_connections),
+        ),
+        pending_body_bytes: Budget::new(config.max_pending_body_bytes),
+    });
+    tracing::info!(
+        max_connections = limits.connections.limit(),
+        max_pending_body_bytes = limits.pending_body_bytes.limit(),
+        "limits"
+    );
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| mpsc::channel(SHARD_QUEUE_MAX))
         .unzip();
@@ -72,6 +88,7 @@ pub fn run(config: Config) -> Result<(), String> {
             listeners,
             store: store.clone(),
             metrics: metrics.clone(),
+            limits: limits.clone(),
             directory: directory(&snapshot),
             owned: std::mem::take(&mut owned[index]),
             drained: drained_tx.clone(),
@@ -125,6 +142,32 @@ pub fn io_uring_error(error: &std::io::Error) -> String {
          check the kernel version, the sysctl kernel.io_uring_disabled, and any seccomp profile \
          (container runtimes often block io_uring_setup)"
     )
+}
+
+/// Raises the open-file limit to its hard limit (each connection is a file) and leaves a reserve
+/// of it for everything that is not a connection.
+fn default_max_connections() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024 - FD_RESERVE;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let files = usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX);
+    files.saturating_sub(FD_RESERVE).max(1)
 }
 
 /// Fails fast, before anything else starts, when io_uring is unavailable.

@@ -36,9 +36,9 @@ pub async fn handle(shard: &Rc<Shard>, route: Route<'_>, body: &[u8]) -> Respons
     let result = match route {
         Route::ListProjects => Ok(list_projects(shard)),
         Route::CreateProject => create_project(shard, body).await,
-        Route::UpdateProject(project) => update_project(shard, project, body).await,
-        Route::CreateKey(project) => create_key(shard, project, body).await,
-        Route::RevokeKey(key_id) => revoke_key(shard, key_id).await,
+        Route::UpdateProject(project) => update_project(shard, &project, body).await,
+        Route::CreateKey(project) => create_key(shard, &project, body).await,
+        Route::RevokeKey(key_id) => revoke_key(shard, &key_id).await,
         _ => unreachable!("only management routes come here"),
     };
     result.unwrap_or_else(|response| response)

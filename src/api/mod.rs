@@ -40,12 +40,13 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
     let response = match route {
         Route::Health => health(shard),
         Route::Metrics => {
-            let mut response = Response::json(200, shard.metrics.render(&shard.store));
+            let mut response =
+                Response::json(200, shard.metrics.render(&shard.store, &shard.limits));
             response.content_type = "text/plain; version=0.0.4";
             response
         }
         Route::Stream(project) => {
-            return upgrade(shard, head, project, Scope::Dashboard, |project_id| {
+            return upgrade(shard, head, &project, Scope::Dashboard, |project_id| {
                 Role::Stream { project_id }
             })
         }
@@ -61,12 +62,39 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
         Route::Event | Route::Bulk => {
             ingest::handle_http(shard, head, route == Route::Bulk, body).await
         }
-        Route::ListIssues(project) => issues::list(shard, head, project).await,
-        Route::GetIssue(id) => issues::get(shard, head, id).await,
-        Route::IssueEvents(id) => issues::events(shard, head, id).await,
-        Route::IssueAction(id, action) => issues::action(shard, head, id, action).await,
+        Route::ListIssues(project) => issues::list(shard, head, &project).await,
+        Route::GetIssue(id) => issues::get(shard, head, &id).await,
+        Route::IssueEvents(id) => issues::events(shard, head, &id).await,
+        Route::IssueAction(id, action) => issues::action(shard, head, &id, action).await,
     };
     Handled::Respond(response)
+}
+
+/// Checks from the head alone that the request presents a key its route could accept, so the
+/// body of a request that is refused anyway is never read (401/403 as the handler would say).
+/// Which project the key may touch is left to the handler.
+pub fn admit(shard: &Shard, head: &Head, route: &Route<'_>) -> Result<(), Response> {
+    let scope = match route {
+        Route::Health | Route::Metrics => return Ok(()),
+        Route::CreateProject
+        | Route::ListProjects
+        | Route::UpdateProject(_)
+        | Route::CreateKey(_)
+        | Route::RevokeKey(_) => return admin::authorize(shard, head),
+        Route::Event | Route::Bulk | Route::IngestSocket => Scope::Ingest,
+        Route::ListIssues(_)
+        | Route::GetIssue(_)
+        | Route::IssueEvents(_)
+        | Route::IssueAction(..)
+        | Route::Stream(_) => Scope::Dashboard,
+    };
+    let key = presented_key(head);
+    shard
+        .directory
+        .borrow()
+        .authorize(key.as_deref(), scope, None)
+        .map(drop)
+        .map_err(refusal)
 }
 
 fn health(shard: &Shard) -> Response {

@@ -1,4 +1,6 @@
-//! Connection bookkeeping: generation-checked ids and outgoing frame rings.
+//! Connection bookkeeping: generation-checked ids, outgoing frame rings, and the bounds every
+//! shard shares (open connections, pending body bytes).
 
+pub mod limits;
 pub mod registry;
 pub mod ring;

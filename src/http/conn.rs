@@ -3,14 +3,16 @@
 
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
-use super::parse::{parse_head, parse_head_reusing, BodyDecoder, HeadBuffers, HttpError};
-use super::response::Response;
+use super::parse::{parse_head, parse_head_reusing, BodyDecoder, BodyKind, HeadBuffers, HttpError};
+use super::response::{Persistence, Response};
 use super::router::{self, NoRoute, CONTROL_BODY_BYTES_MAX};
 use crate::api::{self, Handled};
+use crate::conn::limits::Share;
 use crate::conn::registry::ConnId;
 use crate::metrics::CloseReason;
 use crate::shard::{Deadline, Shard};
@@ -19,12 +21,31 @@ use crate::shard::{Deadline, Shard};
 const READ_CHUNK_BYTES: usize = 4096;
 /// Responses to pipelined requests are gathered into one write up to this size.
 const PIPELINE_WRITE_BYTES_MAX: usize = 64 * 1024;
+/// After a final error answer, how long what the client still sends is read and discarded...
+const LINGER_MS: u64 = 2000;
+/// ...and how much of it at most.
+const LINGER_BYTES_MAX: usize = 8 * 1024 * 1024;
 
 /// Serves the connection until it closes or becomes a WebSocket.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    let id = shard.register(stream.as_raw_fd());
+    let (id, admitted) = shard.register(stream.as_raw_fd());
     let stream = Rc::new(stream);
-    match serve_requests(&shard, id, &stream).await {
+    let end = if admitted {
+        serve_requests(&shard, id, &stream).await
+    } else {
+        shard.counters.conns_refused.fetch_add(1, Relaxed);
+        let response = overloaded("too many connections");
+        fail(
+            &shard,
+            id,
+            &stream,
+            &mut Vec::new(),
+            response,
+            CloseReason::Refused,
+        )
+        .await
+    };
+    match end {
         End::Closed(reason) => shard.unregister(id, reason),
         End::Upgraded(role, key_id, leftover) => {
             // A task of its own, so the HTTP state machine's memory goes with this one.
@@ -74,18 +95,47 @@ async fn write(stream: &TcpStream, out: &mut Vec<u8>) -> bool {
     result.is_ok()
 }
 
+/// 503 with a hint to come back in a second.
+fn overloaded(what: &str) -> Response {
+    Response::error(503, what).with_header("retry-after", "1")
+}
+
 /// Answers an error and closes: the connection's byte stream can no longer be trusted.
 async fn fail(
     shard: &Shard,
+    id: ConnId,
     stream: &TcpStream,
     out: &mut Vec<u8>,
     response: Response,
     reason: CloseReason,
 ) -> End {
     shard.counters.responded(response.status);
-    response.write_to(false, out);
-    write(stream, out).await;
+    response.write_to(Persistence::Close, out);
+    if write(stream, out).await {
+        linger(shard, id, stream).await;
+    }
     End::Closed(reason)
+}
+
+/// Closes without losing the answer just written. Closing a socket with unread bytes makes the
+/// kernel send a reset, which can destroy the answer before the client reads it; so the write
+/// side is shut (the client sees the answer, then its end) and what the client still sends is
+/// read and discarded, for a bounded time and amount, until it closes too.
+async fn linger(shard: &Shard, id: ConnId, stream: &TcpStream) {
+    // SAFETY: the connection owns the fd for as long as `stream` lives; shutdown does not close it.
+    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    shard.set_deadline(id, Some((Deadline::Linger, LINGER_MS)));
+    let mut discard: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut discarded = 0;
+    while discarded < LINGER_BYTES_MAX {
+        let (result, mut returned) = stream.read(discard).await;
+        returned.clear();
+        discard = returned;
+        match result {
+            Ok(n) if n > 0 => discarded += n,
+            _ => break,
+        }
+    }
 }
 
 async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> End {
@@ -94,6 +144,10 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::new();
     let mut head_buffers = HeadBuffers::default();
+    // The first request must arrive whole within the request timeout of the accept: a
+    // connection that sends nothing is not kept for the keep-alive timeout.
+    let mut first_request = true;
+    shard.set_deadline(id, Some((Deadline::Request, request_timeout_ms)));
     loop {
         // The head: idle timer while nothing has arrived, request timer from the first byte.
         let mut request_started = false;
@@ -102,12 +156,14 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if !request_started {
                     request_started = true;
                     set_busy(shard, id, true);
-                    shard.set_deadline(id, Some((Deadline::Request, request_timeout_ms)));
+                    if !first_request {
+                        shard.set_deadline(id, Some((Deadline::Request, request_timeout_ms)));
+                    }
                 }
                 match parse_head_reusing(&buf, &mut head_buffers) {
                     Ok(Some(head)) => break head,
                     Ok(None) => {}
-                    Err(error) => return reject(shard, stream, &mut out, &error).await,
+                    Err(error) => return reject(shard, id, stream, &mut out, &error).await,
                 }
             } else {
                 if !write(stream, &mut out).await {
@@ -116,7 +172,9 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if shard.draining.get() {
                     return End::Closed(CloseReason::Shutdown);
                 }
-                shard.set_deadline(id, Some((Deadline::Idle, keepalive_timeout_ms)));
+                if !first_request {
+                    shard.set_deadline(id, Some((Deadline::Idle, keepalive_timeout_ms)));
+                }
             }
             let (result, returned) = read_more(stream, buf, READ_CHUNK_BYTES).await;
             buf = returned;
@@ -127,38 +185,53 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 }
             }
         };
+        first_request = false;
         // The body, with the route's limit decided from the headers alone. It is decoded from
         // where it lies after the head; the buffer is cut once, after it (no move of the body).
-        let mut used = head.head_len;
+        let used = head.head_len;
         let route = router::route(&head.method, &head.path);
         let limit = route
             .as_ref()
             .map_or(CONTROL_BODY_BYTES_MAX, |r| r.body_bytes_max());
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
             Ok(decoder) => decoder,
-            Err(error) => return reject(shard, stream, &mut out, &error).await,
+            Err(error) => return reject(shard, id, stream, &mut out, &error).await,
         };
+        // A body still to come is waited for only when the request's key could be accepted.
+        if !body_is_here(&head.body, buf.len() - used) {
+            if let Err(response) = route
+                .as_ref()
+                .map_or(Ok(()), |r| api::admit(shard, &head, r))
+            {
+                return fail(
+                    shard,
+                    id,
+                    stream,
+                    &mut out,
+                    response,
+                    CloseReason::BadRequest,
+                )
+                .await;
+            }
+        }
         if head.expects_continue() && !decoder.is_done() && buf.len() == used {
             out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
             if !write(stream, &mut out).await {
                 return End::Closed(CloseReason::IoError);
             }
         }
-        loop {
-            match decoder.feed(&buf[used..]) {
-                Ok(consumed) => used += consumed,
-                Err(error) => return reject(shard, stream, &mut out, &error).await,
+        match read_body(shard, stream, &mut decoder, &mut buf, used).await {
+            Ok(()) => {}
+            Err(BodyEnd::Invalid(error)) => {
+                return reject(shard, id, stream, &mut out, &error).await
             }
-            buf.drain(..used);
-            used = 0;
-            if decoder.is_done() {
-                break;
+            Err(BodyEnd::NoRoom) => {
+                shard.counters.bodies_refused.fetch_add(1, Relaxed);
+                let response = overloaded("overloaded");
+                return fail(shard, id, stream, &mut out, response, CloseReason::Refused).await;
             }
-            let (result, returned) = read_more(stream, buf, READ_CHUNK_BYTES).await;
-            buf = returned;
-            match result {
-                Ok(n) if n > 0 => {}
-                _ => return ended_while_reading(shard, id, stream, &mut out, true).await,
+            Err(BodyEnd::StreamEnded) => {
+                return ended_while_reading(shard, id, stream, &mut out, true).await
             }
         }
         let body = decoder.take_body();
@@ -172,15 +245,19 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             Err(NoRoute::MethodNotAllowed(allow)) => Handled::Respond(
                 Response::error(405, "method not allowed").with_header("allow", allow),
             ),
+            Err(NoRoute::BadPath) => {
+                Handled::Respond(Response::error(400, "bad request: invalid path escape"))
+            }
         };
         match handled {
             Handled::Respond(response) => {
-                let is_head = head.method == "HEAD";
-                let mut response = response;
-                if is_head {
-                    response.body.clear();
+                shard.counters.responded(response.status);
+                let persistence = Persistence::new(keep_alive, head.http10);
+                if head.method == "HEAD" {
+                    response.write_head_to(persistence, &mut out);
+                } else {
+                    response.write_to(persistence, &mut out);
                 }
-                respond(shard, response, keep_alive, &mut out);
             }
             Handled::Upgrade {
                 role,
@@ -215,15 +292,65 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
     }
 }
 
-fn respond(shard: &Shard, response: Response, keep_alive: bool, out: &mut Vec<u8>) {
-    shard.counters.responded(response.status);
-    response.write_to(keep_alive, out);
+/// Why a body could not be read whole.
+enum BodyEnd {
+    /// Its framing is broken or it is over the route's limit.
+    Invalid(HttpError),
+    /// Pending bodies hold all the bytes they may.
+    NoRoom,
+    /// The read side ended (the client left, or the request timed out).
+    StreamEnded,
+}
+
+/// Feeds the decoder from `buf[used..]` and the socket until the body is complete; `buf` is
+/// left holding whatever follows it. While the body arrives, what it holds counts against the
+/// bytes all pending bodies may hold together; the count is given back on return.
+async fn read_body(
+    shard: &Shard,
+    stream: &TcpStream,
+    decoder: &mut BodyDecoder,
+    buf: &mut Vec<u8>,
+    mut used: usize,
+) -> Result<(), BodyEnd> {
+    let mut pending = Share::new(&shard.limits.pending_body_bytes);
+    loop {
+        used += decoder.feed(&buf[used..]).map_err(BodyEnd::Invalid)?;
+        buf.drain(..used);
+        used = 0;
+        if decoder.is_done() {
+            return Ok(());
+        }
+        if !pending.grow_to(decoder.received_bytes()) {
+            return Err(BodyEnd::NoRoom);
+        }
+        let (result, returned) = read_more(stream, std::mem::take(buf), READ_CHUNK_BYTES).await;
+        *buf = returned;
+        match result {
+            Ok(n) if n > 0 => {}
+            _ => return Err(BodyEnd::StreamEnded),
+        }
+    }
+}
+
+/// The whole body is already in the buffer (or there is none).
+fn body_is_here(kind: &BodyKind, buffered_bytes: usize) -> bool {
+    match *kind {
+        BodyKind::None => true,
+        BodyKind::Length(length) => length <= buffered_bytes as u64,
+        BodyKind::Chunked => false,
+    }
 }
 
 /// A request the parser refused: its status (400, 413, 431) and the connection closes.
-async fn reject(shard: &Shard, stream: &TcpStream, out: &mut Vec<u8>, error: &HttpError) -> End {
+async fn reject(
+    shard: &Shard,
+    id: ConnId,
+    stream: &TcpStream,
+    out: &mut Vec<u8>,
+    error: &HttpError,
+) -> End {
     let response = Response::error(error.status(), &error.message());
-    fail(shard, stream, out, response, CloseReason::BadRequest).await
+    fail(shard, id, stream, out, response, CloseReason::BadRequest).await
 }
 
 /// The read side ended: a timed-out request gets its 408, anything else just closes.
@@ -238,6 +365,7 @@ async fn ended_while_reading(
         Some(CloseReason::RequestTimeout) if request_started => {
             fail(
                 shard,
+                id,
                 stream,
                 out,
                 Response::error(408, "request timeout"),

@@ -12,9 +12,10 @@ use std::mem::MaybeUninit;
 /// make the server buffer an unbounded head (PROTOCOL.md section 7).
 pub const HEADER_BYTES_MAX: usize = 8 * 1024;
 
-/// Header lines per request. `httparse` needs a fixed array of slots (on the stack); real clients
-/// send 5-20. More -> 431.
-pub const HEADERS_COUNT_MAX: usize = 64;
+/// Header lines per request. `httparse` needs a fixed array of slots (on the stack); browsers and
+/// SDKs send 5-30, proxies add a few. More -> 431, as is a head over [`HEADER_BYTES_MAX`]:
+/// whichever bound a head passes first.
+pub const HEADERS_COUNT_MAX: usize = 100;
 
 /// Hex digits of one chunk size: 16 fill a u64, so more can only overflow (or be padding no client
 /// sends). More -> 400.
@@ -143,7 +144,8 @@ pub struct HeadBuffers {
 pub struct Head {
     /// Borrowed for the methods the routes use, so that the usual request allocates none.
     pub method: Cow<'static, str>,
-    /// Percent-decoded path without the query ("*" for `OPTIONS *`).
+    /// The path as sent, still percent-encoded, without the query ("*" for `OPTIONS *`):
+    /// routing splits it first and decodes each segment after.
     pub path: String,
     /// Raw query, without the '?'.
     pub query: String,
@@ -151,6 +153,8 @@ pub struct Head {
     pub body: BodyKind,
     /// Whether the connection stays open after this request's response.
     pub keep_alive: bool,
+    /// An HTTP/1.0 request: a kept-alive answer must say so.
+    pub http10: bool,
     /// Bytes of the request line and headers, including the blank line: the body starts here.
     pub head_len: usize,
 }
@@ -245,7 +249,7 @@ pub fn parse_head_reusing(buf: &[u8], spare: &mut HeadBuffers) -> Result<Option<
     debug_assert!(version_minor <= 1);
     let (path, query) = split_target(method, target)?;
     spare.path.clear();
-    spare.path.push_str(&path);
+    spare.path.push_str(path);
 
     let headers = &mut spare.headers;
     headers.reset(request.headers.len(), head_len);
@@ -308,6 +312,7 @@ pub fn parse_head_reusing(buf: &[u8], spare: &mut HeadBuffers) -> Result<Option<
         headers: std::mem::take(&mut spare.headers),
         body,
         keep_alive,
+        http10: version_minor == 0,
         head_len,
     }))
 }
@@ -331,12 +336,13 @@ fn known_method(method: &str) -> Option<&'static str> {
         .find(|known| *known == method)
 }
 
-/// The decoded path (borrowed from the target unless it had escapes) and the raw query.
-fn split_target<'t>(method: &str, target: &'t str) -> Result<(Cow<'t, str>, &'t str), HttpError> {
+/// The raw path and the raw query. A path whose escapes do not decode (broken `%XX`, not UTF-8)
+/// names nothing and is refused here.
+fn split_target<'t>(method: &str, target: &'t str) -> Result<(&'t str, &'t str), HttpError> {
     let origin_form = if target.starts_with('/') {
         target
     } else if target == "*" && method == "OPTIONS" {
-        return Ok((Cow::Borrowed("*"), ""));
+        return Ok(("*", ""));
     } else if let Some(after_scheme) = strip_http_scheme(target) {
         match after_scheme.find(['/', '?']) {
             Some(start) => &after_scheme[start..],
@@ -351,12 +357,11 @@ fn split_target<'t>(method: &str, target: &'t str) -> Result<(Cow<'t, str>, &'t 
         Some(at) => (&origin_form[..at], &origin_form[at + 1..]),
         None => (origin_form, ""),
     };
-    let path = if raw_path.is_empty() {
-        Cow::Borrowed("/")
-    } else {
-        decode_path(raw_path)?
-    };
-    Ok((path, query))
+    if raw_path.is_empty() {
+        return Ok(("/", query));
+    }
+    decode_path(raw_path)?;
+    Ok((raw_path, query))
 }
 
 fn strip_http_scheme(target: &str) -> Option<&str> {
@@ -381,8 +386,9 @@ fn percent_escape(bytes: &[u8]) -> Option<u8> {
     }
 }
 
-/// Strict: a path with a broken escape or non-UTF-8 bytes cannot name a route, so it is a 400.
-fn decode_path(raw: &str) -> Result<Cow<'_, str>, HttpError> {
+/// Strict: a path segment with a broken escape or non-UTF-8 bytes cannot name a resource, so it
+/// is a 400.
+pub fn decode_path(raw: &str) -> Result<Cow<'_, str>, HttpError> {
     if !raw.bytes().any(|byte| byte == b'%') {
         return Ok(Cow::Borrowed(raw));
     }
@@ -487,11 +493,12 @@ impl BodyDecoder {
             BodyKind::Length(length) if length > limit_bytes as u64 => {
                 return Err(HttpError::PayloadTooLarge)
             }
+            // Nothing reserved for the declared length: memory follows the bytes that arrive.
             BodyKind::Length(length) => (
                 BodyState::Length {
                     remaining_bytes: length,
                 },
-                Vec::with_capacity(length as usize),
+                Vec::new(),
             ),
             BodyKind::Chunked => (
                 BodyState::ChunkSize {
@@ -545,6 +552,12 @@ impl BodyDecoder {
 
     pub fn is_done(&self) -> bool {
         self.state == BodyState::Done
+    }
+
+    /// Body bytes received so far. The memory holding them grows with them (never ahead by
+    /// more than a vector's doubling), not with the length the head announced.
+    pub fn received_bytes(&self) -> usize {
+        self.body.len()
     }
 
     /// The decoded body (complete once `is_done`); leaves the decoder's buffer empty.
@@ -615,7 +628,6 @@ impl BodyDecoder {
                     if size_bytes > room_bytes {
                         return Err(HttpError::PayloadTooLarge);
                     }
-                    self.body.reserve(size_bytes as usize);
                     BodyState::ChunkData {
                         remaining_bytes: size_bytes,
                     }
@@ -800,6 +812,7 @@ mod tests {
             .collect(),
             body: BodyKind::None,
             keep_alive: true,
+            http10: false,
             head_len: input.len(),
         };
         assert_parses_at_every_split(input, &expected);
@@ -843,10 +856,10 @@ mod tests {
     }
 
     #[test]
-    fn path_is_percent_decoded_and_query_kept_raw() {
+    fn path_and_query_are_kept_raw() {
         let parsed =
             head("GET /stream/projects/my%20shop%2Fx?key=a%2Bb&token=c+d HTTP/1.1\r\n\r\n");
-        assert_eq!(parsed.path, "/stream/projects/my shop/x");
+        assert_eq!(parsed.path, "/stream/projects/my%20shop%2Fx");
         assert_eq!(parsed.query, "key=a%2Bb&token=c+d");
         assert_eq!(parsed.query_param("key").as_deref(), Some("a+b"));
         assert_eq!(parsed.query_param("token").as_deref(), Some("c d"));
@@ -1098,6 +1111,30 @@ mod tests {
         assert_eq!(at_limit.feed(&[7; 150]), Ok(100));
         assert!(at_limit.is_done());
         assert_eq!(at_limit.take_body(), vec![7; 100]);
+    }
+
+    #[test]
+    fn memory_follows_the_bytes_received_not_the_bytes_announced() {
+        let announced = 5 << 20;
+        let mut by_length =
+            BodyDecoder::new(&BodyKind::Length(announced), announced as usize).unwrap();
+        assert_eq!(by_length.body.capacity(), 0);
+        by_length.feed(&[1; 1000]).unwrap();
+        assert_eq!(by_length.received_bytes(), 1000);
+        assert!(
+            by_length.body.capacity() < 4096,
+            "{}",
+            by_length.body.capacity()
+        );
+
+        let mut chunked = BodyDecoder::new(&BodyKind::Chunked, announced as usize).unwrap();
+        chunked.feed(b"4FFFFF\r\nabc").unwrap();
+        assert_eq!(chunked.received_bytes(), 3);
+        assert!(
+            chunked.body.capacity() < 4096,
+            "{}",
+            chunked.body.capacity()
+        );
     }
 
     #[test]

@@ -1,5 +1,26 @@
 //! Responses: a status, a JSON body and a few headers, serialized in one buffer.
 
+/// What the answer says about the connection after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persistence {
+    /// `connection: close`, and the server closes.
+    Close,
+    /// HTTP/1.1: open unless said otherwise, so nothing is written.
+    KeepAlive,
+    /// HTTP/1.0: closed unless said otherwise, so `connection: keep-alive` is written.
+    KeepAliveAnnounced,
+}
+
+impl Persistence {
+    pub fn new(keep_alive: bool, http10: bool) -> Persistence {
+        match (keep_alive, http10) {
+            (false, _) => Persistence::Close,
+            (true, false) => Persistence::KeepAlive,
+            (true, true) => Persistence::KeepAliveAnnounced,
+        }
+    }
+}
+
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
@@ -41,7 +62,13 @@ impl Response {
 
     /// Appends the whole response, head and body, to `out`. Written byte by byte rather than
     /// through `fmt`, which costs more than the rest of the head on the ingest path.
-    pub fn write_to(&self, keep_alive: bool, out: &mut Vec<u8>) {
+    pub fn write_to(&self, persistence: Persistence, out: &mut Vec<u8>) {
+        self.write_head_to(persistence, out);
+        out.extend_from_slice(&self.body);
+    }
+
+    /// Appends the head alone, with the length of the body a GET would get (the answer to HEAD).
+    pub fn write_head_to(&self, persistence: Persistence, out: &mut Vec<u8>) {
         match status_line(self.status) {
             Some(line) => out.extend_from_slice(line.as_bytes()),
             None => {
@@ -63,12 +90,11 @@ impl Response {
                 out.extend_from_slice(part.as_bytes());
             }
         }
-        out.extend_from_slice(if keep_alive {
-            b"\r\n"
-        } else {
-            b"connection: close\r\n\r\n"
+        out.extend_from_slice(match persistence {
+            Persistence::KeepAlive => b"\r\n".as_slice(),
+            Persistence::KeepAliveAnnounced => b"connection: keep-alive\r\n\r\n",
+            Persistence::Close => b"connection: close\r\n\r\n",
         });
-        out.extend_from_slice(&self.body);
     }
 }
 
@@ -118,7 +144,7 @@ mod tests {
             assert!(!reason.is_empty() && !reason.contains(['\r', '\n']));
         }
         let mut out = Vec::new();
-        Response::json(299, "{}").write_to(true, &mut out);
+        Response::json(299, "{}").write_to(Persistence::KeepAlive, &mut out);
         assert!(out.starts_with(b"HTTP/1.1 299 Unknown\r\n"));
     }
 
@@ -127,11 +153,20 @@ mod tests {
         let mut out = Vec::new();
         Response::json(200, "{}")
             .with_header("retry-after", "3")
-            .write_to(false, &mut out);
+            .write_to(Persistence::Close, &mut out);
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"));
         assert!(text.contains("content-length: 2\r\n"));
         assert!(text.contains("retry-after: 3\r\n"));
         assert!(text.ends_with("connection: close\r\n\r\n{}"));
+    }
+
+    #[test]
+    fn head_only_keeps_the_length_and_http10_hears_keep_alive() {
+        let mut out = Vec::new();
+        Response::json(200, "{\"a\":1}").write_head_to(Persistence::KeepAliveAnnounced, &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("content-length: 7\r\n"));
+        assert!(text.ends_with("connection: keep-alive\r\n\r\n"));
     }
 }

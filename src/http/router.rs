@@ -1,4 +1,11 @@
-//! The route table: method and path to a `Route` with its path parameters and body limit.
+//! The route table: method and raw path to a `Route` with its path parameters and body limit.
+//!
+//! Routing reads the path as sent and decodes each parameter after, so an escaped `/` (`%2F`)
+//! stays inside its segment instead of making a path that names another resource.
+
+use std::borrow::Cow;
+
+use super::parse::decode_path;
 
 /// Largest body of management and status requests: they are small JSON objects.
 pub const CONTROL_BODY_BYTES_MAX: usize = 64 * 1024;
@@ -7,23 +14,26 @@ pub const EVENT_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// PROTOCOL section 4: a bulk request of up to 100 events.
 pub const BULK_BODY_BYTES_MAX: usize = 5 * 1024 * 1024;
 
+/// A percent-decoded path segment (borrowed unless it had escapes).
+pub type Param<'a> = Cow<'a, str>;
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     Health,
     Metrics,
     CreateProject,
     ListProjects,
-    UpdateProject(&'a str),
-    CreateKey(&'a str),
-    RevokeKey(&'a str),
+    UpdateProject(Param<'a>),
+    CreateKey(Param<'a>),
+    RevokeKey(Param<'a>),
     Event,
     Bulk,
     IngestSocket,
-    ListIssues(&'a str),
-    GetIssue(&'a str),
-    IssueEvents(&'a str),
-    IssueAction(&'a str, &'a str),
-    Stream(&'a str),
+    ListIssues(Param<'a>),
+    GetIssue(Param<'a>),
+    IssueEvents(Param<'a>),
+    IssueAction(Param<'a>, &'a str),
+    Stream(Param<'a>),
 }
 
 impl Route<'_> {
@@ -36,16 +46,19 @@ impl Route<'_> {
     }
 }
 
-/// Why no route matched: 404 for an unknown path, 405 for a known path and another method.
+/// Why no route matched: 404 for an unknown path, 405 for a known path and another method,
+/// 400 for a parameter whose escapes do not decode to UTF-8.
 #[derive(Debug, PartialEq, Eq)]
 pub enum NoRoute {
     NotFound,
     MethodNotAllowed(&'static str),
+    BadPath,
 }
 
 /// Segments of the longest route's path (`/api/v1/issues/:id/resolve`).
 const SEGMENTS_MAX: usize = 5;
 
+/// Routes a raw (still percent-encoded) path.
 pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
     // Split onto the stack: a longer path matches no route.
     // Bytes, not chars: '/' is ASCII, so every cut falls on a char boundary, and a byte loop
@@ -64,13 +77,14 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
         count += 1;
         start = end + 1;
     }
+    let param = |raw: &'a str| decode_path(raw).map_err(|_| NoRoute::BadPath);
     // (allowed methods, route for the request's method)
     let (allow, found): (&'static str, Option<Route<'a>>) = match &segments[..count] {
         ["health"] => ("GET", get(method, Route::Health)),
         ["metrics"] => ("GET", get(method, Route::Metrics)),
         ["ingest"] => ("GET", get(method, Route::IngestSocket)),
         ["stream", "projects", p] | ["ws", "stream", "projects", p] if !p.is_empty() => {
-            ("GET", get(method, Route::Stream(p)))
+            ("GET", get(method, Route::Stream(param(p)?)))
         }
         ["api", "v1", rest @ ..] => match rest {
             ["projects"] => (
@@ -83,23 +97,27 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
             ),
             ["projects", p] if !p.is_empty() => (
                 "PATCH",
-                (method == "PATCH").then_some(Route::UpdateProject(p)),
+                (method == "PATCH").then_some(Route::UpdateProject(param(p)?)),
             ),
-            ["projects", p, "keys"] if !p.is_empty() => ("POST", post(method, Route::CreateKey(p))),
-            ["projects", p, "issues"] if !p.is_empty() => {
-                ("GET", get(method, Route::ListIssues(p)))
+            ["projects", p, "keys"] if !p.is_empty() => {
+                ("POST", post(method, Route::CreateKey(param(p)?)))
             }
-            ["keys", k, "revoke"] if !k.is_empty() => ("POST", post(method, Route::RevokeKey(k))),
+            ["projects", p, "issues"] if !p.is_empty() => {
+                ("GET", get(method, Route::ListIssues(param(p)?)))
+            }
+            ["keys", k, "revoke"] if !k.is_empty() => {
+                ("POST", post(method, Route::RevokeKey(param(k)?)))
+            }
             ["events"] => ("POST", post(method, Route::Event)),
             ["events", "bulk"] => ("POST", post(method, Route::Bulk)),
-            ["issues", id] if !id.is_empty() => ("GET", get(method, Route::GetIssue(id))),
+            ["issues", id] if !id.is_empty() => ("GET", get(method, Route::GetIssue(param(id)?))),
             ["issues", id, "events"] if !id.is_empty() => {
-                ("GET", get(method, Route::IssueEvents(id)))
+                ("GET", get(method, Route::IssueEvents(param(id)?)))
             }
             ["issues", id, action @ ("resolve" | "archive" | "unresolve" | "discard")]
                 if !id.is_empty() =>
             {
-                ("POST", post(method, Route::IssueAction(id, action)))
+                ("POST", post(method, Route::IssueAction(param(id)?, action)))
             }
             _ => return Err(NoRoute::NotFound),
         },
@@ -125,15 +143,15 @@ mod tests {
         assert_eq!(route("GET", "/health"), Ok(Route::Health));
         assert_eq!(
             route("POST", "/api/v1/projects/shop/keys"),
-            Ok(Route::CreateKey("shop"))
+            Ok(Route::CreateKey("shop".into()))
         );
         assert_eq!(
             route("GET", "/ws/stream/projects/shop"),
-            Ok(Route::Stream("shop"))
+            Ok(Route::Stream("shop".into()))
         );
         assert_eq!(
             route("POST", "/api/v1/issues/abc/resolve"),
-            Ok(Route::IssueAction("abc", "resolve"))
+            Ok(Route::IssueAction("abc".into(), "resolve"))
         );
         assert_eq!(route("POST", "/api/v1/events/bulk"), Ok(Route::Bulk));
     }
@@ -159,5 +177,25 @@ mod tests {
             Err(NoRoute::NotFound)
         );
         assert_eq!(route("GET", "/a/b/c/d/e/f/g/h"), Err(NoRoute::NotFound));
+    }
+
+    #[test]
+    fn escaped_slashes_stay_in_their_segment() {
+        // `adv%2Fissues` is one project parameter, not the issue list of `adv`.
+        assert_eq!(
+            route("PATCH", "/api/v1/projects/adv%2Fissues"),
+            Ok(Route::UpdateProject("adv/issues".into()))
+        );
+        assert_eq!(
+            route("GET", "/api/v1/projects/adv%2Fissues"),
+            Err(NoRoute::MethodNotAllowed("PATCH"))
+        );
+        assert_eq!(
+            route("GET", "/api/v1/projects/sh%6Fp/issues"),
+            Ok(Route::ListIssues("shop".into()))
+        );
+        assert_eq!(route("GET", "/api%2Fv1/projects"), Err(NoRoute::NotFound));
+        assert_eq!(route("GET", "/api/v1/issues/%ff"), Err(NoRoute::BadPath));
+        assert_eq!(route("GET", "/api/v1/issues/%zz"), Err(NoRoute::BadPath));
     }
 }

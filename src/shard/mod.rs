@@ -20,6 +20,7 @@ use uuid::Uuid;
 
 use crate::auth::Directory;
 use crate::config::Config;
+use crate::conn::limits::Limits;
 use crate::conn::registry::{ConnId, Registry};
 use crate::conn::ring::{Kind, Push, Ring};
 use crate::http::response::Response;
@@ -85,6 +86,8 @@ pub enum Deadline {
     Request,
     /// A keep-alive connection sat idle too long.
     Idle,
+    /// An answered connection is closing: stop discarding what the client still sends.
+    Linger,
 }
 
 pub struct ConnEntry {
@@ -101,6 +104,8 @@ pub struct ConnEntry {
     pub deadline: Option<(Deadline, u64)>,
     /// Why the server ended the connection, when it did.
     pub close_reason: Option<CloseReason>,
+    /// It holds a place under `--max-connections`.
+    pub admitted: bool,
     pub socket: Option<Socket>,
 }
 
@@ -112,6 +117,7 @@ pub struct Shard {
     pub store: Store,
     pub metrics: Metrics,
     pub counters: Arc<ShardMetrics>,
+    pub limits: Arc<Limits>,
     pub directory: RefCell<Directory>,
     /// State of the projects this shard owns.
     pub owned: RefCell<IdMap<Uuid, ProjectState>>,
@@ -142,6 +148,7 @@ pub struct ShardInit {
     pub listeners: Vec<std::net::TcpListener>,
     pub store: Store,
     pub metrics: Metrics,
+    pub limits: Arc<Limits>,
     pub directory: Directory,
     pub owned: IdMap<Uuid, ProjectState>,
     /// Told when this shard has no connections left after `Drain`.
@@ -218,6 +225,7 @@ impl Shard {
         match passed {
             Deadline::Request => self.interrupt_read(id, CloseReason::RequestTimeout),
             Deadline::Idle => self.force_close(id, CloseReason::IdleTimeout),
+            Deadline::Linger => self.end_linger(id),
         }
     }
 
@@ -227,10 +235,13 @@ impl Shard {
         }
     }
 
-    pub fn register(&self, fd: RawFd) -> ConnId {
+    /// Registers an accepted connection; it holds a place under `--max-connections` until it
+    /// is unregistered. Not admitted (false): it is one too many, to be answered 503.
+    pub fn register(&self, fd: RawFd) -> (ConnId, bool) {
         self.counters.conns_accepted.fetch_add(1, Relaxed);
         self.counters.opened(ConnKind::Http);
-        self.conns.borrow_mut().insert(ConnEntry {
+        let admitted = self.limits.connections.try_take(1);
+        let id = self.conns.borrow_mut().insert(ConnEntry {
             fd,
             kind: ConnKind::Http,
             busy: false,
@@ -238,8 +249,10 @@ impl Shard {
             timer_tick: 0,
             deadline: None,
             close_reason: None,
+            admitted,
             socket: None,
-        })
+        });
+        (id, admitted)
     }
 
     /// Forgets a connection at once: timers, subscription, slab slot.
@@ -247,6 +260,9 @@ impl Shard {
         let Some(entry) = self.conns.borrow_mut().remove(id) else {
             return;
         };
+        if entry.admitted {
+            self.limits.connections.give_back(1);
+        }
         self.cancel(entry.timer);
         if let Some(socket) = &entry.socket {
             self.cancel(socket.pong_timer);
@@ -299,6 +315,15 @@ impl Shard {
         entry.close_reason.get_or_insert(reason);
         // SAFETY: as in force_close.
         unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
+    }
+
+    /// Ends the read side of a connection that has answered and is closing, keeping the reason
+    /// it closes for.
+    fn end_linger(&self, id: ConnId) {
+        if let Some(entry) = self.conns.borrow().get(id) {
+            // SAFETY: as in force_close.
+            unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
+        }
     }
 
     /// Queues a frame on a WebSocket connection and wakes its writer; false if the ring refused it.
@@ -671,6 +696,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
             store: init.store,
             metrics: init.metrics,
             counters,
+            limits: init.limits,
             directory: RefCell::new(init.directory),
             owned: RefCell::new(init.owned),
             conns: RefCell::new(Registry::new()),
