@@ -138,7 +138,8 @@ fn keys_are_checked_before_the_body_is_read() {
             403,
             "/api/v1/issues/x/resolve",
         ),
-        (Some(project.ingest_key.as_str()), 401, "/api/v1/projects"),
+        (Some(project.ingest_key.as_str()), 403, "/api/v1/projects"),
+        (Some("not-the-admin-token"), 401, "/api/v1/projects"),
     ];
     for (key, expected, path) in cases {
         let mut stream = server.connect();

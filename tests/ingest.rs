@@ -137,7 +137,8 @@ fn management_projects_keys_and_settings(backend: Backend) {
         dashboard_key: shop["dashboard_key"].as_str().unwrap().into(),
     };
 
-    // The admin token is required: missing, wrong, or a project key instead.
+    // The admin token is required: missing or wrong is 401; a valid project key lacks the
+    // scope, 403.
     let guarded: [(&str, String, Option<Value>); 5] = [
         ("GET", "/api/v1/projects".into(), None),
         (
@@ -170,8 +171,13 @@ fn management_projects_keys_and_settings(backend: Backend) {
         ] {
             let body_bytes = body.as_ref().map(|b| b.to_string().into_bytes());
             let reply = server.request(method, path, key, body_bytes.as_deref());
-            assert_eq!(reply.status, 401, "{method} {path} with {key:?}");
-            assert_eq!(reply.json(), json!({"error": "unauthorized"}));
+            let project_key = key.is_some_and(|k| k.starts_with("mshr_") || k.starts_with("mshd_"));
+            let (status, error) = match project_key {
+                true => (403, "forbidden"),
+                false => (401, "unauthorized"),
+            };
+            assert_eq!(reply.status, status, "{method} {path} with {key:?}");
+            assert_eq!(reply.json(), json!({ "error": error }));
         }
     }
     let (_, list) = server.get("/api/v1/projects", admin);

@@ -22,13 +22,17 @@ const NAME_CHARS_MAX: usize = 200;
 /// Projects keep events this many days unless told otherwise.
 const RETENTION_DAYS_DEFAULT: u32 = 90;
 
+/// The admin token, else 403 for a valid project key (a key without this scope, PROTOCOL
+/// section 2) and 401 for anything else.
 pub fn authorize(shard: &Shard, head: &Head) -> Result<(), Response> {
     let presented = presented_key(head).ok_or_else(|| Response::error(401, "unauthorized"))?;
     // Compare digests so the time taken does not depend on how much of the token matched.
     if hash_key(&presented) == hash_key(&shard.admin_token) {
-        Ok(())
-    } else {
-        Err(Response::error(401, "unauthorized"))
+        return Ok(());
+    }
+    match shard.directory.borrow().key(Some(&presented)) {
+        Ok(_) => Err(Response::error(403, "forbidden")),
+        Err(_) => Err(Response::error(401, "unauthorized")),
     }
 }
 
