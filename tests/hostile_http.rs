@@ -378,3 +378,44 @@ fn head_answers_carry_the_get_length_and_http10_keep_alive_is_said() {
     assert!(head.contains("connection: close\r\n"), "{head}");
     assert!(ends_cleanly(&mut old));
 }
+
+#[test]
+fn oversized_event_requests_are_counted_as_too_large() {
+    let server = Server::start();
+    let project = server.project("Oversized");
+    let too_large = "mesher_events_rejected_total{reason=\"too_large\"}";
+    assert_eq!(server.metric(too_large), 0.0);
+    // Announced over the limit: refused from the head.
+    let mut stream = server.connect();
+    send_raw(
+        &mut stream,
+        &post_head("/api/v1/events", Some(&project.ingest_key), (1 << 20) + 1),
+    );
+    assert_eq!(read_response(&mut stream).map(|r| r.0), Some(413));
+    // Chunked past the limit: refused while decoding.
+    let mut stream = server.connect();
+    send_raw(
+        &mut stream,
+        format!(
+            "POST /api/v1/events HTTP/1.1\r\nAuthorization: {}\r\nTransfer-Encoding: chunked\r\n\r\n",
+            project.ingest_key
+        )
+        .as_bytes(),
+    );
+    let chunk = vec![b' '; 600_000];
+    for _ in 0..2 {
+        let _ = stream.write_all(format!("{:x}\r\n", chunk.len()).as_bytes());
+        let _ = stream.write_all(&chunk);
+        let _ = stream.write_all(b"\r\n");
+    }
+    assert_eq!(read_response(&mut stream).map(|r| r.0), Some(413));
+    assert_eq!(server.metric(too_large), 2.0);
+    // A management request over its limit is no event.
+    let mut stream = server.connect();
+    send_raw(
+        &mut stream,
+        &post_head("/api/v1/projects", Some(ADMIN_TOKEN), 1 << 20),
+    );
+    assert_eq!(read_response(&mut stream).map(|r| r.0), Some(413));
+    assert_eq!(server.metric(too_large), 2.0);
+}

@@ -10,11 +10,11 @@ use tokio_uring::net::TcpStream;
 
 use super::parse::{parse_head, parse_head_reusing, BodyDecoder, BodyKind, HeadBuffers, HttpError};
 use super::response::{Persistence, Response};
-use super::router::{self, NoRoute, CONTROL_BODY_BYTES_MAX};
+use super::router::{self, NoRoute, Route, CONTROL_BODY_BYTES_MAX};
 use crate::api::{self, Handled};
 use crate::conn::limits::Share;
 use crate::conn::registry::ConnId;
-use crate::metrics::CloseReason;
+use crate::metrics::{CloseReason, Rejection};
 use crate::shard::{Deadline, Shard};
 
 /// Bytes asked of the kernel per read; a request head usually fits in one.
@@ -193,9 +193,19 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         let limit = route
             .as_ref()
             .map_or(CONTROL_BODY_BYTES_MAX, |r| r.body_bytes_max());
+        // An ingest request refused here is counted as the handler counts its refusals.
+        let carries_events = matches!(route, Ok(Route::Event | Route::Bulk));
+        let count_refusal = |why: Rejection| {
+            if carries_events {
+                shard.counters.rejected(why, 1);
+            }
+        };
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
             Ok(decoder) => decoder,
-            Err(error) => return reject(shard, id, stream, &mut out, &error).await,
+            Err(error) => {
+                count_refusal(Rejection::TooLarge);
+                return reject(shard, id, stream, &mut out, &error).await;
+            }
         };
         // A body still to come is waited for only when the request's key could be accepted.
         if !body_is_here(&head.body, buf.len() - used) {
@@ -203,6 +213,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 .as_ref()
                 .map_or(Ok(()), |r| api::admit(shard, &head, r))
             {
+                count_refusal(Rejection::Unauthorized);
                 return fail(
                     shard,
                     id,
@@ -223,9 +234,13 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         match read_body(shard, stream, &mut decoder, &mut buf, used).await {
             Ok(()) => {}
             Err(BodyEnd::Invalid(error)) => {
-                return reject(shard, id, stream, &mut out, &error).await
+                if error == HttpError::PayloadTooLarge {
+                    count_refusal(Rejection::TooLarge);
+                }
+                return reject(shard, id, stream, &mut out, &error).await;
             }
             Err(BodyEnd::NoRoom) => {
+                count_refusal(Rejection::Overloaded);
                 shard.counters.bodies_refused.fetch_add(1, Relaxed);
                 let response = overloaded("overloaded");
                 return fail(shard, id, stream, &mut out, response, CloseReason::Refused).await;
