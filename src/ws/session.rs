@@ -122,6 +122,12 @@ async fn read_loop(
     loop {
         let mut start = 0;
         loop {
+            // Once the server has decided to close (too slow, stalled, a protocol error, key
+            // revoked, shutdown), nothing more from this client is decoded or acted on, however
+            // much of its input is already read.
+            if let Some(reason) = closed_reason(shard, id) {
+                return reason;
+            }
             match decoder.decode(&buf[start..]) {
                 Ok(Some((message, used))) => {
                     start += used;
@@ -224,8 +230,7 @@ fn reply_error(shard: &Shard, id: ConnId, role: &Role, message: &str) {
 /// Replies are never dropped; a client that lets a full ring of them pile up is cut off.
 fn reply(shard: &Shard, id: ConnId, frame: Bytes) {
     if !shard.enqueue(id, frame, Kind::Control) {
-        shard.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
-        shard.force_close(id, CloseReason::SlowClient);
+        shard.disconnect_slow(id);
     }
 }
 

@@ -1,0 +1,244 @@
+//! What hostile or broken clients see on the WebSocket endpoints and at ingest: malformed
+//! handshakes and frames, JSON numbers beyond 64 bits, unclear JSON errors, oversized stream
+//! filters, and input that arrives after the server decided to close a connection.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const FIN: u8 = 0x80;
+const MASK: [u8; 4] = [0x1f, 0x2e, 0x3d, 0x4c];
+const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+fn stream_path(project: &Project) -> String {
+    format!(
+        "/stream/projects/{}?key={}",
+        project.id, project.dashboard_key
+    )
+}
+
+fn ingest_path(project: &Project) -> String {
+    format!("/ingest?key={}", project.ingest_key)
+}
+
+/// A masked client frame with its payload.
+fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![first];
+    let len = payload.len();
+    if len < 126 {
+        bytes.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        bytes.push(0x80 | 126);
+        bytes.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        bytes.push(0x80 | 127);
+        bytes.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    bytes.extend_from_slice(&MASK);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    bytes
+}
+
+fn text_frame(text: &str) -> Vec<u8> {
+    client_frame(FIN | OP_TEXT, text.as_bytes())
+}
+
+/// Reads frames up to the close frame and returns its code.
+fn close_code(stream: &mut TcpStream) -> u16 {
+    loop {
+        let (first, payload) = read_frame(stream).expect("a close frame before the end");
+        if first & 0x0f == OP_CLOSE {
+            assert!(payload.len() >= 2, "close frame carries a code");
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+/// The next text frame as JSON, skipping control frames.
+fn next_text(stream: &mut TcpStream) -> Value {
+    loop {
+        let (first, payload) = read_frame(stream).expect("a text frame");
+        match first & 0x0f {
+            OP_TEXT => return serde_json::from_slice(&payload).expect("JSON text frame"),
+            OP_CLOSE => panic!("closed: {payload:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// A raw upgrade request with this `Sec-WebSocket-Key`: (status, head, body).
+fn handshake(server: &Server, path: &str, key: &str) -> (u16, String, Vec<u8>) {
+    let mut stream = server.connect();
+    send_raw(
+        &mut stream,
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    read_response(&mut stream).expect("an answer to the upgrade")
+}
+
+#[test]
+fn a_key_that_is_not_base64_of_16_bytes_is_refused_with_400() {
+    let server = Server::start();
+    let project = server.project("bad-keys");
+    for path in [stream_path(&project), ingest_path(&project)] {
+        for key in [
+            "x",
+            "not base64 at all",
+            "dGhlIHNhbXBsZSBub25j",         // base64 of 15 bytes
+            "dGhlIHNhbXBsZSBub25jZQxx",     // no padding: 18 bytes
+            "dGhlIHNhbXBsZSBub25jZSE/Pw==", // base64 of 20 bytes
+            "dGhlIHNhbXBsZSBub25j*Q==",
+        ] {
+            let (status, head, body) = handshake(&server, &path, key);
+            assert_eq!(status, 400, "{path} with key {key:?}: {head}");
+            let body: Value = serde_json::from_slice(&body).expect("JSON error body");
+            assert!(
+                body["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("sec-websocket-key")),
+                "{body}"
+            );
+        }
+        let (status, head, _) = handshake(&server, &path, SAMPLE_KEY);
+        assert_eq!(status, 101, "{path}: {head}");
+    }
+}
+
+#[test]
+fn a_64_bit_length_with_the_top_bit_set_closes_with_1002() {
+    let server = Server::start();
+    let project = server.project("top-bit");
+    for path in [stream_path(&project), ingest_path(&project)] {
+        let mut stream = server.raw_ws(&path);
+        let mut frame = vec![FIN | OP_TEXT, 0x80 | 127];
+        frame.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
+        frame.extend_from_slice(&MASK);
+        send_raw(&mut stream, &frame);
+        assert_eq!(close_code(&mut stream), 1002, "{path}");
+    }
+}
+
+/// A socket that upgrades on `path` and reads nothing more unless asked: its receive buffer is
+/// tiny, so the server's writes back up after a few kilobytes.
+fn non_reading_client(server: &Server, path: &str) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    send_raw(
+        &mut stream,
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let (status, head, _) = read_response(&mut stream).expect("upgrade answered");
+    assert_eq!(status, 101, "{head}");
+    stream
+}
+
+/// Writes `frame` `count` times in large writes until the server stops taking them.
+fn flood(stream: &mut TcpStream, frame: &[u8], count: usize) {
+    let batch: Vec<u8> = frame.repeat(1000);
+    for _ in 0..count / 1000 {
+        if stream.write_all(&batch).is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until the metric has risen above `before`, then a little longer for any late rise.
+fn settled_rise(metrics: &mut MetricsConn, name: &str, before: f64) -> f64 {
+    assert!(
+        wait_until(Duration::from_secs(30), || metrics.value(name) > before),
+        "{name} never rose"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    metrics.value(name) - before
+}
+
+#[test]
+fn a_slow_stream_client_is_cut_off_once_and_its_buffered_frames_are_not_handled() {
+    let server = Server::start_with(Backend::Sqlite, &["--stream-buffer", "10"]);
+    let project = server.project("slow-stream");
+    let mut metrics = MetricsConn::open(&server);
+    let name = "mesher_stream_slow_disconnects_total";
+    let before = metrics.value(name);
+    let mut client = non_reading_client(&server, &stream_path(&project));
+    // Each subscribe is answered; unread answers fill the kernel buffers and then the ring, and
+    // the client is cut off with megabytes of subscribes still unread by the server.
+    let subscribe = text_frame(r#"{"type":"subscribe","filters":{"level":"error"}}"#);
+    flood(&mut client, &subscribe, 100_000);
+    assert_eq!(settled_rise(&mut metrics, name, before), 1.0);
+}
+
+#[test]
+fn a_slow_ingest_client_is_cut_off_once_and_its_buffered_events_are_not_ingested() {
+    let server = Server::start();
+    let project = server.project("slow-ingest");
+    let mut metrics = MetricsConn::open(&server);
+    let name = "mesher_stream_slow_disconnects_total";
+    let before = metrics.value(name);
+    let mut client = non_reading_client(&server, &ingest_path(&project));
+    // Every event is answered; once the answers back up the client is cut off. Each buffered
+    // frame handled after that would be ingested unanswered and found slow again.
+    let event = text_frame(r#"{"message":"flood"}"#);
+    let sent = 100_000;
+    flood(&mut client, &event, sent);
+    assert_eq!(settled_rise(&mut metrics, name, before), 1.0);
+    let ingested = wait_for_event_total(&server, &project);
+    assert!(ingested < sent as u64, "the flood was cut off");
+}
+
+#[test]
+fn frames_after_a_protocol_error_are_not_ingested() {
+    let server = Server::start();
+    let project = server.project("after-error");
+    let mut client = server.raw_ws(&ingest_path(&project));
+    // Five events, an unmasked frame (a protocol error), then five more, in one write.
+    let event = text_frame(r#"{"message":"before the error"}"#);
+    let mut bytes = event.repeat(5);
+    bytes.extend_from_slice(&[FIN | OP_TEXT, 2, b'{', b'}']);
+    bytes.extend_from_slice(&text_frame(r#"{"message":"after the error"}"#).repeat(5));
+    send_raw(&mut client, &bytes);
+    for _ in 0..5 {
+        assert_eq!(next_text(&mut client)["status"], "accepted");
+    }
+    assert_eq!(close_code(&mut client), 1002);
+    assert_eq!(wait_for_event_total(&server, &project), 5);
+    let titles: Vec<Value> = server
+        .all_issues(&project)
+        .iter()
+        .map(|issue| issue["title"].clone())
+        .collect();
+    assert_eq!(titles, ["before the error"]);
+}
+
+/// The project's event total once it has stopped changing.
+fn wait_for_event_total(server: &Server, project: &Project) -> u64 {
+    let mut last = u64::MAX;
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let total = server.event_total(project);
+        if total == last {
+            return total;
+        }
+        last = total;
+    }
+}
