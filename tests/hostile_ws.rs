@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
 const OP_TEXT: u8 = 0x1;
@@ -241,4 +241,60 @@ fn wait_for_event_total(server: &Server, project: &Project) -> u64 {
         }
         last = total;
     }
+}
+
+#[test]
+fn a_filter_with_too_many_or_too_long_values_is_refused_and_the_old_one_stays() {
+    let server = Server::start();
+    let project = server.project("big-filters");
+    let (mut ws, _) = server.subscribe(&project);
+    // The reply to a subscribe, past any stream messages before it.
+    let subscribe = |ws: &mut Ws, filters: Value| {
+        let text = json!({"type": "subscribe", "filters": filters}).to_string();
+        ws.send(tungstenite::Message::text(text)).unwrap();
+        loop {
+            let reply = next_json(ws);
+            if matches!(reply["type"].as_str(), Some("filters_updated" | "error")) {
+                return reply;
+            }
+        }
+    };
+    let reply = subscribe(&mut ws, json!({"environment": "production"}));
+    assert_eq!(reply["type"], "filters_updated", "{reply}");
+
+    let many: Vec<String> = (0..101).map(|i| format!("env-{i}")).collect();
+    let reply = subscribe(&mut ws, json!({ "environment": many }));
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("at most 100"),
+        "{reply}"
+    );
+    let reply = subscribe(&mut ws, json!({ "environment": ["ok", "x".repeat(257)] }));
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("at most 256"),
+        "{reply}"
+    );
+
+    // The connection is open and `production` still filters.
+    for environment in ["staging", "production"] {
+        let (status, body) = server.event(
+            &project.ingest_key,
+            &json!({"message": format!("from {environment}"), "environment": environment}),
+        );
+        assert_eq!(status, 202, "{body}");
+    }
+    let event = next_of_type(&mut ws, "event");
+    assert_eq!(event["data"]["environment"], "production", "{event}");
+
+    let most: Vec<String> = (0..100).map(|i| format!("env-{i}")).collect();
+    let reply = subscribe(&mut ws, json!({ "environment": most }));
+    assert_eq!(reply["type"], "filters_updated", "{reply}");
+    let (status, body) = server.event(
+        &project.ingest_key,
+        &json!({"message": "from env-99", "environment": "env-99"}),
+    );
+    assert_eq!(status, 202, "{body}");
+    let event = next_of_type(&mut ws, "event");
+    assert_eq!(event["data"]["environment"], "env-99", "{event}");
 }
