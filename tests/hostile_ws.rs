@@ -298,3 +298,172 @@ fn a_filter_with_too_many_or_too_long_values_is_refused_and_the_old_one_stays() 
     let event = next_of_type(&mut ws, "event");
     assert_eq!(event["data"]["environment"], "env-99", "{event}");
 }
+
+/// Numbers beyond 64-bit integers and `f64`, all valid JSON.
+fn wide_numbers() -> Vec<String> {
+    vec![
+        "18446744073709551616".to_owned(),
+        "-9223372036854775809".to_owned(),
+        format!("4{}", "2".repeat(399)),
+        "1e999".to_owned(),
+        "-1E+400".to_owned(),
+    ]
+}
+
+/// The raw text of the next `event` message (its numbers may be beyond what a JSON library
+/// reads).
+fn next_event_text(ws: &mut Ws) -> String {
+    loop {
+        match ws.read().expect("a stream message") {
+            tungstenite::Message::Text(text) if text.starts_with(r#"{"type":"event""#) => {
+                return text.to_string()
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The raw body of the events API for the issue of an ingest answer.
+fn stored_events_text(server: &Server, project: &Project, answer: &Value) -> String {
+    let issue_id = answer["issue_id"].as_str().expect("issue_id");
+    let path = format!("/api/v1/issues/{issue_id}/events");
+    let mut text = String::new();
+    wait_until(Duration::from_secs(10), || {
+        let reply = server.request("GET", &path, Some(&project.dashboard_key), None);
+        assert_eq!(reply.status, 200);
+        text = String::from_utf8(reply.body).unwrap();
+        text.contains(r#""data""#) && !text.contains(r#""data":[]"#)
+    });
+    text
+}
+
+#[test]
+fn numbers_beyond_64_bits_are_accepted_and_kept_as_sent() {
+    let server = Server::start();
+    let project = server.project("wide-numbers");
+    let (mut ws, _) = server.subscribe(&project);
+    let [big, small, long, huge, tiny] = <[String; 5]>::try_from(wide_numbers()).unwrap();
+    let post = |path: &str, body: &str| {
+        let reply = server.request(
+            "POST",
+            path,
+            Some(&project.ingest_key),
+            Some(body.as_bytes()),
+        );
+        (reply.status, reply.json())
+    };
+
+    // One event: its bytes as sent, in the stream and in storage.
+    let single = format!(
+        r#"{{"message":"wide single","extra":{{"a":{big},"b":[{small},[{huge}]],"c":{long}}},"other":{tiny}}}"#
+    );
+    let (status, answer) = post("/api/v1/events", &single);
+    assert_eq!(status, 202, "{answer}");
+    let streamed = next_event_text(&mut ws);
+    assert!(
+        streamed.ends_with(&format!(r#""data":{single}}}"#)),
+        "{streamed}"
+    );
+    let stored = stored_events_text(&server, &project, &answer);
+    assert!(stored.contains(&single), "{stored}");
+
+    // Bulk: each element's JSON as sent, spacing included.
+    let wide_element = format!(r#"{{ "message" : "wide bulk", "n" : [ {big} , {huge} ] }}"#);
+    let bulk = format!(r#"[{wide_element}, {{"message":"plain bulk","x":1.5}}]"#);
+    let (status, answer) = post("/api/v1/events/bulk", &bulk);
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        answer["results"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    let streamed = next_event_text(&mut ws);
+    assert!(
+        streamed.ends_with(&format!(r#""data":{wide_element}}}"#)),
+        "{streamed}"
+    );
+    let streamed = next_event_text(&mut ws);
+    assert!(streamed.contains("plain bulk"), "{streamed}");
+    let stored = stored_events_text(&server, &project, &answer["results"][0]);
+    assert!(stored.contains(&wide_element), "{stored}");
+
+    // A WebSocket ingest frame, single and array.
+    let mut ingest = server.ws(&ingest_path(&project)).unwrap();
+    let frame = format!(r#"{{"message":"wide frame","v":{small}}}"#);
+    ingest
+        .send(tungstenite::Message::text(frame.clone()))
+        .unwrap();
+    assert_eq!(next_json(&mut ingest)["status"], "accepted");
+    assert!(next_event_text(&mut ws).ends_with(&format!(r#""data":{frame}}}"#)));
+    let frame = format!(r#"[{{"message":"wide frame array","v":{long}}}]"#);
+    ingest.send(tungstenite::Message::text(frame)).unwrap();
+    assert_eq!(next_json(&mut ingest)["status"], "accepted");
+    assert!(next_event_text(&mut ws).contains(&format!(r#""v":{long}}}"#)));
+
+    // A timestamp beyond any range is still refused for what it is.
+    let (status, answer) = post(
+        "/api/v1/events",
+        &format!(r#"{{"message":"m","timestamp":{huge}}}"#),
+    );
+    assert_eq!(status, 400);
+    assert_eq!(
+        answer["error"],
+        "invalid event: timestamp out of range (years 0000 to 9999)"
+    );
+}
+
+#[test]
+fn invalid_json_is_answered_with_what_is_wrong_and_where() {
+    let server = Server::start();
+    let project = server.project("json-errors");
+    let cases = [
+        (
+            r#"{"message":"x"} garbage"#,
+            "trailing characters at byte 16",
+        ),
+        (
+            "NaN",
+            "unexpected character 'N' at byte 0, expected a value",
+        ),
+        (
+            r#"{"message":NaN}"#,
+            "unexpected character 'N' at byte 11, expected a value",
+        ),
+        (
+            r#"{"message":"x",}"#,
+            "unexpected character '}' at byte 15, expected a string key",
+        ),
+        (
+            r#"{"message":"x"#,
+            "unterminated string starting at byte 11",
+        ),
+        ("", "unexpected end of input at byte 0, expected a value"),
+    ];
+    let mut ingest = server.ws(&ingest_path(&project)).unwrap();
+    for (body, detail) in cases {
+        let expected = format!("invalid JSON: {detail}");
+        let reply = server.request(
+            "POST",
+            "/api/v1/events",
+            Some(&project.ingest_key),
+            Some(body.as_bytes()),
+        );
+        assert_eq!(reply.status, 400, "{body}");
+        assert_eq!(reply.json()["error"], expected.as_str(), "{body}");
+        if !body.is_empty() {
+            ingest.send(tungstenite::Message::text(body)).unwrap();
+            assert_eq!(next_json(&mut ingest)["error"], expected.as_str(), "{body}");
+        }
+    }
+    let reply = server.request(
+        "POST",
+        "/api/v1/events/bulk",
+        Some(&project.ingest_key),
+        Some(br#"[{"message":"a"},{"message":"b"} ]]"#),
+    );
+    assert_eq!(reply.status, 400);
+    assert_eq!(
+        reply.json()["error"],
+        "invalid JSON: trailing characters at byte 34"
+    );
+}
