@@ -190,7 +190,9 @@ fn a_slow_stream_client_is_cut_off_once_and_its_buffered_frames_are_not_handled(
 
 #[test]
 fn a_slow_ingest_client_is_cut_off_once_and_its_buffered_events_are_not_ingested() {
-    let server = Server::start();
+    // The server stops reading from an ingest client whose answers back up, so it is the stall
+    // timeout that cuts it off.
+    let server = Server::start_with(Backend::Sqlite, &["--stall-timeout", "2"]);
     let project = server.project("slow-ingest");
     let mut metrics = MetricsConn::open(&server);
     let name = "mesher_stream_slow_disconnects_total";
@@ -465,5 +467,31 @@ fn invalid_json_is_answered_with_what_is_wrong_and_where() {
     assert_eq!(
         reply.json()["error"],
         "invalid JSON: trailing characters at byte 34"
+    );
+}
+
+#[test]
+fn an_ingest_client_that_sends_many_frames_at_once_and_reads_gets_every_answer() {
+    let server = Server::start();
+    let project = server.project("pipelined");
+    let frames = 500;
+    let event = text_frame(r#"{"message":"pipelined"}"#);
+    // Several connections, so that some land on the shard that owns the project, where ingest
+    // never waits for another shard.
+    let connections = 6;
+    for connection in 0..connections {
+        let mut client = server.raw_ws(&ingest_path(&project));
+        send_raw(&mut client, &event.repeat(frames));
+        for index in 0..frames {
+            let answer = next_text(&mut client);
+            assert_eq!(
+                answer["status"], "accepted",
+                "connection {connection}, answer {index}: {answer}"
+            );
+        }
+    }
+    assert_eq!(
+        wait_for_event_total(&server, &project),
+        (connections * frames) as u64
     );
 }

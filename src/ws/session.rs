@@ -92,11 +92,18 @@ pub async fn run(
             },
         );
     }
-    let writer = tokio_uring::spawn(write_loop(shard.clone(), id, stream.clone(), wake.clone()));
+    let written = Rc::new(Notify::new());
+    let writer = tokio_uring::spawn(write_loop(
+        shard.clone(),
+        id,
+        stream.clone(),
+        wake.clone(),
+        written.clone(),
+    ));
     let mut buf = Vec::with_capacity(read_chunk_bytes(&role).max(leftover.len()));
     buf.extend_from_slice(&leftover);
     drop(leftover);
-    let reason = read_loop(&shard, id, &stream, buf, &role).await;
+    let reason = read_loop(&shard, id, &stream, buf, &role, &written).await;
     // Let the writer send what waits (a close frame, maybe) and stop.
     if let Some(socket) = shard
         .conns
@@ -117,6 +124,7 @@ async fn read_loop(
     stream: &TcpStream,
     mut buf: Vec<u8>,
     role: &Role,
+    written: &Notify,
 ) -> CloseReason {
     let mut decoder = Decoder::new(MESSAGE_BYTES_MAX);
     loop {
@@ -132,7 +140,12 @@ async fn read_loop(
                 Ok(Some((message, used))) => {
                     start += used;
                     match message {
-                        Message::Text(text) => on_text(shard, id, role, text).await,
+                        Message::Text(text) => {
+                            on_text(shard, id, role, text).await;
+                            if let Role::Ingest { .. } = role {
+                                answers_go_out(shard, id, written).await;
+                            }
+                        }
                         Message::Binary(_) => {
                             reply_error(shard, id, role, "binary frames are not supported")
                         }
@@ -184,6 +197,34 @@ async fn read_loop(
             Ok(_) => return closed_reason(shard, id).unwrap_or(CloseReason::Normal),
             Err(_) => return closed_reason(shard, id).unwrap_or(CloseReason::IoError),
         }
+    }
+}
+
+/// Waits while the answers waiting for an ingest client fill half its ring (which holds only
+/// answers and control frames). Frames read in one go are answered back to back, without a pause when the project is owned on this shard; the
+/// writer must get to send them, or a client that reads would be cut off as too slow. A client
+/// that does not read leaves its frames unread meanwhile, until the stall timeout cuts it off.
+async fn answers_go_out(shard: &Shard, id: ConnId, written: &Notify) {
+    loop {
+        let piled_up = shard
+            .conns
+            .borrow()
+            .get(id)
+            .and_then(|e| e.socket.as_ref())
+            .is_some_and(|s| !s.closing && s.ring.len() * 2 >= s.ring.capacity());
+        if !piled_up || closed_reason(shard, id).is_some() {
+            return;
+        }
+        written.notified().await;
+    }
+}
+
+/// Wakes the reader (see `answers_go_out`) when the writer stops, whatever the reason.
+struct WakeOnDrop(Rc<Notify>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
     }
 }
 
@@ -273,7 +314,14 @@ fn subscribe_filters(text: &str) -> Result<Filters, String> {
     }
 }
 
-async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: Rc<Notify>) {
+async fn write_loop(
+    shard: Rc<Shard>,
+    id: ConnId,
+    stream: Rc<TcpStream>,
+    wake: Rc<Notify>,
+    written: Rc<Notify>,
+) {
+    let _wake_reader = WakeOnDrop(written.clone());
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         let finished = {
@@ -317,6 +365,7 @@ async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: R
             .counters
             .stream_messages_sent
             .fetch_add(frames, Relaxed);
+        written.notify_one();
         if let Some(socket) = shard
             .conns
             .borrow_mut()
