@@ -201,9 +201,10 @@ async fn read_loop(
 }
 
 /// Waits while the answers waiting for an ingest client fill half its ring (which holds only
-/// answers and control frames). Frames read in one go are answered back to back, without a pause when the project is owned on this shard; the
-/// writer must get to send them, or a client that reads would be cut off as too slow. A client
-/// that does not read leaves its frames unread meanwhile, until the stall timeout cuts it off.
+/// answers and control frames). Frames read in one go are answered back to back, without a
+/// pause when the project is owned on this shard; the writer must get to send them, or a client
+/// that reads would be cut off as too slow. A client that does not read leaves its frames unread
+/// meanwhile, until the stall timeout cuts it off.
 async fn answers_go_out(shard: &Shard, id: ConnId, written: &Notify) {
     loop {
         let piled_up = shard
