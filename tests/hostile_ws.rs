@@ -339,9 +339,10 @@ fn stored_events_text(server: &Server, project: &Project, answer: &Value) -> Str
     text
 }
 
-#[test]
-fn numbers_beyond_64_bits_are_accepted_and_kept_as_sent() {
-    let server = Server::start();
+on_both_backends!(numbers_beyond_64_bits_are_accepted_and_kept_as_sent);
+
+fn numbers_beyond_64_bits_are_accepted_and_kept_as_sent(backend: Backend) {
+    let server = Server::start_with(backend, &[]);
     let project = server.project("wide-numbers");
     let (mut ws, _) = server.subscribe(&project);
     let [big, small, long, huge, tiny] = <[String; 5]>::try_from(wide_numbers()).unwrap();
