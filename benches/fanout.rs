@@ -64,6 +64,18 @@ fn fanout(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    // One filter check against environment lists of growing length, the message's environment
+    // not among them (every name is looked at when the list is scanned).
+    let mut group = c.benchmark_group("environment_filter");
+    for values in [1usize, 8, 9, 100] {
+        let names: Vec<String> = (0..values).map(|n| format!("env-{n}")).collect();
+        let filters = Filters::parse(Some(&serde_json::json!({ "environment": names }))).unwrap();
+        group.bench_with_input(BenchmarkId::from_parameter(values), &values, |b, _| {
+            b.iter(|| filters.matches(std::hint::black_box(&items[0])))
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, fanout);

@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use uuid::Uuid;
 
 use super::{ask, project_for, refusal};
@@ -179,19 +179,28 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
                 tracing::error!(%error, "reading events failed");
                 Response::error(503, "storage unavailable").with_header("retry-after", "1")
             })?;
-        let data: Vec<Value> = rows
-            .iter()
-            .map(|row| {
-                json!({
-                    "id": row.id,
-                    "issue_id": row.issue_id,
-                    "level": row.level,
-                    "received_at": rfc3339(row.received_at_us),
-                    "data": serde_json::from_str::<Value>(&row.payload).unwrap_or(Value::Null),
-                })
+        // Each event's JSON goes out as stored, which is as sent: read back through a JSON
+        // library, numbers beyond 64 bits would lose their text.
+        let mut body = Vec::with_capacity(rows.iter().map(|r| r.payload.len() + 200).sum());
+        body.extend_from_slice(b"{\"data\":[");
+        for (index, row) in rows.iter().enumerate() {
+            if index > 0 {
+                body.push(b',');
+            }
+            let fields = json!({
+                "id": row.id,
+                "issue_id": row.issue_id,
+                "level": row.level,
+                "received_at": rfc3339(row.received_at_us),
             })
-            .collect();
-        Ok(Response::of(200, &json!({ "data": data })))
+            .to_string();
+            body.extend_from_slice(fields.strip_suffix('}').unwrap_or(&fields).as_bytes());
+            body.extend_from_slice(b",\"data\":");
+            body.extend_from_slice(row.payload.as_bytes());
+            body.push(b'}');
+        }
+        body.extend_from_slice(b"]}");
+        Ok(Response::json(200, body))
     };
     result.await.unwrap_or_else(|response| response)
 }

@@ -14,7 +14,7 @@ use crate::http::response::Response;
 use crate::http::router::Route;
 use crate::shard::Shard;
 use crate::store::Scope;
-use crate::ws::codec::accept_key;
+use crate::ws::codec::{accept_key, is_valid_key};
 
 /// What a WebSocket connection does once upgraded.
 #[derive(Clone, Debug)]
@@ -147,6 +147,12 @@ fn websocket_accept(head: &Head) -> Result<String, Response> {
         .unwrap_or("");
     if key.is_empty() {
         return Err(Response::error(400, "missing sec-websocket-key"));
+    }
+    if !is_valid_key(key) {
+        return Err(Response::error(
+            400,
+            "invalid sec-websocket-key: must be the base64 of 16 bytes",
+        ));
     }
     Ok(accept_key(key))
 }

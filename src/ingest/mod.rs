@@ -1,12 +1,10 @@
 //! Event decoding, validation and grouping keys.
 
+mod diagnose;
 pub mod event;
 pub mod fingerprint;
 
-use event::{
-    body_is_array, parse_bulk, parse_event, Event, EventError, Level,
-    REUSED_BUFFERS_INPUT_BYTES_MAX,
-};
+use event::{body_is_array, parse_bulk, parse_event, Event, EventError, Level};
 
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
 #[derive(Debug)]
@@ -57,31 +55,16 @@ impl Incoming {
 
 /// One event object; its bytes are kept exactly as sent.
 pub fn decode_event(body: Vec<u8>) -> Result<Incoming, EventError> {
-    thread_local! {
-        /// simd-json parses in place, so it works on a copy, kept per thread so that an event
-        /// costs no allocation for it (up to the size simd-json's own buffers are kept for);
-        /// the original stays verbatim.
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
-        scratch.extend_from_slice(&body);
-        let decoded = parse_event(scratch).map(|event| {
-            // SAFETY: simd-json accepted these very bytes (their copy), and it refuses any
-            // input that is not UTF-8 as a whole, not only inside strings.
-            let json = unsafe { String::from_utf8_unchecked(body) };
-            Incoming::new(event, json)
-        });
-        if scratch.capacity() > REUSED_BUFFERS_INPUT_BYTES_MAX {
-            *scratch = Vec::new();
-        }
-        decoded
-    })
+    let event = parse_event(&body)?;
+    // SAFETY: the body was accepted, and both simd-json and the scanner of a refused body
+    // (`diagnose`) refuse any input that is not UTF-8 as a whole, not only inside strings.
+    let json = unsafe { String::from_utf8_unchecked(body) };
+    Ok(Incoming::new(event, json))
 }
 
 /// A JSON array of events (bulk); each element's JSON is written anew from the parsed value.
-pub fn decode_bulk(mut body: Vec<u8>) -> Result<Vec<Incoming>, EventError> {
-    Ok(parse_bulk(&mut body)?
+pub fn decode_bulk(body: Vec<u8>) -> Result<Vec<Incoming>, EventError> {
+    Ok(parse_bulk(&body)?
         .into_iter()
         .map(|(event, json)| Incoming::new(event, json))
         .collect())

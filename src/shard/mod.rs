@@ -297,13 +297,29 @@ impl Shard {
     /// Ends a connection from the server side: records why and shuts the socket so its tasks
     /// see the end of their pending reads and writes.
     pub fn force_close(&self, id: ConnId, reason: CloseReason) {
+        self.shut_down(id, reason);
+    }
+
+    /// `force_close`, saying whether this was the first decision to close the connection.
+    fn shut_down(&self, id: ConnId, reason: CloseReason) -> bool {
         let mut conns = self.conns.borrow_mut();
         let Some(entry) = conns.get_mut(id) else {
-            return;
+            return false;
         };
+        let first = entry.close_reason.is_none();
         entry.close_reason.get_or_insert(reason);
         // SAFETY: fd belongs to a live connection (the entry exists); shutdown does not close it.
         unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
+        first
+    }
+
+    /// Cuts off a client that cannot keep up. It is counted once: until it is gone it may be
+    /// found slow again (a drain tick, a reply that does not fit), and one closing already
+    /// decided for another reason is not counted.
+    pub fn disconnect_slow(&self, id: ConnId) {
+        if self.shut_down(id, CloseReason::SlowClient) {
+            self.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
+        }
     }
 
     /// Ends only the read side, so the connection can still write its answer (408).
@@ -411,8 +427,7 @@ impl Shard {
         drop(conns);
         drop(subscribers);
         for id in overflowed {
-            self.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
-            self.force_close(id, CloseReason::SlowClient);
+            self.disconnect_slow(id);
         }
     }
 
@@ -622,8 +637,7 @@ impl Shard {
             }
         }
         for id in stalled {
-            self.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
-            self.force_close(id, CloseReason::SlowClient);
+            self.disconnect_slow(id);
         }
         self.schedule(self.config.drain_interval_ms, Timer::Drain);
     }

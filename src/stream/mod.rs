@@ -4,6 +4,7 @@
 //! shard with subscribers receives the same reference-counted frames and pushes a clone of the
 //! handle (not of the bytes) into the ring of each local subscriber whose filters match.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -124,11 +125,20 @@ pub fn error_frame(message: &str) -> Bytes {
     Bytes::from(encode_text(payload.to_string().as_bytes()))
 }
 
+/// Most values one filter may list; a `subscribe` with more is refused. Matching and the memory
+/// a subscriber holds stay small, whatever a client sends.
+pub const FILTER_VALUES_MAX: usize = 100;
+/// Longest filter value in bytes (environment names are short); a longer one is refused.
+pub const FILTER_VALUE_BYTES_MAX: usize = 256;
+/// Environment lists longer than this are matched through a hash set instead of a scan.
+const ENVIRONMENTS_SCANNED_MAX: usize = 8;
+
 /// A subscriber's filters; an empty list matches everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filters {
+    /// Each level at most once, so at most five.
     levels: Vec<Level>,
-    environments: Vec<Arc<str>>,
+    environments: Environments,
     /// The filters as the client gave them (normalized), echoed in `filters_updated`.
     shown: serde_json::Map<String, Value>,
 }
@@ -143,7 +153,7 @@ impl Filters {
                 || attributes
                     .environment
                     .as_ref()
-                    .is_some_and(|env| self.environments.iter().any(|e| e == env)))
+                    .is_some_and(|env| self.environments.contains(env)))
     }
 
     /// Filters from a `subscribe` message's `filters` value (missing or null: match all).
@@ -161,12 +171,12 @@ impl Filters {
                     for v in &values {
                         let level = Level::parse(v)
                             .ok_or_else(|| format!("unknown level in filter: {v}"))?;
-                        filters.levels.push(level);
+                        if !filters.levels.contains(&level) {
+                            filters.levels.push(level);
+                        }
                     }
                 }
-                "environment" => {
-                    filters.environments = values.iter().map(|v| Arc::from(v.as_str())).collect()
-                }
+                "environment" => filters.environments = Environments::new(&values),
                 other => return Err(format!("unknown filter: {other}")),
             }
             if !values.is_empty() {
@@ -181,8 +191,72 @@ impl Filters {
     }
 }
 
-/// A filter value: a string or an array of strings; `null` and `""` match everything.
+/// The environment names a filter accepts. A short list is scanned; a long one is hashed, so a
+/// message costs about the same to match however many names the client gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Environments {
+    Few(Vec<Arc<str>>),
+    Many(HashSet<Arc<str>>),
+}
+
+impl Default for Environments {
+    fn default() -> Self {
+        Environments::Few(Vec::new())
+    }
+}
+
+impl Environments {
+    fn new(values: &[String]) -> Environments {
+        // Names come from clients: the standard (SipHash) hasher.
+        let unique: HashSet<Arc<str>> = values.iter().map(|v| Arc::from(v.as_str())).collect();
+        if unique.len() > ENVIRONMENTS_SCANNED_MAX {
+            Environments::Many(unique)
+        } else {
+            Environments::Few(unique.into_iter().collect())
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Environments::Few(names) => names.is_empty(),
+            Environments::Many(names) => names.is_empty(),
+        }
+    }
+
+    fn contains(&self, environment: &str) -> bool {
+        match self {
+            Environments::Few(names) => names.iter().any(|name| **name == *environment),
+            Environments::Many(names) => names.contains(environment),
+        }
+    }
+}
+
+/// A filter value: a string or an array of strings; `null` and `""` match everything. At most
+/// `FILTER_VALUES_MAX` values of at most `FILTER_VALUE_BYTES_MAX` bytes each.
 fn filter_values(name: &str, value: &Value) -> Result<Vec<String>, String> {
+    if let Value::Array(items) = value {
+        if items.len() > FILTER_VALUES_MAX {
+            return Err(format!(
+                "filter {name} has {} values, at most {FILTER_VALUES_MAX} allowed",
+                items.len()
+            ));
+        }
+    }
+    let longest = match value {
+        Value::String(text) => text.len(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::len)
+            .max()
+            .unwrap_or(0),
+        _ => 0,
+    };
+    if longest > FILTER_VALUE_BYTES_MAX {
+        return Err(format!(
+            "filter {name} has a value of {longest} bytes, at most {FILTER_VALUE_BYTES_MAX} allowed"
+        ));
+    }
     match value {
         Value::Null => Ok(Vec::new()),
         Value::String(s) if s.is_empty() => Ok(Vec::new()),
@@ -280,6 +354,51 @@ mod tests {
         assert!(Filters::parse(Some(&json!({"level": "loud"}))).is_err());
         assert!(Filters::parse(Some(&json!({"colour": "red"}))).is_err());
         assert!(Filters::parse(Some(&json!("error"))).is_err());
+    }
+
+    #[test]
+    fn filters_are_bounded_in_values_and_value_length() {
+        let names =
+            |count: usize| -> Vec<String> { (0..count).map(|i| format!("env{i}")).collect() };
+        let most =
+            Filters::parse(Some(&json!({ "environment": names(FILTER_VALUES_MAX) }))).unwrap();
+        assert!(most.matches(&event(Level::Info, Some("env99"))));
+        assert!(most.matches(&event(Level::Info, Some("env0"))));
+        assert!(!most.matches(&event(Level::Info, Some("env100"))));
+        assert!(!most.matches(&event(Level::Info, None)));
+        assert_eq!(
+            Filters::parse(Some(
+                &json!({ "environment": names(FILTER_VALUES_MAX + 1) })
+            )),
+            Err("filter environment has 101 values, at most 100 allowed".to_owned())
+        );
+        let levels = vec!["error"; FILTER_VALUES_MAX + 1];
+        assert!(Filters::parse(Some(&json!({ "level": levels }))).is_err());
+        let longest = "e".repeat(FILTER_VALUE_BYTES_MAX);
+        let long = Filters::parse(Some(&json!({ "environment": [&longest] }))).unwrap();
+        assert!(long.matches(&event(Level::Info, Some(&longest))));
+        let over = "e".repeat(FILTER_VALUE_BYTES_MAX + 1);
+        for value in [json!(over), json!(["prod", over])] {
+            assert_eq!(
+                Filters::parse(Some(&json!({ "environment": value }))),
+                Err("filter environment has a value of 257 bytes, at most 256 allowed".to_owned())
+            );
+        }
+    }
+
+    #[test]
+    fn repeated_filter_values_count_once() {
+        let filters = Filters::parse(Some(
+            &json!({"level": ["error", "error", "info"], "environment": ["a", "b", "a", "c"]}),
+        ))
+        .unwrap();
+        assert_eq!(filters.levels, [Level::Error, Level::Info]);
+        let Environments::Few(names) = &filters.environments else {
+            panic!("three names are scanned");
+        };
+        assert_eq!(names.len(), 3);
+        assert!(filters.matches(&event(Level::Info, Some("c"))));
+        assert!(!filters.matches(&event(Level::Warning, Some("c"))));
     }
 
     #[test]

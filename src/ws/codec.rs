@@ -226,6 +226,13 @@ impl Decoder {
         };
         let header_len = cursor.position() as usize;
         debug_assert!(header_len <= FRAME_HEADER_BYTES_MAX);
+        if payload_len > i64::MAX as u64 {
+            // RFC 6455 section 5.2: the top bit of a 64-bit length must be 0. Such a length is
+            // malformed, not merely large.
+            return Err(WsError::protocol(
+                "64-bit length with the most significant bit set",
+            ));
+        }
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(WsError::protocol("reserved bits set without an extension"));
         }
@@ -436,6 +443,17 @@ pub fn encode_pong(payload: &[u8]) -> Vec<u8> {
     encode_frame(OpCode::Control(Control::Pong), payload)
 }
 
+/// Whether a `Sec-WebSocket-Key` is the base64 of 16 bytes (RFC 6455 section 4.2.1): 22
+/// base64 characters and `==`, as every such key is written.
+pub fn is_valid_key(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    bytes.len() == 24
+        && bytes.ends_with(b"==")
+        && bytes[..22]
+            .iter()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'/'))
+}
+
 /// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key`.
 pub fn accept_key(sec_websocket_key: &str) -> String {
     tungstenite::handshake::derive_accept_key(sec_websocket_key.as_bytes())
@@ -476,6 +494,28 @@ mod tests {
             .format(&mut frame)
             .unwrap();
         frame
+    }
+
+    #[test]
+    fn keys_must_be_base64_of_16_bytes() {
+        assert!(is_valid_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_valid_key("AAAAAAAAAAAAAAAAAAAAAA=="));
+        assert!(is_valid_key("+/+/+/+/+/+/+/+/+/+/+w=="));
+        for bad in [
+            "",
+            "x",
+            "not-base64-at-all!!!!!==",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZQ===",
+            // 17 and 15 bytes
+            "dGhlIHNhbXBsZSBub25jZQ1=",
+            "dGhlIHNhbXBsZSBub25j",
+            "dGhlIHNhbXBsZSBub25j ZQ==",
+            "dGhlIHNhbXBsZSBub25jZ===",
+        ] {
+            assert!(!is_valid_key(bad), "{bad:?}");
+        }
     }
 
     fn client_frame(opcode: u8, is_final: bool, payload: &[u8]) -> Vec<u8> {
@@ -872,9 +912,19 @@ mod tests {
             decode_one(&ping[..8]),
             Err(protocol_error("control frame too long"))
         );
-        // A frame claiming 2^63 + 1 bytes, with no payload at all.
+        // A frame claiming 2^63 + 1 bytes: the top bit of a 64-bit length must be 0.
+        let mut malformed = vec![0x82, 0xff];
+        malformed.extend_from_slice(&(1u64 << 63 | 1).to_be_bytes());
+        malformed.extend_from_slice(&MASK);
+        assert_eq!(
+            decode_one(&malformed),
+            Err(protocol_error(
+                "64-bit length with the most significant bit set"
+            ))
+        );
+        // The largest well-formed length is only too big.
         let mut huge = vec![0x82, 0xff];
-        huge.extend_from_slice(&(1u64 << 63 | 1).to_be_bytes());
+        huge.extend_from_slice(&(i64::MAX as u64).to_be_bytes());
         huge.extend_from_slice(&MASK);
         assert_eq!(decode_one(&huge), Err(WsError::too_big()));
         // One byte over the message limit.

@@ -92,11 +92,18 @@ pub async fn run(
             },
         );
     }
-    let writer = tokio_uring::spawn(write_loop(shard.clone(), id, stream.clone(), wake.clone()));
+    let written = Rc::new(Notify::new());
+    let writer = tokio_uring::spawn(write_loop(
+        shard.clone(),
+        id,
+        stream.clone(),
+        wake.clone(),
+        written.clone(),
+    ));
     let mut buf = Vec::with_capacity(read_chunk_bytes(&role).max(leftover.len()));
     buf.extend_from_slice(&leftover);
     drop(leftover);
-    let reason = read_loop(&shard, id, &stream, buf, &role).await;
+    let reason = read_loop(&shard, id, &stream, buf, &role, &written).await;
     // Let the writer send what waits (a close frame, maybe) and stop.
     if let Some(socket) = shard
         .conns
@@ -117,16 +124,28 @@ async fn read_loop(
     stream: &TcpStream,
     mut buf: Vec<u8>,
     role: &Role,
+    written: &Notify,
 ) -> CloseReason {
     let mut decoder = Decoder::new(MESSAGE_BYTES_MAX);
     loop {
         let mut start = 0;
         loop {
+            // Once the server has decided to close (too slow, stalled, a protocol error, key
+            // revoked, shutdown), nothing more from this client is decoded or acted on, however
+            // much of its input is already read.
+            if let Some(reason) = closed_reason(shard, id) {
+                return reason;
+            }
             match decoder.decode(&buf[start..]) {
                 Ok(Some((message, used))) => {
                     start += used;
                     match message {
-                        Message::Text(text) => on_text(shard, id, role, text).await,
+                        Message::Text(text) => {
+                            on_text(shard, id, role, text).await;
+                            if let Role::Ingest { .. } = role {
+                                answers_go_out(shard, id, written).await;
+                            }
+                        }
                         Message::Binary(_) => {
                             reply_error(shard, id, role, "binary frames are not supported")
                         }
@@ -181,6 +200,35 @@ async fn read_loop(
     }
 }
 
+/// Waits while the answers waiting for an ingest client fill half its ring (which holds only
+/// answers and control frames). Frames read in one go are answered back to back, without a
+/// pause when the project is owned on this shard; the writer must get to send them, or a client
+/// that reads would be cut off as too slow. A client that does not read leaves its frames unread
+/// meanwhile, until the stall timeout cuts it off.
+async fn answers_go_out(shard: &Shard, id: ConnId, written: &Notify) {
+    loop {
+        let piled_up = shard
+            .conns
+            .borrow()
+            .get(id)
+            .and_then(|e| e.socket.as_ref())
+            .is_some_and(|s| !s.closing && s.ring.len() * 2 >= s.ring.capacity());
+        if !piled_up || closed_reason(shard, id).is_some() {
+            return;
+        }
+        written.notified().await;
+    }
+}
+
+/// Wakes the reader (see `answers_go_out`) when the writer stops, whatever the reason.
+struct WakeOnDrop(Rc<Notify>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
 /// A stalled subscriber's backlog belongs in its ring, where old events are dropped and counted,
 /// not in megabytes of kernel buffer that the kernel would otherwise grow for it (and that
 /// deliver stale events first when it reads again).
@@ -224,8 +272,7 @@ fn reply_error(shard: &Shard, id: ConnId, role: &Role, message: &str) {
 /// Replies are never dropped; a client that lets a full ring of them pile up is cut off.
 fn reply(shard: &Shard, id: ConnId, frame: Bytes) {
     if !shard.enqueue(id, frame, Kind::Control) {
-        shard.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
-        shard.force_close(id, CloseReason::SlowClient);
+        shard.disconnect_slow(id);
     }
 }
 
@@ -268,7 +315,14 @@ fn subscribe_filters(text: &str) -> Result<Filters, String> {
     }
 }
 
-async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: Rc<Notify>) {
+async fn write_loop(
+    shard: Rc<Shard>,
+    id: ConnId,
+    stream: Rc<TcpStream>,
+    wake: Rc<Notify>,
+    written: Rc<Notify>,
+) {
+    let _wake_reader = WakeOnDrop(written.clone());
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
         let finished = {
@@ -312,6 +366,7 @@ async fn write_loop(shard: Rc<Shard>, id: ConnId, stream: Rc<TcpStream>, wake: R
             .counters
             .stream_messages_sent
             .fetch_add(frames, Relaxed);
+        written.notify_one();
         if let Some(socket) = shard
             .conns
             .borrow_mut()
