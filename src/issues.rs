@@ -414,10 +414,7 @@ mod tests {
         let id = issue.id;
         assert_eq!(g, Grouped::Created);
         assert_eq!(s.unresolved_count(), 1);
-        assert_eq!(
-            s.group(p, &FP, "boom", Level::Error, 2).0,
-            Grouped::Counted
-        );
+        assert_eq!(s.group(p, &FP, "boom", Level::Error, 2).0, Grouped::Counted);
         assert_eq!(s.set_status(&id, Status::Resolved).map(|r| r.0), Some(true));
         assert_eq!(
             s.set_status(&id, Status::Resolved).map(|r| r.0),
@@ -431,10 +428,7 @@ mod tests {
         );
         assert_eq!(s.unresolved_count(), 1);
         s.set_status(&id, Status::Archived);
-        assert_eq!(
-            s.group(p, &FP, "boom", Level::Error, 4).0,
-            Grouped::Counted
-        );
+        assert_eq!(s.group(p, &FP, "boom", Level::Error, 4).0, Grouped::Counted);
         assert_eq!(s.issue(&id).unwrap().status, Status::Archived);
         s.set_status(&id, Status::Discarded);
         assert!(s.is_discarded(&FP));

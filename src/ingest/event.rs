@@ -542,7 +542,10 @@ fn title(
         (None, Some(type_name), Some(value)) => {
             let type_name = cut(type_name);
             let rest = TITLE_BYTES_MAX.saturating_sub(type_name.len() + 2);
-            cut(&format!("{type_name}: {}", cut_at_char_boundary(value, rest)))
+            cut(&format!(
+                "{type_name}: {}",
+                cut_at_char_boundary(value, rest)
+            ))
         }
         (None, Some(type_name), None) => cut(type_name),
         (None, None, Some(value)) => cut(value),

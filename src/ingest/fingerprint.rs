@@ -157,10 +157,7 @@ mod tests {
             hex::encode(hash("msg:boom")),
             hex::encode(&Sha256::digest(b"msg:boom")[..16])
         );
-        assert_eq!(
-            hex::encode(hash("")),
-            "e3b0c44298fc1c149afbf4c8996fb924"
-        );
+        assert_eq!(hex::encode(hash("")), "e3b0c44298fc1c149afbf4c8996fb924");
         assert_ne!(hash("msg:a"), hash("msg:b"));
     }
 

@@ -556,13 +556,10 @@ impl Backend for PostgresBackend {
             snapshot.issues.push(IssueRow {
                 id: parse_uuid(row.get(0), operation)?,
                 project_id: parse_uuid(row.get(1), operation)?,
-                fingerprint: row
-                    .get::<_, &[u8]>(2)
-                    .try_into()
-                    .map_err(|_| {
-                        let cause = "an issue's fingerprint_hash is not 16 bytes";
-                        StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause)
-                    })?,
+                fingerprint: row.get::<_, &[u8]>(2).try_into().map_err(|_| {
+                    let cause = "an issue's fingerprint_hash is not 16 bytes";
+                    StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause)
+                })?,
                 title: row.get(3),
                 level: row.get(4),
                 status: row.get(5),

@@ -136,12 +136,16 @@ const FINGERPRINT_HASH_VERSION: i64 = 3;
 fn add_fingerprint_hashes(transaction: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
     transaction.execute_batch("ALTER TABLE issues ADD COLUMN fingerprint_hash BLOB")?;
     let mut select = transaction.prepare("SELECT id, fingerprint FROM issues")?;
-    let mut update = transaction.prepare("UPDATE issues SET fingerprint_hash = ?2 WHERE id = ?1")?;
+    let mut update =
+        transaction.prepare("UPDATE issues SET fingerprint_hash = ?2 WHERE id = ?1")?;
     let mut rows = select.query([])?;
     while let Some(row) = rows.next()? {
         let id: Vec<u8> = row.get(0)?;
         let key: String = row.get(1)?;
-        update.execute(rusqlite::params![id, crate::ingest::fingerprint::hash(&key)])?;
+        update.execute(rusqlite::params![
+            id,
+            crate::ingest::fingerprint::hash(&key)
+        ])?;
     }
     Ok(())
 }
@@ -925,7 +929,11 @@ mod tests {
             crate::ingest::fingerprint::hash("msg:old key")
         );
         assert_eq!(
-            (issues[0].title.as_str(), issues[0].status.as_str(), issues[0].event_count),
+            (
+                issues[0].title.as_str(),
+                issues[0].status.as_str(),
+                issues[0].event_count
+            ),
             ("Old", "resolved", 7)
         );
         // The hash is the issue's unique key now.
