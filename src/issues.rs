@@ -454,6 +454,14 @@ mod tests {
     }
 
     #[test]
+    fn an_issue_holds_104_bytes_besides_its_title() {
+        // The figure README and PERF.md give per issue starts from this.
+        assert_eq!(std::mem::size_of::<Issue>(), 104);
+        assert_eq!(std::mem::size_of::<(Uuid, Issue)>(), 120);
+        assert_eq!(std::mem::size_of::<(FingerprintHash, Uuid)>(), 32);
+    }
+
+    #[test]
     fn the_first_fingerprint_past_the_limit_is_found() {
         let (mut s, p) = state();
         s.group(p, &[1; 16], "t", Level::Error, 1);
