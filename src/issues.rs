@@ -121,7 +121,7 @@ impl Issue {
 }
 
 /// Issues a project may have unless `--max-issues-per-project` says otherwise. Every issue of a
-/// project stays in memory on its owner shard (about 200 bytes plus its title, see PERF.md).
+/// project stays in memory on its owner shard (about 220 bytes plus its title, see PERF.md).
 pub const MAX_ISSUES_PER_PROJECT_DEFAULT: usize = 100_000;
 
 /// A new time-ordered (v7) id. Each thread keeps its own clock context: the crate's shared one
