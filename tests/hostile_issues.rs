@@ -181,18 +181,21 @@ fn issue_limit(server: &Server) -> f64 {
     server.metric("mesher_events_rejected_total{reason=\"issue_limit\"}")
 }
 
-fn assert_refused_at_the_limit(reply: (u16, Value), index: Option<usize>) {
-    let (status, body) = reply;
-    assert_eq!(status, 422, "{body}");
-    let error = body["error"].as_str().unwrap();
+/// The answer to an event past a limit of 5 issues; `index` in a bulk request or array frame.
+fn server_error_at(index: Option<usize>) -> Value {
     let at = index.map(|i| format!("index {i}: ")).unwrap_or_default();
-    assert_eq!(
-        error,
-        format!(
+    json!({
+        "error": format!(
             "issue limit reached: {at}the project has its maximum of 5 issues; \
              events of existing issues are still accepted"
         )
-    );
+    })
+}
+
+fn assert_refused_at_the_limit(reply: (u16, Value), index: Option<usize>) {
+    let (status, body) = reply;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body, server_error_at(index));
 }
 
 fn new_issues_past_the_limit_are_refused(backend: Backend) {
@@ -232,6 +235,27 @@ fn new_issues_past_the_limit_are_refused(backend: Backend) {
         &json!([{"message": "failure 1"}, {"message": "failure 2"}]),
     );
     assert_eq!(status, 202, "{body}");
+    // The ingest socket answers its frames the same way.
+    let mut socket = server
+        .ws(&format!("/ingest?key={key}"))
+        .expect("ingest socket");
+    let mut frame = |event: Value| {
+        socket
+            .send(tungstenite::Message::text(event.to_string()))
+            .unwrap();
+        next_json(&mut socket)
+    };
+    assert_eq!(
+        frame(json!([{"message": "failure 6"}])),
+        server_error_at(Some(0))
+    );
+    assert_eq!(
+        frame(json!({"message": "failure 6"})),
+        server_error_at(None)
+    );
+    let accepted = frame(json!({"message": "failure 0"}));
+    assert_eq!(accepted["issue_id"].as_str(), Some(ids[0].as_str()));
+    assert_eq!(issue_limit(&server), 5.0);
     // Another project has its own limit.
     let (status, _) = server.event(&other.ingest_key, &json!({"message": "failure 5"}));
     assert_eq!(status, 202);
@@ -253,12 +277,12 @@ fn new_issues_past_the_limit_are_refused(backend: Backend) {
     let mut expected: Vec<(String, u64)> = ids
         .iter()
         .enumerate()
-        .map(|(n, id)| (id.clone(), [1, 2, 2, 2, 1][n]))
+        .map(|(n, id)| (id.clone(), [2, 2, 2, 2, 1][n]))
         .collect();
     expected.sort();
     assert_eq!(counts(&server), expected, "refused events were not counted");
     let mut store = server.store_reader();
-    store.assert_event_rows(5 + 1 + 2 + 1);
+    store.assert_event_rows(5 + 1 + 2 + 1 + 1);
 
     let server = server.restart();
     assert_refused_at_the_limit(server.event(key, &json!({"message": "failure 7"})), None);
