@@ -52,7 +52,7 @@ fn main() {
     let issue = IssueRow {
         id: Uuid::now_v7(),
         project_id: project.id,
-        fingerprint: "msg:store rate".into(),
+        fingerprint: mesher::ingest::fingerprint::hash("msg:store rate"),
         title: "store rate".into(),
         level: "error".into(),
         status: "unresolved".into(),

@@ -115,6 +115,11 @@ pub struct Config {
     #[arg(long, env = "MESHER_MAX_PENDING_BODY_BYTES", default_value_t = PENDING_BODY_BYTES_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_pending_body_bytes: usize,
 
+    /// Issues a project may have: each is held in memory. An event that would open one more is
+    /// refused with 422; events of existing issues are still accepted.
+    #[arg(long, env = "MESHER_MAX_ISSUES_PER_PROJECT", default_value_t = crate::issues::MAX_ISSUES_PER_PROJECT_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_issues_per_project: usize,
+
     /// Events that may wait for storage before ingest answers 503.
     #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = crate::store::QUEUE_EVENTS_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub queue_events: usize,

@@ -4,12 +4,11 @@
 //! and status changes need no lock and no database round trip; the store gets a full row of
 //! every issue that changed.
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::ingest::event::Level;
+use crate::ingest::event::{cut_at_char_boundary, Level, TITLE_BYTES_MAX};
+use crate::ingest::fingerprint::FingerprintHash;
 use crate::store::IssueRow;
 use crate::IdMap;
 
@@ -55,7 +54,7 @@ impl Status {
 pub struct Issue {
     pub id: Uuid,
     pub project_id: Uuid,
-    pub fingerprint: String,
+    pub fingerprint: FingerprintHash,
     pub title: String,
     pub level: Level,
     pub status: Status,
@@ -95,7 +94,7 @@ impl Issue {
         IssueRow {
             id: self.id,
             project_id: self.project_id,
-            fingerprint: self.fingerprint.clone(),
+            fingerprint: self.fingerprint,
             title: self.title.clone(),
             level: self.level.as_str().to_string(),
             status: self.status.as_str().to_string(),
@@ -109,8 +108,9 @@ impl Issue {
         Issue {
             id: row.id,
             project_id: row.project_id,
-            fingerprint: row.fingerprint.clone(),
-            title: row.title.clone(),
+            fingerprint: row.fingerprint,
+            // Rows written before titles were bounded may hold longer ones.
+            title: cut_at_char_boundary(&row.title, TITLE_BYTES_MAX).to_owned(),
             level: Level::parse(&row.level).unwrap_or(Level::Error),
             status: Status::parse(&row.status).unwrap_or(Status::Unresolved),
             event_count: row.event_count,
@@ -119,6 +119,10 @@ impl Issue {
         }
     }
 }
+
+/// Issues a project may have unless `--max-issues-per-project` says otherwise. Every issue of a
+/// project stays in memory on its owner shard (about 220 bytes plus its title, see PERF.md).
+pub const MAX_ISSUES_PER_PROJECT_DEFAULT: usize = 100_000;
 
 /// A new time-ordered (v7) id. Each thread keeps its own clock context: the crate's shared one
 /// is a process-wide lock that every shard would take for every event. Ids stay ordered per
@@ -179,7 +183,7 @@ struct RateWindow {
 #[derive(Default)]
 pub struct ProjectState {
     issues: IdMap<Uuid, Issue>,
-    by_fingerprint: HashMap<String, Uuid>,
+    by_fingerprint: IdMap<FingerprintHash, Uuid>,
     unresolved: u64,
     /// Discarded issues: while there are none, no event needs the check before grouping.
     discarded: u64,
@@ -200,8 +204,7 @@ impl ProjectState {
         if let Some(count) = self.count_of(issue.status) {
             *count += 1;
         }
-        self.by_fingerprint
-            .insert(issue.fingerprint.clone(), issue.id);
+        self.by_fingerprint.insert(issue.fingerprint, issue.id);
         self.issues.insert(issue.id, issue);
     }
 
@@ -211,6 +214,16 @@ impl ProjectState {
 
     pub fn issue(&self, id: &Uuid) -> Option<&Issue> {
         self.issues.get(id)
+    }
+
+    /// Issues of the project, of every status: each is held in memory.
+    pub fn issue_count(&self) -> usize {
+        self.issues.len()
+    }
+
+    /// Whether an event with this fingerprint belongs to an existing issue.
+    pub fn has_fingerprint(&self, fingerprint: &FingerprintHash) -> bool {
+        self.by_fingerprint.contains_key(fingerprint)
     }
 
     /// Takes `events` from this minute's budget, or says in how many seconds the next minute starts.
@@ -255,8 +268,29 @@ impl ProjectState {
         self.discarded > 0
     }
 
+    /// The position of the first fingerprint that would open an issue past `limit`, counting
+    /// the issues the fingerprints before it open; None when all fit.
+    pub fn first_past_limit<'a>(
+        &self,
+        fingerprints: impl IntoIterator<Item = (usize, &'a FingerprintHash)>,
+        limit: usize,
+    ) -> Option<usize> {
+        // A request holds at most 100 events: a list is enough.
+        let mut opened: Vec<&FingerprintHash> = Vec::new();
+        for (index, fingerprint) in fingerprints {
+            if self.has_fingerprint(fingerprint) || opened.contains(&fingerprint) {
+                continue;
+            }
+            if self.issues.len() + opened.len() >= limit {
+                return Some(index);
+            }
+            opened.push(fingerprint);
+        }
+        None
+    }
+
     /// Whether an event with this fingerprint would be discarded (checked before any state changes).
-    pub fn is_discarded(&self, fingerprint: &str) -> bool {
+    pub fn is_discarded(&self, fingerprint: &FingerprintHash) -> bool {
         self.has_discarded()
             && self
                 .by_fingerprint
@@ -269,7 +303,7 @@ impl ProjectState {
     pub fn group(
         &mut self,
         project_id: Uuid,
-        fingerprint: &str,
+        fingerprint: &FingerprintHash,
         title: &str,
         level: Level,
         seen_us: i64,
@@ -281,7 +315,7 @@ impl ProjectState {
                 let issue = Issue {
                     id,
                     project_id,
-                    fingerprint: fingerprint.to_string(),
+                    fingerprint: *fingerprint,
                     title: title.to_string(),
                     level,
                     status: Status::Unresolved,
@@ -290,7 +324,7 @@ impl ProjectState {
                     last_seen_us: seen_us,
                 };
                 self.unresolved += 1;
-                self.by_fingerprint.insert(issue.fingerprint.clone(), id);
+                self.by_fingerprint.insert(*fingerprint, id);
                 return (Grouped::Created, self.issues.entry(id).or_insert(issue));
             }
         };
@@ -360,6 +394,8 @@ impl ProjectState {
 mod tests {
     use super::*;
 
+    const FP: FingerprintHash = [7; 16];
+
     #[test]
     fn new_ids_are_version_7_and_increase_on_a_thread() {
         let ids: Vec<Uuid> = (0..10_000).map(|_| new_id()).collect();
@@ -374,53 +410,69 @@ mod tests {
     #[test]
     fn lifecycle_counts_unresolved() {
         let (mut s, p) = state();
-        let (g, issue) = s.group(p, "fp", "boom", Level::Error, 1);
+        let (g, issue) = s.group(p, &FP, "boom", Level::Error, 1);
         let id = issue.id;
         assert_eq!(g, Grouped::Created);
         assert_eq!(s.unresolved_count(), 1);
-        assert_eq!(
-            s.group(p, "fp", "boom", Level::Error, 2).0,
-            Grouped::Counted
-        );
+        assert_eq!(s.group(p, &FP, "boom", Level::Error, 2).0, Grouped::Counted);
         assert_eq!(s.set_status(&id, Status::Resolved).map(|r| r.0), Some(true));
         assert_eq!(
             s.set_status(&id, Status::Resolved).map(|r| r.0),
             Some(false)
         );
         assert_eq!(s.unresolved_count(), 0);
-        let (g, issue) = s.group(p, "fp", "boom", Level::Error, 3);
+        let (g, issue) = s.group(p, &FP, "boom", Level::Error, 3);
         assert_eq!(
             (g, issue.event_count, issue.status),
             (Grouped::Regressed, 3, Status::Unresolved)
         );
         assert_eq!(s.unresolved_count(), 1);
         s.set_status(&id, Status::Archived);
-        assert_eq!(
-            s.group(p, "fp", "boom", Level::Error, 4).0,
-            Grouped::Counted
-        );
+        assert_eq!(s.group(p, &FP, "boom", Level::Error, 4).0, Grouped::Counted);
         assert_eq!(s.issue(&id).unwrap().status, Status::Archived);
         s.set_status(&id, Status::Discarded);
-        assert!(s.is_discarded("fp"));
+        assert!(s.is_discarded(&FP));
         assert_eq!(
-            s.group(p, "fp", "boom", Level::Error, 5).0,
+            s.group(p, &FP, "boom", Level::Error, 5).0,
             Grouped::Discarded
         );
         assert_eq!(s.issue(&id).unwrap().event_count, 4);
         assert!(s.has_discarded());
         s.set_status(&id, Status::Unresolved);
-        assert!(!s.has_discarded() && !s.is_discarded("fp"));
+        assert!(!s.has_discarded() && !s.is_discarded(&FP));
     }
 
     #[test]
     fn restored_discarded_issues_are_known_as_discarded() {
         let (mut source, p) = state();
-        let id = source.group(p, "fp", "boom", Level::Error, 1).1.id;
+        let id = source.group(p, &FP, "boom", Level::Error, 1).1.id;
         source.set_status(&id, Status::Discarded);
         let (mut restored, _) = state();
         restored.restore(source.issue(&id).unwrap().clone());
-        assert!(restored.has_discarded() && restored.is_discarded("fp"));
+        assert!(restored.has_discarded() && restored.is_discarded(&FP));
         assert_eq!(restored.unresolved_count(), 0);
+    }
+
+    #[test]
+    fn an_issue_holds_104_bytes_besides_its_title() {
+        // The figure README and PERF.md give per issue starts from this.
+        assert_eq!(std::mem::size_of::<Issue>(), 104);
+        assert_eq!(std::mem::size_of::<(Uuid, Issue)>(), 120);
+        assert_eq!(std::mem::size_of::<(FingerprintHash, Uuid)>(), 32);
+    }
+
+    #[test]
+    fn the_first_fingerprint_past_the_limit_is_found() {
+        let (mut s, p) = state();
+        s.group(p, &[1; 16], "t", Level::Error, 1);
+        s.group(p, &[2; 16], "t", Level::Error, 1);
+        let request = [[1; 16], [3; 16], [3; 16], [2; 16], [4; 16], [5; 16]];
+        let at = |limit| s.first_past_limit(request.iter().enumerate(), limit);
+        assert_eq!(at(2), Some(1));
+        assert_eq!(at(3), Some(4));
+        assert_eq!(at(4), Some(5));
+        assert_eq!(at(5), None);
+        assert_eq!(s.issue_count(), 2);
     }
 
     #[test]
@@ -440,7 +492,7 @@ mod tests {
     fn listing_pages_newest_first() {
         let (mut s, p) = state();
         for n in 0..5 {
-            s.group(p, &format!("fp{n}"), "t", Level::Error, n);
+            s.group(p, &[n as u8; 16], "t", Level::Error, n);
         }
         let (page, more) = s.list(None, None, 2, None);
         assert!(more);

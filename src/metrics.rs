@@ -84,10 +84,11 @@ pub enum Rejection {
     Overloaded,
     Sampled,
     Discarded,
+    IssueLimit,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 7] = [
+    pub const ALL: [Rejection; 8] = [
         Rejection::Invalid,
         Rejection::TooLarge,
         Rejection::Unauthorized,
@@ -95,6 +96,7 @@ impl Rejection {
         Rejection::Overloaded,
         Rejection::Sampled,
         Rejection::Discarded,
+        Rejection::IssueLimit,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -105,13 +107,14 @@ impl Rejection {
             Rejection::Overloaded => "overloaded",
             Rejection::Sampled => "sampled",
             Rejection::Discarded => "discarded",
+            Rejection::IssueLimit => "issue_limit",
         }
     }
 }
 
 /// The status codes the server answers with; anything else lands in `other`.
-const STATUSES: [u16; 17] = [
-    101, 200, 201, 202, 400, 401, 403, 404, 405, 408, 409, 413, 429, 431, 500, 501, 503,
+const STATUSES: [u16; 18] = [
+    101, 200, 201, 202, 400, 401, 403, 404, 405, 408, 409, 413, 422, 429, 431, 500, 501, 503,
 ];
 
 #[derive(Default)]
@@ -121,7 +124,7 @@ pub struct ShardMetrics {
     conns_closed: [AtomicU64; CloseReason::ALL.len()],
     responses: [AtomicU64; STATUSES.len() + 1],
     pub events_accepted: AtomicU64,
-    events_rejected: [AtomicU64; 7],
+    events_rejected: [AtomicU64; Rejection::ALL.len()],
     pub stream_messages_sent: AtomicU64,
     pub stream_messages_dropped: AtomicU64,
     pub stream_slow_disconnects: AtomicU64,

@@ -794,7 +794,13 @@ fn metrics_expose_the_documented_families() {
         value("mesher_events_rejected_total{reason=\"invalid\"}"),
         1.0
     );
-    for reason in ["rate_limited", "overloaded", "too_large", "unauthorized"] {
+    for reason in [
+        "rate_limited",
+        "overloaded",
+        "too_large",
+        "unauthorized",
+        "issue_limit",
+    ] {
         value(&format!(
             "mesher_events_rejected_total{{reason=\"{reason}\"}}"
         ));

@@ -371,6 +371,7 @@ fn help_mentions_every_flag() {
         "flush-interval-ms",
         "batch-events",
         "queue-events",
+        "max-issues-per-project",
     ] {
         assert!(
             serve.contains(&format!("--{flag}")),
@@ -415,6 +416,11 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
             vec!["--batch-events", "0"],
             vec![],
             vec!["--batch-events", "0"],
+        ),
+        (
+            vec![],
+            vec![("MESHER_MAX_ISSUES_PER_PROJECT", "0")],
+            vec!["--max-issues-per-project", "0"],
         ),
         (vec!["--no-such-flag"], vec![], vec!["--no-such-flag"]),
         (vec![], vec![("MESHER_SHARDS", "many")], vec!["many"]),

@@ -160,7 +160,7 @@ fn issue(project: &ProjectRow, fingerprint: &str) -> IssueRow {
     IssueRow {
         id: Uuid::now_v7(),
         project_id: project.id,
-        fingerprint: fingerprint.to_string(),
+        fingerprint: mesher::ingest::fingerprint::hash(fingerprint),
         title: format!("Title of {fingerprint}"),
         level: "error".into(),
         status: "unresolved".to_string(),

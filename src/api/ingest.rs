@@ -120,6 +120,20 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
             .with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string()),
         IngestReply::StorageFailed => Response::error(503, "storage unavailable")
             .with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string()),
+        IngestReply::IssueLimit { index, limit } => {
+            let at = if bulk {
+                format!("index {index}: ")
+            } else {
+                String::new()
+            };
+            Response::error(
+                422,
+                &format!(
+                    "issue limit reached: {at}the project has its maximum of {limit} issues; \
+                     events of existing issues are still accepted"
+                ),
+            )
+        }
         IngestReply::UnknownProject => Response::not_found(),
     }
 }

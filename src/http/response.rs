@@ -113,6 +113,7 @@ fn status_line(status: u16) -> Option<&'static str> {
         408 => "HTTP/1.1 408 Request Timeout\r\n",
         409 => "HTTP/1.1 409 Conflict\r\n",
         413 => "HTTP/1.1 413 Payload Too Large\r\n",
+        422 => "HTTP/1.1 422 Unprocessable Content\r\n",
         429 => "HTTP/1.1 429 Too Many Requests\r\n",
         431 => "HTTP/1.1 431 Request Header Fields Too Large\r\n",
         500 => "HTTP/1.1 500 Internal Server Error\r\n",

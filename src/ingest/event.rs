@@ -77,7 +77,8 @@ pub struct Event {
     pub environment: Option<String>,
     /// The grouping key (see `fingerprint`).
     pub fingerprint: String,
-    /// Issue title: the message, else `type_name: value` of the exception, else `Untitled`.
+    /// Issue title: the message, else `type_name: value` of the exception, else `Untitled`, cut
+    /// to `TITLE_BYTES_MAX`.
     pub title: String,
     /// `timestamp` in microseconds since the Unix epoch; `None` when the event has none (the
     /// receive time applies).
@@ -608,6 +609,22 @@ fn timestamp_out_of_range() -> String {
     "timestamp out of range (years 0000 to 9999)".to_owned()
 }
 
+/// Longest issue title kept, in bytes: a title is held in memory for the life of its issue and
+/// sent in every issue listing, and a client may send a megabyte of message.
+pub const TITLE_BYTES_MAX: usize = 1024;
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a character boundary.
+pub fn cut_at_char_boundary(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 fn title(
     message: Option<&str>,
     exception_type: Option<&str>,
@@ -616,15 +633,24 @@ fn title(
     fn non_empty(text: Option<&str>) -> Option<&str> {
         text.filter(|text| !text.is_empty())
     }
+    // Each part is cut before it is copied, so a megabyte message costs no megabyte copy.
+    let cut = |text: &str| cut_at_char_boundary(text, TITLE_BYTES_MAX).to_owned();
     match (
         non_empty(message),
         non_empty(exception_type),
         non_empty(exception_value),
     ) {
-        (Some(message), _, _) => message.to_owned(),
-        (None, Some(type_name), Some(value)) => format!("{type_name}: {value}"),
-        (None, Some(type_name), None) => type_name.to_owned(),
-        (None, None, Some(value)) => value.to_owned(),
+        (Some(message), _, _) => cut(message),
+        (None, Some(type_name), Some(value)) => {
+            let type_name = cut(type_name);
+            let rest = TITLE_BYTES_MAX.saturating_sub(type_name.len() + 2);
+            cut(&format!(
+                "{type_name}: {}",
+                cut_at_char_boundary(value, rest)
+            ))
+        }
+        (None, Some(type_name), None) => cut(type_name),
+        (None, None, Some(value)) => cut(value),
         (None, None, None) => "Untitled".to_owned(),
     }
 }
@@ -770,6 +796,28 @@ mod tests {
         )
         .unwrap();
         assert_eq!(frames.fingerprint, "f|g:x");
+    }
+
+    #[test]
+    fn titles_are_cut_to_1024_bytes_at_a_character_boundary() {
+        let title = |json: String| parse(&json).unwrap().title;
+        let long = "é".repeat(600);
+        let cut = title(format!(r#"{{"message":"a{long}"}}"#));
+        assert_eq!(cut.len(), 1023);
+        assert_eq!(cut, format!("a{}", "é".repeat(511)));
+        let exact = "x".repeat(TITLE_BYTES_MAX);
+        assert_eq!(title(format!(r#"{{"message":"{exact}"}}"#)), exact);
+        let exception = title(format!(
+            r#"{{"exception":{{"type_name":"T","value":"{}"}}}}"#,
+            "v".repeat(5000)
+        ));
+        assert_eq!(exception, format!("T: {}", "v".repeat(TITLE_BYTES_MAX - 3)));
+        let long_type = title(format!(
+            r#"{{"exception":{{"type_name":"{}","value":"v"}}}}"#,
+            "t".repeat(5000)
+        ));
+        assert_eq!(long_type, "t".repeat(TITLE_BYTES_MAX));
+        assert_eq!(cut_at_char_boundary("aé", 2), "a");
     }
 
     #[test]

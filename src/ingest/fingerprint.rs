@@ -4,6 +4,7 @@
 //! The key is built from the event's fields as sent. It works on any JSON value, validated or
 //! not: a field of the wrong type counts as missing, so the function never fails.
 
+use sha2::{Digest, Sha256};
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 
@@ -17,6 +18,18 @@ const FRAME_FIELD_SEPARATOR: char = '|';
 const FRAME_SEPARATOR: char = ';';
 /// Prefix of the message-only key (rule 4), fixed by the protocol.
 const MESSAGE_KEY_PREFIX: &str = "msg:";
+
+/// What the server keeps of a grouping key, in memory and in storage: the first 16 bytes of its
+/// SHA-256. Keys come from clients and may be a megabyte long; 128 bits keep an accidental
+/// collision out of reach for any number of issues a server can hold.
+pub type FingerprintHash = [u8; 16];
+
+pub fn hash(key: &str) -> FingerprintHash {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut hash = [0; 16];
+    hash.copy_from_slice(&digest[..16]);
+    hash
+}
 
 /// Lowercase, remove every `0x`, trim: memory addresses and case then stop splitting issues.
 ///
@@ -137,6 +150,16 @@ fn push_normalised(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hash_is_the_first_16_bytes_of_sha256() {
+        assert_eq!(
+            hex::encode(hash("msg:boom")),
+            hex::encode(&Sha256::digest(b"msg:boom")[..16])
+        );
+        assert_eq!(hex::encode(hash("")), "e3b0c44298fc1c149afbf4c8996fb924");
+        assert_ne!(hash("msg:a"), hash("msg:b"));
+    }
 
     /// The fields of the event in `json`, parsed into a tape kept for the rest of the test run.
     fn parse(json: &str) -> Fields<'static, 'static> {

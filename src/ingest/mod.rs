@@ -9,7 +9,8 @@ use event::{body_is_array, parse_bulk, parse_event, Event, EventError, Level};
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
 #[derive(Debug)]
 pub struct Incoming {
-    pub fingerprint: String,
+    /// The grouping key's hash, made once here on the accepting shard; the key itself is dropped.
+    pub fingerprint: fingerprint::FingerprintHash,
     pub title: String,
     pub level: Level,
     pub environment: Option<String>,
@@ -28,7 +29,7 @@ const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
 impl Incoming {
     fn new(event: Event, json: String) -> Incoming {
         Incoming {
-            fingerprint: event.fingerprint,
+            fingerprint: fingerprint::hash(&event.fingerprint),
             title: event.title,
             level: event.level,
             environment: event.environment,

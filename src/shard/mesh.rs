@@ -37,6 +37,12 @@ pub enum IngestReply {
         retry_after_s: u64,
     },
     Overloaded,
+    /// The event at `index` would open an issue past `--max-issues-per-project` (`limit`);
+    /// nothing of the request was taken.
+    IssueLimit {
+        index: usize,
+        limit: usize,
+    },
     /// The owner no longer knows the project (should not happen: projects are never deleted).
     UnknownProject,
     /// Waiting for the storage commit failed (`--ack durable`).

@@ -196,6 +196,24 @@ impl Shard {
             Vec::new()
         };
         let to_store = events.len() - skipped.iter().filter(|o| o.is_some()).count();
+        // Every issue stays in memory, so a project gets at most `--max-issues-per-project`. A
+        // request with an event past it is refused whole, like one with an invalid event.
+        let issue_limit = self.config.max_issues_per_project;
+        if state.issue_count() + to_store > issue_limit {
+            let grouped = events
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| skipped.get(*index).copied().flatten().is_none())
+                .map(|(index, event)| (index, &event.fingerprint));
+            if let Some(index) = state.first_past_limit(grouped, issue_limit) {
+                state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
+                self.counters.rejected(Rejection::IssueLimit, batch);
+                return Ingested::Reply(IngestReply::IssueLimit {
+                    index,
+                    limit: issue_limit,
+                });
+            }
+        }
         if to_store > 0 && !self.store.has_room(to_store) {
             state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
             self.counters.rejected(Rejection::Overloaded, batch);

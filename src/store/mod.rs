@@ -87,7 +87,8 @@ pub struct KeyRow {
 pub struct IssueRow {
     pub id: Uuid,
     pub project_id: Uuid,
-    pub fingerprint: String,
+    /// The hash of the grouping key (`ingest::fingerprint::hash`); the key itself is not kept.
+    pub fingerprint: crate::ingest::fingerprint::FingerprintHash,
     pub title: String,
     pub level: String,
     pub status: String,
@@ -239,7 +240,8 @@ pub fn open_postgres(url: &str) -> Result<Box<dyn Backend>, StoreError> {
     Ok(Box::new(postgres::PostgresBackend::open(url)?))
 }
 
-/// One schema version: applied in its own transaction and recorded in `schema_migrations`.
+/// One schema version: applied in its own transaction and recorded in `schema_migrations`
+/// (PostgreSQL applies all pending versions in one).
 struct Migration {
     version: i64,
     name: &'static str,
@@ -317,7 +319,7 @@ mod tests {
         IssueRow {
             id,
             project_id: Uuid::nil(),
-            fingerprint: title.to_string(),
+            fingerprint: crate::ingest::fingerprint::hash(title),
             title: title.to_string(),
             level: "error".to_string(),
             status: "unresolved".to_string(),

@@ -64,10 +64,11 @@ macro_rules! us_from_ts {
     };
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial schema",
-    sql: "
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial schema",
+        sql: "
 CREATE TABLE projects (
     id uuid PRIMARY KEY,
     name text NOT NULL,
@@ -116,7 +117,23 @@ CREATE TABLE events_default PARTITION OF events DEFAULT;
 CREATE INDEX events_issue_id_received_at ON events (issue_id, received_at DESC);
 CREATE INDEX events_project_id_received_at ON events (project_id, received_at);
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "issues keyed by fingerprint hash",
+        // The hash is `ingest::fingerprint::hash`: the first 16 bytes of the key's SHA-256, so
+        // old issues keep grouping the events of new ones.
+        sql: "
+ALTER TABLE issues ADD COLUMN fingerprint_hash bytea;
+UPDATE issues SET fingerprint_hash = substring(sha256(convert_to(fingerprint, 'UTF8')) FROM 1 FOR 16);
+ALTER TABLE issues ALTER COLUMN fingerprint_hash SET NOT NULL,
+    ADD CONSTRAINT issues_fingerprint_hash_length CHECK (octet_length(fingerprint_hash) = 16);
+DROP INDEX issues_project_id_fingerprint;
+ALTER TABLE issues DROP COLUMN fingerprint;
+CREATE UNIQUE INDEX issues_project_id_fingerprint_hash ON issues (project_id, fingerprint_hash);
+",
+    },
+];
 
 const UPSERT_PROJECTS: &str = concat!(
     "INSERT INTO projects (id, name, slug, created_at, rate_limit_per_minute, sample_rate,
@@ -150,17 +167,17 @@ const UPSERT_KEYS: &str = concat!(
 
 /// An issue's project and fingerprint are fixed when it is created; an update leaves them be.
 const UPSERT_ISSUES: &str = concat!(
-    "INSERT INTO issues (id, project_id, fingerprint, title, level, status, event_count,
+    "INSERT INTO issues (id, project_id, fingerprint_hash, title, level, status, event_count,
         first_seen, last_seen)
-    SELECT r.id::uuid, r.project_id::uuid, r.fingerprint, r.title, r.level, r.status,
+    SELECT r.id::uuid, r.project_id::uuid, r.fingerprint_hash, r.title, r.level, r.status,
         r.event_count, ",
     ts_from_us!("r.first_seen_us"),
     ", ",
     ts_from_us!("r.last_seen_us"),
     "
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[],
         $7::int8[], $8::int8[], $9::int8[]) WITH ORDINALITY
-        AS r (id, project_id, fingerprint, title, level, status, event_count, first_seen_us,
+        AS r (id, project_id, fingerprint_hash, title, level, status, event_count, first_seen_us,
             last_seen_us, position)
     ORDER BY r.position
     ON CONFLICT (id) DO UPDATE SET title = EXCLUDED.title, level = EXCLUDED.level,
@@ -191,7 +208,7 @@ const SELECT_KEYS: &str = concat!(
 );
 
 const SELECT_ISSUES: &str = concat!(
-    "SELECT id::text, project_id::text, fingerprint, title, level, status, event_count, ",
+    "SELECT id::text, project_id::text, fingerprint_hash, title, level, status, event_count, ",
     us_from_ts!("first_seen"),
     ", ",
     us_from_ts!("last_seen"),
@@ -539,7 +556,10 @@ impl Backend for PostgresBackend {
             snapshot.issues.push(IssueRow {
                 id: parse_uuid(row.get(0), operation)?,
                 project_id: parse_uuid(row.get(1), operation)?,
-                fingerprint: row.get(2),
+                fingerprint: row.get::<_, &[u8]>(2).try_into().map_err(|_| {
+                    let cause = "an issue's fingerprint_hash is not 16 bytes";
+                    StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause)
+                })?,
                 title: row.get(3),
                 level: row.get(4),
                 status: row.get(5),
@@ -715,7 +735,7 @@ fn write_batch(
             .iter()
             .map(|row| row.project_id.to_string())
             .collect();
-        let fingerprints: Vec<Cow<str>> = issues.iter().map(|row| text(&row.fingerprint)).collect();
+        let fingerprints: Vec<&[u8]> = issues.iter().map(|row| &row.fingerprint[..]).collect();
         let titles: Vec<Cow<str>> = issues.iter().map(|row| text(&row.title)).collect();
         let levels: Vec<Cow<str>> = issues.iter().map(|row| text(&row.level)).collect();
         let statuses: Vec<Cow<str>> = issues.iter().map(|row| text(&row.status)).collect();

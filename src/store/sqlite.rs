@@ -98,7 +98,57 @@ DROP INDEX events_issue_id_received_at;
 CREATE INDEX events_issue_received_at_id ON events (issue_id, received_at_us, id);
 ",
     },
+    Migration {
+        version: FINGERPRINT_HASH_VERSION,
+        name: "issues keyed by fingerprint hash",
+        // `add_fingerprint_hashes` has filled `fingerprint_hash` of every row before this runs.
+        // The table is rebuilt: SQLite cannot drop the unique constraint on the key itself.
+        sql: "
+CREATE TABLE issues_by_hash (
+    id BLOB PRIMARY KEY NOT NULL,
+    project_id BLOB NOT NULL REFERENCES projects (id),
+    fingerprint_hash BLOB NOT NULL CHECK (length(fingerprint_hash) = 16),
+    title TEXT NOT NULL,
+    level TEXT NOT NULL,
+    status TEXT NOT NULL
+        CHECK (status IN ('unresolved', 'resolved', 'archived', 'discarded')),
+    event_count INTEGER NOT NULL CHECK (event_count >= 0),
+    first_seen_us INTEGER NOT NULL,
+    last_seen_us INTEGER NOT NULL,
+    UNIQUE (project_id, fingerprint_hash)
+) STRICT;
+INSERT INTO issues_by_hash (id, project_id, fingerprint_hash, title, level, status, event_count,
+    first_seen_us, last_seen_us)
+SELECT id, project_id, fingerprint_hash, title, level, status, event_count, first_seen_us,
+    last_seen_us
+FROM issues;
+DROP TABLE issues;
+ALTER TABLE issues_by_hash RENAME TO issues;
+",
+    },
 ];
+
+/// The version that replaces an issue's grouping key by its hash (`ingest::fingerprint::hash`).
+const FINGERPRINT_HASH_VERSION: i64 = 3;
+
+/// First step of the fingerprint hash migration, which SQL alone cannot do (SQLite has no
+/// SHA-256): every stored key gets its hash, so old issues keep grouping the events of new ones.
+fn add_fingerprint_hashes(transaction: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    transaction.execute_batch("ALTER TABLE issues ADD COLUMN fingerprint_hash BLOB")?;
+    let mut select = transaction.prepare("SELECT id, fingerprint FROM issues")?;
+    let mut update =
+        transaction.prepare("UPDATE issues SET fingerprint_hash = ?2 WHERE id = ?1")?;
+    let mut rows = select.query([])?;
+    while let Some(row) = rows.next()? {
+        let id: Vec<u8> = row.get(0)?;
+        let key: String = row.get(1)?;
+        update.execute(rusqlite::params![
+            id,
+            crate::ingest::fingerprint::hash(&key)
+        ])?;
+    }
+    Ok(())
+}
 
 const UPSERT_PROJECT: &str = "
 INSERT INTO projects (id, name, slug, created_at_us, rate_limit_per_minute, sample_rate,
@@ -121,7 +171,7 @@ ON CONFLICT (id) DO UPDATE SET project_id = excluded.project_id, scope = exclude
 /// entries and check the project's key, journalling every page that touches (three times the
 /// work of the whole update with thousands of live issues).
 const UPSERT_ISSUE: &str = "
-INSERT INTO issues (id, project_id, fingerprint, title, level, status, event_count,
+INSERT INTO issues (id, project_id, fingerprint_hash, title, level, status, event_count,
     first_seen_us, last_seen_us)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
 ON CONFLICT (id) DO UPDATE SET title = excluded.title, level = excluded.level,
@@ -319,8 +369,12 @@ impl Backend for SqliteBackend {
                 .optional()
                 .map_err(|error| sqlite_error(operation, error))?;
             if already.is_none() {
-                transaction
-                    .execute_batch(migration.sql)
+                let prepared = match migration.version {
+                    FINGERPRINT_HASH_VERSION => add_fingerprint_hashes(&transaction),
+                    _ => Ok(()),
+                };
+                prepared
+                    .and_then(|()| transaction.execute_batch(migration.sql))
                     .and_then(|()| {
                         transaction.execute(
                             "INSERT INTO schema_migrations (version, name, applied_at_us)
@@ -388,7 +442,7 @@ impl Backend for SqliteBackend {
                 });
             }
             let mut statement = self.connection.prepare(
-                "SELECT id, project_id, fingerprint, title, level, status, event_count,
+                "SELECT id, project_id, fingerprint_hash, title, level, status, event_count,
                     first_seen_us, last_seen_us
                  FROM issues ORDER BY first_seen_us, id",
             )?;
@@ -833,6 +887,62 @@ mod tests {
             plan,
             ["SEARCH events USING INDEX events_issue_received_at_id (issue_id=?)"]
         );
+    }
+
+    #[test]
+    fn a_version_2_file_gets_fingerprint_hashes_and_keeps_its_issues() {
+        let data_dir =
+            std::env::temp_dir().join(format!("mesher-sqlite-v2-{}", Uuid::new_v4().simple()));
+        let mut backend = SqliteBackend::open(&data_dir).unwrap();
+        let (project_id, issue_id) = (Uuid::now_v7(), Uuid::now_v7());
+        backend
+            .connection
+            .execute_batch(&format!(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY NOT NULL,
+                    name TEXT NOT NULL, applied_at_us INTEGER NOT NULL) STRICT;
+                 {}{}
+                 INSERT INTO schema_migrations VALUES (1, 'initial schema', 0), (2, 'x', 0);",
+                MIGRATIONS[0].sql, MIGRATIONS[1].sql
+            ))
+            .unwrap();
+        backend
+            .connection
+            .execute(
+                "INSERT INTO projects VALUES (?1, 'p', 'p', 0, 0, 1.0, 90)",
+                [project_id.as_bytes()],
+            )
+            .unwrap();
+        backend
+            .connection
+            .execute(
+                "INSERT INTO issues VALUES (?1, ?2, 'msg:old key', 'Old', 'error', 'resolved',
+                    7, 1, 2)",
+                [issue_id.as_bytes(), project_id.as_bytes()],
+            )
+            .unwrap();
+        backend.migrate().unwrap();
+        let issues = backend.load().unwrap().issues;
+        assert_eq!(issues.len(), 1);
+        assert_eq!(issues[0].id, issue_id);
+        assert_eq!(
+            issues[0].fingerprint,
+            crate::ingest::fingerprint::hash("msg:old key")
+        );
+        assert_eq!(
+            (
+                issues[0].title.as_str(),
+                issues[0].status.as_str(),
+                issues[0].event_count
+            ),
+            ("Old", "resolved", 7)
+        );
+        // The hash is the issue's unique key now.
+        let mut duplicate = issues[0].clone();
+        duplicate.id = Uuid::now_v7();
+        let error = backend.commit(&[Change::Issue(duplicate)]).unwrap_err();
+        assert!(error.is_conflict(), "{error}");
+        drop(backend);
+        let _ = std::fs::remove_dir_all(&data_dir);
     }
 
     #[test]
