@@ -114,14 +114,14 @@ pub fn decode_body(
             Err(BodyError::TooLarge { limit_bytes })
         }
         ContentEncoding::Identity => Ok(body),
-        ContentEncoding::Gzip => read_capped(flate2::read::GzDecoder::new(input), limit_bytes)
+        ContentEncoding::Gzip => read_capped(flate2::bufread::GzDecoder::new(input), limit_bytes)
             .map_err(|error| error.into_body_error(encoding)),
         ContentEncoding::Deflate if has_zlib_header(input) => {
-            read_capped(flate2::read::ZlibDecoder::new(input), limit_bytes)
+            read_capped(flate2::bufread::ZlibDecoder::new(input), limit_bytes)
                 .map_err(|error| error.into_body_error(encoding))
         }
         ContentEncoding::Deflate => {
-            read_capped(flate2::read::DeflateDecoder::new(input), limit_bytes)
+            read_capped(flate2::bufread::DeflateDecoder::new(input), limit_bytes)
                 .map_err(|error| error.into_body_error(encoding))
         }
         ContentEncoding::Brotli => read_capped(
