@@ -134,8 +134,7 @@ pub fn decode_body(
             decoder
                 .window_log_max(ZSTD_WINDOW_LOG_MAX)
                 .map_err(corrupt)?;
-            read_capped(decoder.single_frame(), limit_bytes)
-                .map_err(|error| error.into_body_error(encoding))
+            read_capped(decoder, limit_bytes).map_err(|error| error.into_body_error(encoding))
         }
     }
 }
@@ -313,6 +312,16 @@ mod tests {
         assert_eq!(
             decode_body(ContentEncoding::Identity, data.clone(), data.len()).unwrap(),
             data
+        );
+        // zstd frames may follow one another; the body is all of them.
+        let frames = [
+            compress(ContentEncoding::Zstd, b"first "),
+            compress(ContentEncoding::Zstd, b"second"),
+        ]
+        .concat();
+        assert_eq!(
+            decode_body(ContentEncoding::Zstd, frames, 100).unwrap(),
+            b"first second"
         );
         let raw = raw_deflate(&data);
         assert!(!has_zlib_header(&raw));

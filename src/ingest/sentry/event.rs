@@ -169,13 +169,14 @@ fn read_value(event: Value<'_, '_>) -> Result<Read, String> {
     };
     let fields = Fields::of(object);
 
-    let event_id =
-        match fields.event_id {
-            None => None,
-            Some(id) => Some(id.as_str().and_then(parse_event_id).ok_or_else(|| {
-                "event_id must be 32 hex digits, with or without dashes".to_owned()
-            })?),
-        };
+    let event_id = fields
+        .event_id
+        .map(|id| {
+            id.as_str()
+                .and_then(parse_event_id)
+                .ok_or_else(|| "event_id must be 32 hex digits, with or without dashes".to_owned())
+        })
+        .transpose()?;
 
     let message = message(&fields);
     let template = fields
