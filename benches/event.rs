@@ -5,6 +5,9 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use mesher::ingest::event::{parse_event, write_json, Document, Fields, EVENT_DEPTH_MAX};
 use mesher::ingest::fingerprint::fingerprint;
+use mesher::ingest::sentry::{
+    decode_body, decode_event_item, parse_envelope, ContentEncoding, ENVELOPE_BYTES_MAX,
+};
 use mesher::ingest::{decode_bulk, decode_event};
 
 /// About 1 KiB, shaped like a browser SDK's error report with a 10-frame stack trace.
@@ -65,5 +68,64 @@ fn event_benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, event_benches);
+/// A Flask `KeyError` as sentry-python 2.x reports it: 6 frames with context and vars, request,
+/// breadcrumbs, modules.
+const SENTRY_PYTHON_EVENT: &str = include_str!("../tests/fixtures/sentry/python_exception.json");
+
+/// The Python event compacted (as SDKs send it, about 4 KiB) in an envelope with a client
+/// report, gzip'd as sentry-python sends envelopes.
+fn sentry_python_envelope() -> (Vec<u8>, usize) {
+    let event: serde_json::Value =
+        serde_json::from_str(SENTRY_PYTHON_EVENT).expect("fixture is JSON");
+    let event = serde_json::to_string(&event).expect("JSON writes");
+    let envelope = format!(
+        "{{\"event_id\":\"0f3e5ac3e8bb4c1e9c4bd61e3aa8c2a1\",\"sent_at\":\"2024-05-06T13:08:09.200000Z\",\"trace\":{{\"trace_id\":\"771a43a4192642f0b136d5159a501700\",\"environment\":\"production\",\"release\":\"shop@2.4.1\",\"public_key\":\"0a1b2c3d4e5f\"}}}}\n\
+         {{\"type\":\"event\",\"content_type\":\"application/json\",\"length\":{}}}\n{event}\n\
+         {{\"type\":\"client_report\"}}\n{{\"timestamp\":1715000889.2,\"discarded_events\":[]}}\n",
+        event.len()
+    );
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    std::io::Write::write_all(&mut encoder, envelope.as_bytes()).expect("gzip into memory");
+    (encoder.finish().expect("gzip into memory"), envelope.len())
+}
+
+fn sentry_benches(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sentry");
+    let (gzipped, envelope_len) = sentry_python_envelope();
+    group.throughput(Throughput::Bytes(envelope_len as u64));
+
+    // What an envelope request costs from its compressed body to events ready for the owner.
+    group.bench_function("envelope_4k_python_gzip", |b| {
+        b.iter_batched(
+            || gzipped.clone(),
+            |body| {
+                let body = decode_body(ContentEncoding::Gzip, black_box(body), ENVELOPE_BYTES_MAX)
+                    .expect("bench body is gzip");
+                let envelope = parse_envelope(&body).expect("bench envelope is valid");
+                for item in envelope.events() {
+                    let event = decode_event_item(item.payload).expect("bench event is valid");
+                    black_box(&event);
+                }
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    let body = decode_body(ContentEncoding::Gzip, gzipped.clone(), ENVELOPE_BYTES_MAX).unwrap();
+    let envelope = parse_envelope(&body).unwrap();
+    let payload = envelope.events().next().unwrap().payload;
+    group.bench_function("event_4k_python", |b| {
+        b.iter(|| black_box(decode_event_item(black_box(payload)).expect("bench event is valid")))
+    });
+    group.bench_function("gunzip_4k", |b| {
+        b.iter_batched(
+            || gzipped.clone(),
+            |body| decode_body(ContentEncoding::Gzip, black_box(body), ENVELOPE_BYTES_MAX),
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, event_benches, sentry_benches);
 criterion_main!(benches);

@@ -485,7 +485,7 @@ fn with_buffers<T>(len: usize, depth_max: usize, parse: impl FnOnce(&mut Buffers
 }
 
 /// The value unless it is missing or `null`.
-fn present<'t, 'a>(value: Option<Value<'t, 'a>>) -> Option<Value<'t, 'a>> {
+pub(crate) fn present<'t, 'a>(value: Option<Value<'t, 'a>>) -> Option<Value<'t, 'a>> {
     value.filter(|value| !value.is_null())
 }
 
@@ -570,7 +570,7 @@ fn check_stacktrace(value: Option<Value<'_, '_>>) -> Result<(), String> {
 }
 
 /// `timestamp` as RFC 3339 text or Unix seconds (integer or fraction), in microseconds.
-fn timestamp_us(value: Value<'_, '_>) -> Result<i64, String> {
+pub(crate) fn timestamp_us(value: Value<'_, '_>) -> Result<i64, String> {
     if let Some(text) = value.as_str() {
         let time =
             time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
@@ -655,7 +655,7 @@ fn title(
     }
 }
 
-fn json_type(value: Value<'_, '_>) -> &'static str {
+pub(crate) fn json_type(value: Value<'_, '_>) -> &'static str {
     match value.value_type() {
         ValueType::Null => "null",
         ValueType::Bool => "boolean",

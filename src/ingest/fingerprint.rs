@@ -119,7 +119,7 @@ fn string_field<'a>(value: Option<Value<'_, 'a>>) -> Option<&'a str> {
 }
 
 /// Appends `normalise(s)` to `out` without an intermediate string in the common ASCII case.
-fn push_normalised(out: &mut String, s: &str) {
+pub(crate) fn push_normalised(out: &mut String, s: &str) {
     let start = out.len();
     if s.is_ascii() {
         // Copied and lowercased in bulk; "0x" is rare, so it is removed only when present.

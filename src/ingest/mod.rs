@@ -3,6 +3,7 @@
 mod diagnose;
 pub mod event;
 pub mod fingerprint;
+pub mod sentry;
 
 use event::{body_is_array, parse_bulk, parse_event, Event, EventError, Level};
 
