@@ -123,6 +123,10 @@ pub struct Config {
     /// Events that may wait for storage before ingest answers 503.
     #[arg(long, env = "MESHER_QUEUE_EVENTS", default_value_t = crate::store::QUEUE_EVENTS_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub queue_events: usize,
+
+    /// Bytes of event JSON that may wait for storage before ingest answers 503.
+    #[arg(long, env = "MESHER_QUEUE_BYTES", default_value_t = crate::store::QUEUE_BYTES_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub queue_bytes: usize,
 }
 
 impl Config {

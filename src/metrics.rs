@@ -367,12 +367,18 @@ impl Metrics {
             );
         }
         let stats = store.stats();
-        let store_values: [(&str, &str, &str, u64); 7] = [
+        let store_values: [(&str, &str, &str, u64); 8] = [
             (
                 "mesher_storage_queue_events",
                 "gauge",
                 "Events waiting to be written.",
                 stats.queue_depth_events,
+            ),
+            (
+                "mesher_storage_queue_bytes",
+                "gauge",
+                "Bytes of event JSON waiting to be written.",
+                stats.queue_depth_bytes,
             ),
             (
                 "mesher_storage_batches_total",

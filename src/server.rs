@@ -46,6 +46,7 @@ pub fn run(config: Config) -> Result<(), String> {
         flush_interval_ms: config.flush_interval_ms,
         batch_events_max: config.batch_events.max(1),
         queue_events_max: config.queue_events.max(1),
+        queue_bytes_max: config.queue_bytes.max(1),
     };
     let (store, snapshot) =
         Store::start(backend, writer).map_err(|e| format!("cannot start storage: {e}"))?;

@@ -103,9 +103,9 @@ fn check_titles(issues: &[Value]) {
 }
 
 fn big_unique_messages_keep_memory_and_pages_bounded(backend: Backend) {
-    // `--ack durable`: each event is answered after its commit, so no megabyte payloads wait in
-    // the storage queue while memory is read; what remains is what the issues hold.
-    let server = Server::start_with(backend, &["--ack", "durable"]);
+    // The default acknowledgement: megabyte payloads may wait for storage, up to the queue's
+    // byte bound (64 MiB), beside what the issues hold.
+    let server = Server::start_with(backend, &[]);
     let project = server.project("Big messages");
     let (status, warm_up) = server.event(&project.ingest_key, &json!({"message": "warm-up"}));
     assert_eq!(status, 202, "{warm_up}");
@@ -122,7 +122,14 @@ fn big_unique_messages_keep_memory_and_pages_bounded(backend: Backend) {
     for n in 0..BIG_EVENTS {
         let body = big_event(n);
         assert!(body.len() <= 1024 * 1024);
-        let reply = http_exchange(&agent, "POST", &url, &headers, Some(body.as_bytes()));
+        // A storage queue at its byte bound answers 503 with Retry-After; an SDK sends again.
+        let reply = loop {
+            let reply = http_exchange(&agent, "POST", &url, &headers, Some(body.as_bytes()));
+            if reply.status != 503 {
+                break reply;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert_eq!(reply.status, 202, "event {n}: {:?}", reply.json());
         if n == 0 {
             first_issue_id = reply.json()["issue_id"].as_str().unwrap().to_string();
@@ -379,7 +386,54 @@ fn issues_of_an_old_store_keep_grouping(backend: Backend) {
     );
 }
 
+/// Megabyte events that arrive faster than storage takes them wait within the queue's byte
+/// bound; past it they are refused (503), not held.
+fn megabyte_events_wait_within_the_queue_byte_bound(backend: Backend) {
+    let server = Server::start_with(
+        backend,
+        &["--queue-bytes", "3000000", "--flush-interval-ms", "5000"],
+    );
+    let project = server.project("Queue bytes");
+    let agent = http_agent();
+    let url = server.url("/api/v1/events");
+    let bearer = format!("Bearer {}", project.ingest_key);
+    let headers = [("authorization", bearer.as_str())];
+    let send = |n: usize| {
+        http_exchange(
+            &agent,
+            "POST",
+            &url,
+            &headers,
+            Some(big_event(n).as_bytes()),
+        )
+    };
+    assert_eq!(send(0).status, 202);
+    assert_eq!(send(1).status, 202);
+    // Two megabytes wait for the flush five seconds away; a third would pass 3,000,000 bytes.
+    let refused = send(2);
+    assert_eq!(refused.status, 503, "{:?}", refused.json());
+    assert_eq!(refused.json(), json!({"error": "overloaded"}));
+    assert!(refused.header("retry-after").is_some());
+    let queued = server.metric("mesher_storage_queue_bytes");
+    assert!(
+        (2_000_000.0..3_000_000.0).contains(&queued),
+        "{queued} bytes queued"
+    );
+    assert_eq!(
+        server.metric("mesher_events_rejected_total{reason=\"overloaded\"}"),
+        1.0
+    );
+    // Once they are written there is room again, and nothing accepted was lost.
+    assert!(wait_until(Duration::from_secs(30), || server
+        .metric("mesher_storage_queue_bytes")
+        == 0.0));
+    assert_eq!(send(2).status, 202);
+    let mut stored = server.store_reader();
+    assert!(wait_until(Duration::from_secs(30), || stored.event_rows() == 3));
+}
+
 on_both_backends!(
+    megabyte_events_wait_within_the_queue_byte_bound,
     big_unique_messages_keep_memory_and_pages_bounded,
     titles_are_cut_at_a_character_boundary,
     new_issues_past_the_limit_are_refused,

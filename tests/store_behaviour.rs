@@ -232,6 +232,7 @@ fn slow_flush() -> WriterConfig {
         flush_interval_ms: 60_000,
         batch_events_max: 100_000,
         queue_events_max: 1_000_000,
+        ..WriterConfig::default()
     }
 }
 
@@ -428,6 +429,7 @@ fn store_acks_after_commit(db: &dyn TestDb) {
         flush_interval_ms: 20,
         batch_events_max: 1_000,
         queue_events_max: 10_000,
+        ..WriterConfig::default()
     };
     let (store, snapshot) = Store::start(db.open(), config).unwrap();
     assert_eq!(snapshot.projects, vec![shop.clone()]);
@@ -521,6 +523,7 @@ fn store_refuses_past_the_queue_bound(db: &dyn TestDb) {
         flush_interval_ms: 5,
         batch_events_max: 2,
         queue_events_max: 5,
+        ..WriterConfig::default()
     };
     let (store, _) = Store::start(Box::new(gated), config).unwrap();
     let submit = |count: usize| {
@@ -684,6 +687,7 @@ fn store_retries_failed_commits_without_loss(db: &dyn TestDb) {
         flush_interval_ms: 5,
         batch_events_max: 1_000,
         queue_events_max: 1_000,
+        ..WriterConfig::default()
     };
     let (store, _) = Store::start(Box::new(flaky), config).unwrap();
     let (ack, receiver) = oneshot::channel();
@@ -1012,6 +1016,7 @@ fn postgres_store_survives_a_killed_connection() {
         flush_interval_ms: 5,
         batch_events_max: 1_000,
         queue_events_max: 10_000,
+        ..WriterConfig::default()
     };
     let (store, _) = Store::start(db.open(), config).unwrap();
     let submit_and_wait = |count: usize| {

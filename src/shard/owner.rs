@@ -214,7 +214,13 @@ impl Shard {
                 });
             }
         }
-        if to_store > 0 && !self.store.has_room(to_store) {
+        let bytes_to_store: usize = events
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| skipped.get(*index).copied().flatten().is_none())
+            .map(|(_, event)| event.json.len())
+            .sum();
+        if to_store > 0 && !self.store.has_room(to_store, bytes_to_store) {
             state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
             self.counters.rejected(Rejection::Overloaded, batch);
             return Ingested::Reply(IngestReply::Overloaded);

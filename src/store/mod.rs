@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 pub use writer::{
     Ack, Overloaded, Store, StoreStats, WriterConfig, BATCH_EVENTS_DEFAULT,
-    FLUSH_INTERVAL_MS_DEFAULT, QUEUE_EVENTS_DEFAULT,
+    FLUSH_INTERVAL_MS_DEFAULT, QUEUE_BYTES_DEFAULT, QUEUE_EVENTS_DEFAULT,
 };
 
 /// Retention a new project gets, in days.

@@ -43,6 +43,10 @@ pub const FLUSH_INTERVAL_MS_DEFAULT: u64 = 50;
 pub const BATCH_EVENTS_DEFAULT: usize = 10_000;
 /// Default of `WriterConfig::queue_events_max` (and of `--queue-events`).
 pub const QUEUE_EVENTS_DEFAULT: usize = 100_000;
+/// Default of `WriterConfig::queue_bytes_max` (and of `--queue-bytes`): the events' JSON
+/// waiting for storage. Typical events are a few KiB, so this holds tens of thousands of them;
+/// what it stops is megabyte events piling up faster than storage takes them.
+pub const QUEUE_BYTES_DEFAULT: usize = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WriterConfig {
@@ -52,6 +56,8 @@ pub struct WriterConfig {
     pub batch_events_max: usize,
     /// Events queued and not yet committed beyond which `try_submit` answers `Overloaded`.
     pub queue_events_max: usize,
+    /// Bytes of event JSON queued and not yet committed beyond which the same holds.
+    pub queue_bytes_max: usize,
 }
 
 impl Default for WriterConfig {
@@ -60,6 +66,7 @@ impl Default for WriterConfig {
             flush_interval_ms: FLUSH_INTERVAL_MS_DEFAULT,
             batch_events_max: BATCH_EVENTS_DEFAULT,
             queue_events_max: QUEUE_EVENTS_DEFAULT,
+            queue_bytes_max: QUEUE_BYTES_DEFAULT,
         }
     }
 }
@@ -85,6 +92,7 @@ impl std::error::Error for Overloaded {}
 pub struct StoreStats {
     /// Events submitted and not yet committed (or refused).
     pub queue_depth_events: u64,
+    pub queue_depth_bytes: u64,
     pub batches_committed: u64,
     /// Changes committed, events included.
     pub rows_committed: u64,
@@ -125,6 +133,7 @@ enum Command {
 #[derive(Default)]
 struct Shared {
     queue_depth_events: AtomicUsize,
+    queue_depth_bytes: AtomicUsize,
     healthy: AtomicBool,
     shutdown_requested: AtomicBool,
     batches_committed: AtomicU64,
@@ -148,6 +157,7 @@ struct Inner {
     commands: Arc<Inbox>,
     shared: Arc<Shared>,
     queue_events_max: usize,
+    queue_bytes_max: usize,
     backend_name: &'static str,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -199,6 +209,7 @@ impl Store {
             commands,
             shared,
             queue_events_max: config.queue_events_max,
+            queue_bytes_max: config.queue_bytes_max,
             backend_name,
             writer_thread: Mutex::new(Some(writer_thread)),
         };
@@ -214,42 +225,57 @@ impl Store {
         self.inner.backend_name
     }
 
-    /// Whether `events` more would fit in the queue now: for a caller that must decide before it
-    /// commits to its own state changes (and then submits what they made, whatever came between).
-    pub fn has_room(&self, events: usize) -> bool {
-        let depth = self.inner.shared.queue_depth_events.load(Ordering::Acquire);
-        depth.saturating_add(events) <= self.inner.queue_events_max
+    /// Whether `events` more, of `bytes` of JSON, would fit in the queue now: for a caller that
+    /// must decide before it commits to its own state changes (and then submits what they made,
+    /// whatever came between).
+    pub fn has_room(&self, events: usize, bytes: usize) -> bool {
+        let shared = &self.inner.shared;
+        let depth_events = shared.queue_depth_events.load(Ordering::Acquire);
+        let depth_bytes = shared.queue_depth_bytes.load(Ordering::Acquire);
+        depth_events.saturating_add(events) <= self.inner.queue_events_max
+            && depth_bytes.saturating_add(bytes) <= self.inner.queue_bytes_max
     }
 
-    /// Queues the changes unless their events would take the queue past `queue_events_max`;
-    /// then nothing is queued and the caller answers 503.
+    /// Queues the changes unless their events would take the queue past `queue_events_max`
+    /// or `queue_bytes_max`; then nothing is queued and the caller answers 503.
     pub fn try_submit(&self, changes: Vec<Change>, ack: Option<Ack>) -> Result<(), Overloaded> {
-        let events = count_events(&changes);
-        let limit = self.inner.queue_events_max;
-        let reserved = self.inner.shared.queue_depth_events.fetch_update(
-            Ordering::AcqRel,
-            Ordering::Acquire,
-            |depth| {
-                let after = depth.checked_add(events)?;
-                (after <= limit).then_some(after)
-            },
-        );
-        if reserved.is_err() {
+        let load = Load::of(&changes);
+        let shared = &self.inner.shared;
+        let reserve = |depth: &AtomicUsize, amount: usize, limit: usize| {
+            depth
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |before| {
+                    let after = before.checked_add(amount)?;
+                    (after <= limit).then_some(after)
+                })
+                .is_ok()
+        };
+        if !reserve(
+            &shared.queue_depth_events,
+            load.events,
+            self.inner.queue_events_max,
+        ) {
             return Err(Overloaded);
         }
-        self.send_submission(changes, events, ack)
+        if !reserve(
+            &shared.queue_depth_bytes,
+            load.bytes,
+            self.inner.queue_bytes_max,
+        ) {
+            shared
+                .queue_depth_events
+                .fetch_sub(load.events, Ordering::AcqRel);
+            return Err(Overloaded);
+        }
+        self.send_submission(changes, load, ack)
             .map_err(|()| Overloaded)
     }
 
     /// Queues the changes whatever the queue depth: for the few admin and status changes that
     /// must not be refused.
     pub fn submit(&self, changes: Vec<Change>, ack: Option<Ack>) {
-        let events = count_events(&changes);
-        self.inner
-            .shared
-            .queue_depth_events
-            .fetch_add(events, Ordering::AcqRel);
-        if self.send_submission(changes, events, ack).is_err() {
+        let load = Load::of(&changes);
+        self.inner.shared.add(load);
+        if self.send_submission(changes, load, ack).is_err() {
             tracing::error!(
                 backend = self.inner.backend_name,
                 "change submitted after the store stopped; not written"
@@ -257,26 +283,23 @@ impl Store {
         }
     }
 
-    /// Sends a submission whose events are already counted in the depth; when the writer has
-    /// stopped, uncounts them and fails the ack.
+    /// Sends a submission whose load is already counted in the depth; when the writer has
+    /// stopped, uncounts it and fails the ack.
     fn send_submission(
         &self,
         changes: Vec<Change>,
-        events: usize,
+        load: Load,
         ack: Option<Ack>,
     ) -> Result<(), ()> {
         let command = Command::Submit {
             changes,
-            events,
+            events: load.events,
             ack,
         };
         let Err(command) = self.inner.commands.send(command) else {
             return Ok(());
         };
-        self.inner
-            .shared
-            .queue_depth_events
-            .fetch_sub(events, Ordering::AcqRel);
+        self.inner.shared.remove(load);
         if let Command::Submit { ack: Some(ack), .. } = command {
             let _ = ack.send(Err(self.closed_error("submit")));
         }
@@ -330,6 +353,7 @@ impl Store {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         StoreStats {
             queue_depth_events: shared.queue_depth_events.load(Ordering::Relaxed) as u64,
+            queue_depth_bytes: shared.queue_depth_bytes.load(Ordering::Relaxed) as u64,
             batches_committed: read(&shared.batches_committed),
             rows_committed: read(&shared.rows_committed),
             events_committed: read(&shared.events_committed),
@@ -374,8 +398,41 @@ impl Store {
     }
 }
 
-fn count_events(changes: &[Change]) -> usize {
-    changes.iter().filter(|change| change.is_event()).count()
+/// What a submission adds to the queue: its events and their JSON bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Load {
+    events: usize,
+    bytes: usize,
+}
+
+impl Load {
+    fn of(changes: &[Change]) -> Load {
+        changes
+            .iter()
+            .fold(Load::default(), |load, change| match change {
+                Change::Event(event) => Load {
+                    events: load.events + 1,
+                    bytes: load.bytes + event.payload.len(),
+                },
+                _ => load,
+            })
+    }
+}
+
+impl Shared {
+    fn add(&self, load: Load) {
+        self.queue_depth_events
+            .fetch_add(load.events, Ordering::AcqRel);
+        self.queue_depth_bytes
+            .fetch_add(load.bytes, Ordering::AcqRel);
+    }
+
+    fn remove(&self, load: Load) {
+        self.queue_depth_events
+            .fetch_sub(load.events, Ordering::AcqRel);
+        self.queue_depth_bytes
+            .fetch_sub(load.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Submissions gathered for the next transaction.
@@ -630,9 +687,9 @@ impl Writer {
                 self.settle(changes.len(), None, outcome);
             }
         }
-        self.shared
-            .queue_depth_events
-            .fetch_sub(events, Ordering::AcqRel);
+        let load = Load::of(&changes);
+        debug_assert_eq!(load.events, events);
+        self.shared.remove(load);
         changes.clear();
         self.pending.changes = changes;
     }
@@ -755,7 +812,7 @@ mod tests {
             Ok(Snapshot::default())
         }
         fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {
-            self.events += count_events(batch) as u64;
+            self.events += Load::of(batch).events as u64;
             self.batches.lock().unwrap().push(batch.len());
             Ok(())
         }
@@ -816,6 +873,7 @@ mod tests {
             flush_interval_ms: 60_000,
             batch_events_max: 3,
             queue_events_max: 100,
+            ..WriterConfig::default()
         };
         let (store, batches) = recording_store(config);
         for _ in 0..7 {
