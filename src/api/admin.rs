@@ -8,7 +8,7 @@ use std::rc::Rc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use super::{ask, json_body, now_us};
+use super::{ask, directory_refusal, json_body, now_us};
 use crate::auth::{generate_key, hash_key, presented_key};
 use crate::http::parse::Head;
 use crate::http::response::Response;
@@ -149,51 +149,18 @@ async fn create_project(shard: &Rc<Shard>, body: &[u8]) -> Result<Response, Resp
         new_key(project.id, Scope::Dashboard, Some("default".into()));
     let shown = project_json(&project);
     // Shard 0 decides slug uniqueness, so two shards can never both take a slug.
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(
-        0,
-        ShardMsg::CreateProject {
-            project,
-            keys: vec![ingest_row, dashboard_row],
-            reply,
-        },
-    );
-    ask(answer).await??;
+    let keys = vec![ingest_row, dashboard_row];
+    ask(shard, 0, |reply| ShardMsg::CreateProject {
+        project,
+        keys,
+        reply,
+    })
+    .await?
+    .map_err(directory_refusal)?;
     let mut shown = shown;
     shown["ingest_key"] = json!(ingest_key);
     shown["dashboard_key"] = json!(dashboard_key);
     Ok(Response::of(201, &shown))
-}
-
-/// Commits directory changes, then applies them on every shard; Ok once all have them.
-pub async fn publish_directory(shard: &Shard, changes: Vec<Change>) -> Result<(), Response> {
-    let (ack, committed) = tokio::sync::oneshot::channel();
-    shard.store.submit(changes.clone(), Some(ack));
-    match committed.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            tracing::error!(%error, "storing a directory change failed");
-            return Err(Response::error(503, "storage unavailable").with_header("retry-after", "1"));
-        }
-        Err(_) => return Err(Response::error(503, "shutting down").with_header("retry-after", "1")),
-    }
-    let mut applied = Vec::new();
-    for change in changes {
-        for to in 0..shard.shard_count() {
-            let (reply, done) = tokio::sync::oneshot::channel();
-            let msg = match &change {
-                Change::Project(row) => ShardMsg::Project(row.clone(), Some(reply)),
-                Change::Key(row) => ShardMsg::Key(row.clone(), Some(reply)),
-                _ => continue,
-            };
-            shard.mesh.send(to, msg);
-            applied.push(done);
-        }
-    }
-    for done in applied {
-        ask(done).await?;
-    }
-    Ok(())
 }
 
 async fn update_project(
@@ -250,7 +217,10 @@ async fn update_project(
     }
     let shown = project_json(&row);
     let retention_shortened = row.retention_days < retention_before;
-    publish_directory(shard, vec![Change::Project(row)]).await?;
+    shard
+        .publish_directory(vec![Change::Project(row)])
+        .await
+        .map_err(directory_refusal)?;
     if retention_shortened {
         shard.store.apply_retention();
     }
@@ -278,7 +248,10 @@ async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Res
     let label = string_field(&body, "label")?;
     let (plain, row) = new_key(project_id, scope, label.clone());
     let id = row.id;
-    publish_directory(shard, vec![Change::Key(row)]).await?;
+    shard
+        .publish_directory(vec![Change::Key(row)])
+        .await
+        .map_err(directory_refusal)?;
     Ok(Response::of(
         201,
         &json!({ "id": id, "key": plain, "scope": scope.as_str(), "label": label }),
@@ -296,7 +269,10 @@ async fn revoke_key(shard: &Rc<Shard>, key_id: &str) -> Result<Response, Respons
         revoked: true,
         ..row
     };
-    publish_directory(shard, vec![Change::Key(row)]).await?;
+    shard
+        .publish_directory(vec![Change::Key(row)])
+        .await
+        .map_err(directory_refusal)?;
     Ok(Response::json(200, r#"{"status":"ok"}"#))
 }
 

@@ -66,17 +66,15 @@ async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Incoming>, bulk: bo
         let reply = shard.ingest(project_id, events, now_us()).reply().await;
         return render(reply, bulk);
     }
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(
-        owner,
-        ShardMsg::Ingest {
-            project_id,
-            events,
-            received_us: now_us(),
-            reply,
-        },
-    );
-    match ask(answer).await {
+    let received_us = now_us();
+    let reply = ask(shard, owner, |reply| ShardMsg::Ingest {
+        project_id,
+        events,
+        received_us,
+        reply,
+    })
+    .await;
+    match reply {
         Ok(reply) => render(reply, bulk),
         Err(response) => response,
     }

@@ -5,12 +5,12 @@ use std::rc::Rc;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{ask, project_for, refusal};
+use super::{ask, project_for, refusal, shutting_down};
 use crate::auth::presented_key;
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::event::Level;
-use crate::issues::{rfc3339, Cursor, Status};
+use crate::issues::{rfc3339, Cursor, Issue, Status};
 use crate::shard::mesh::{owner_of, ListQuery, ShardMsg};
 use crate::shard::Shard;
 use crate::store::Scope;
@@ -46,33 +46,26 @@ pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
         Ok(query) => query,
         Err(response) => return response,
     };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(
-        owner_of(&project_id, shard.shard_count()),
-        ShardMsg::ListIssues {
-            project_id,
-            query,
-            reply,
-        },
-    );
-    match ask(answer).await {
-        Ok(page) => {
-            let mut body = Vec::with_capacity(page.data_json.len() + 64);
-            body.extend_from_slice(b"{\"data\":");
-            body.extend_from_slice(page.data_json.as_bytes());
-            body.extend_from_slice(
-                format!(",\"has_more\":{},\"next_cursor\":", page.has_more).as_bytes(),
-            );
-            body.extend_from_slice(
-                serde_json::to_string(&page.next_cursor)
-                    .expect("strings serialize")
-                    .as_bytes(),
-            );
-            body.push(b'}');
-            Response::json(200, body)
-        }
-        Err(response) => response,
-    }
+    let owner = owner_of(&project_id, shard.shard_count());
+    let page = match ask(shard, owner, |reply| ShardMsg::ListIssues {
+        project_id,
+        query,
+        reply,
+    })
+    .await
+    {
+        Ok(page) => page,
+        Err(response) => return response,
+    };
+    let views: Vec<_> = page.issues.iter().map(|issue| issue.view()).collect();
+    Response::of(
+        200,
+        &json!({
+            "data": views,
+            "has_more": page.has_more,
+            "next_cursor": page.next_cursor.map(|cursor| cursor.encode()),
+        }),
+    )
 }
 
 fn list_query(head: &Head) -> Result<ListQuery, Response> {
@@ -121,32 +114,26 @@ fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid
 
 /// The project has no such issue: 403 if another project has it, else 404.
 async fn missing(shard: &Shard, issue_id: Uuid) -> Response {
-    let mut answers = Vec::new();
     for to in 0..shard.shard_count() {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        shard.mesh.send(to, ShardMsg::HasIssue { issue_id, reply });
-        answers.push(answer);
-    }
-    for answer in answers {
-        if let Ok(true) = ask(answer).await {
-            return Response::error(403, "forbidden");
+        match ask(shard, to, |reply| ShardMsg::HasIssue { issue_id, reply }).await {
+            Ok(true) => return Response::error(403, "forbidden"),
+            Ok(false) => {}
+            Err(response) => return response,
         }
     }
     Response::not_found()
 }
 
-async fn issue_json(shard: &Shard, project_id: Uuid, issue_id: Uuid) -> Result<String, Response> {
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    shard.mesh.send(
-        owner_of(&project_id, shard.shard_count()),
-        ShardMsg::GetIssue {
-            project_id,
-            issue_id,
-            reply,
-        },
-    );
-    match ask(answer).await? {
-        Some(json) => Ok(json),
+async fn issue_of(shard: &Shard, project_id: Uuid, issue_id: Uuid) -> Result<Issue, Response> {
+    let owner = owner_of(&project_id, shard.shard_count());
+    let issue = ask(shard, owner, |reply| ShardMsg::GetIssue {
+        project_id,
+        issue_id,
+        reply,
+    })
+    .await?;
+    match issue {
+        Some(issue) => Ok(issue),
         None => Err(missing(shard, issue_id).await),
     }
 }
@@ -154,10 +141,10 @@ async fn issue_json(shard: &Shard, project_id: Uuid, issue_id: Uuid) -> Result<S
 pub async fn get(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
     let result = async {
         let (issue_id, project_id) = issue_and_project(shard, head, id)?;
-        issue_json(shard, project_id, issue_id).await
+        issue_of(shard, project_id, issue_id).await
     };
     match result.await {
-        Ok(json) => Response::json(200, json),
+        Ok(issue) => Response::of(200, &issue.view()),
         Err(response) => response,
     }
 }
@@ -166,15 +153,16 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
     let result = async {
         let (issue_id, project_id) = issue_and_project(shard, head, id)?;
         let limit = limit_param(head)?;
-        issue_json(shard, project_id, issue_id).await?;
+        issue_of(shard, project_id, issue_id).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         shard.store.latest_events(issue_id, limit, reply);
         // Reads queue behind pending writes; while storage is down they would wait for it.
-        let rows = tokio::time::timeout(STORE_READ_TIMEOUT, ask(answer))
+        let rows = tokio::time::timeout(STORE_READ_TIMEOUT, answer)
             .await
             .map_err(|_| {
                 Response::error(503, "storage unavailable").with_header("retry-after", "1")
-            })??
+            })?
+            .map_err(|_| shutting_down())?
             .map_err(|error| {
                 tracing::error!(%error, "reading events failed");
                 Response::error(503, "storage unavailable").with_header("retry-after", "1")
@@ -209,17 +197,15 @@ pub async fn action(shard: &Rc<Shard>, head: &Head, id: &str, action: &str) -> R
     let result = async {
         let status = Status::from_action(action).ok_or_else(Response::not_found)?;
         let (issue_id, project_id) = issue_and_project(shard, head, id)?;
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        shard.mesh.send(
-            owner_of(&project_id, shard.shard_count()),
-            ShardMsg::SetStatus {
-                project_id,
-                issue_id,
-                status,
-                reply,
-            },
-        );
-        match ask(answer).await? {
+        let owner = owner_of(&project_id, shard.shard_count());
+        let changed = ask(shard, owner, |reply| ShardMsg::SetStatus {
+            project_id,
+            issue_id,
+            status,
+            reply,
+        })
+        .await?;
+        match changed {
             Some(changed) => Ok(Response::of(
                 200,
                 &json!({ "status": "ok", "affected": changed as u8 }),

@@ -12,6 +12,7 @@ use crate::auth::{presented_key, KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::http::router::Route;
+use crate::shard::mesh::{DirectoryError, Reply, ShardMsg, ShuttingDown};
 use crate::shard::Shard;
 use crate::store::Scope;
 use crate::ws::codec::{accept_key, is_valid_key};
@@ -200,7 +201,6 @@ fn upgraded(head: &Head, role: Role, key: KeyEntry) -> Handled {
     }
 }
 
-pub use admin::publish_directory;
 pub use ingest::ingest_frame;
 
 /// Parses a JSON request body of a management or status request.
@@ -219,8 +219,31 @@ pub fn now_us() -> i64 {
         .unwrap_or_default()
 }
 
-/// Waits for a reply from a shard; a dropped reply means the shard is gone (shutting down).
-async fn ask<T>(rx: tokio::sync::oneshot::Receiver<T>) -> Result<T, Response> {
-    rx.await
-        .map_err(|_| Response::error(503, "shutting down").with_header("retry-after", "1"))
+/// Asks shard `to` with the message `ask` builds around the reply channel; a shard that is
+/// gone (shutting down) is a 503.
+async fn ask<T>(
+    shard: &Shard,
+    to: usize,
+    ask: impl FnOnce(Reply<T>) -> ShardMsg,
+) -> Result<T, Response> {
+    shard
+        .mesh
+        .ask(to, ask)
+        .await
+        .map_err(|ShuttingDown| shutting_down())
+}
+
+fn shutting_down() -> Response {
+    Response::error(503, "shutting down").with_header("retry-after", "1")
+}
+
+/// What a directory change that did not take effect answers.
+fn directory_refusal(error: DirectoryError) -> Response {
+    match error {
+        DirectoryError::SlugTaken => Response::error(409, "slug already taken"),
+        DirectoryError::StorageUnavailable => {
+            Response::error(503, "storage unavailable").with_header("retry-after", "1")
+        }
+        DirectoryError::ShuttingDown => shutting_down(),
+    }
 }

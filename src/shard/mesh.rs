@@ -14,10 +14,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
 use crate::conn::registry::ConnId;
-use crate::http::response::Response;
 use crate::ingest::event::Level;
 use crate::ingest::Incoming;
-use crate::issues::{Cursor, Status};
+use crate::issues::{Cursor, Issue, Status};
 use crate::metrics::ShardMetrics;
 use crate::store::{KeyRow, ProjectRow};
 use crate::stream::Published;
@@ -63,11 +62,23 @@ pub struct ListQuery {
     pub cursor: Option<Cursor>,
 }
 
-/// A page of issues, serialized by the owner (`data` array JSON) with its paging fields.
+/// A page of issues, newest `last_seen` first, as the owner holds them.
 pub struct IssuePage {
-    pub data_json: String,
+    pub issues: Vec<Issue>,
     pub has_more: bool,
-    pub next_cursor: Option<String>,
+    /// Where the next page starts, when there is one.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Why a change of the project and key directory did not take effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirectoryError {
+    /// Another project has the slug.
+    SlugTaken,
+    /// Storage did not commit the change.
+    StorageUnavailable,
+    /// The server is shutting down.
+    ShuttingDown,
 }
 
 pub enum ShardMsg {
@@ -79,7 +90,7 @@ pub enum ShardMsg {
     CreateProject {
         project: ProjectRow,
         keys: Vec<KeyRow>,
-        reply: Reply<Result<(), Response>>,
+        reply: Reply<Result<(), DirectoryError>>,
     },
     /// Events of a project this shard owns, already validated by the accepting shard.
     Ingest {
@@ -95,11 +106,11 @@ pub enum ShardMsg {
         status: Status,
         reply: Reply<Option<bool>>,
     },
-    /// The issue as JSON, if this project has it.
+    /// The issue, if this project has it.
     GetIssue {
         project_id: Uuid,
         issue_id: Uuid,
-        reply: Reply<Option<String>>,
+        reply: Reply<Option<Issue>>,
     },
     /// Whether any project owned by this shard has the issue (to tell 403 from 404).
     HasIssue { issue_id: Uuid, reply: Reply<bool> },
@@ -132,6 +143,10 @@ pub enum ShardMsg {
     /// Every shard is drained: leave the reactor.
     Exit,
 }
+
+/// The shard that should have answered is gone: the server is shutting down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShuttingDown;
 
 /// The owner shard of a project: its state lives there and nowhere else.
 pub fn owner_of(project_id: &Uuid, shard_count: usize) -> usize {
@@ -175,6 +190,17 @@ impl Mesh {
         }
         self.metrics.mesh_backlog.fetch_add(1, Relaxed);
         self.backlog_ready.notify_one();
+    }
+
+    /// Sends shard `to` the message `ask` makes around a reply channel, and waits for the reply.
+    pub async fn ask<T>(
+        &self,
+        to: usize,
+        ask: impl FnOnce(Reply<T>) -> ShardMsg,
+    ) -> Result<T, ShuttingDown> {
+        let (reply, answer) = oneshot::channel();
+        self.send(to, ask(reply));
+        answer.await.map_err(|_| ShuttingDown)
     }
 
     /// Moves backlogged messages into their queues as room appears; runs for the shard's life.

@@ -23,14 +23,13 @@ use crate::config::Config;
 use crate::conn::limits::Limits;
 use crate::conn::registry::{ConnId, Registry};
 use crate::conn::ring::{Kind, Push, Ring};
-use crate::http::response::Response;
 use crate::issues::ProjectState;
 use crate::metrics::{CloseReason, ConnKind, Metrics, ShardMetrics};
 use crate::store::{Ack, Change, EventRow, KeyRow, ProjectRow, Store};
 use crate::stream::{deliver_to, Filters, Published};
 use crate::ws::codec::{encode_close, CLOSE_GOING_AWAY};
 use crate::{IdMap, IdSet};
-use mesh::{Mesh, ShardMsg};
+use mesh::{DirectoryError, Mesh, ShardMsg};
 use wheel::{TimerKey, TimerWheel};
 
 /// Resolution of the shard's timer wheel; every timeout and the drain tick round up to it.
@@ -540,13 +539,13 @@ impl Shard {
         self: &Rc<Self>,
         project: ProjectRow,
         keys: Vec<KeyRow>,
-        reply: mesh::Reply<Result<(), Response>>,
+        reply: mesh::Reply<Result<(), DirectoryError>>,
     ) {
         debug_assert_eq!(self.index, 0);
         if self.directory.borrow().slug_taken(&project.slug)
             || !self.pending_slugs.borrow_mut().insert(project.slug.clone())
         {
-            let _ = reply.send(Err(Response::error(409, "slug already taken")));
+            let _ = reply.send(Err(DirectoryError::SlugTaken));
             return;
         }
         let shard = self.clone();
@@ -554,10 +553,46 @@ impl Shard {
             let slug = project.slug.clone();
             let mut changes = vec![Change::Project(project)];
             changes.extend(keys.into_iter().map(Change::Key));
-            let result = crate::api::publish_directory(&shard, changes).await;
+            let result = shard.publish_directory(changes).await;
             shard.pending_slugs.borrow_mut().remove(&slug);
             let _ = reply.send(result);
         });
+    }
+
+    /// Commits directory changes (projects, keys), then applies them on every shard; Ok once
+    /// all have them.
+    pub async fn publish_directory(&self, changes: Vec<Change>) -> Result<(), DirectoryError> {
+        let (ack, committed) = tokio::sync::oneshot::channel();
+        self.store.submit(changes.clone(), Some(ack));
+        match committed.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::error!(%error, "storing a directory change failed");
+                return Err(DirectoryError::StorageUnavailable);
+            }
+            Err(_) => return Err(DirectoryError::ShuttingDown),
+        }
+        for change in changes {
+            for to in 0..self.shard_count() {
+                let applied = match &change {
+                    Change::Project(row) => {
+                        let row = row.clone();
+                        self.mesh
+                            .ask(to, |reply| ShardMsg::Project(row, Some(reply)))
+                            .await
+                    }
+                    Change::Key(row) => {
+                        let row = row.clone();
+                        self.mesh
+                            .ask(to, |reply| ShardMsg::Key(row, Some(reply)))
+                            .await
+                    }
+                    Change::Issue(_) | Change::Event(_) => continue,
+                };
+                applied.map_err(|_| DirectoryError::ShuttingDown)?;
+            }
+        }
+        Ok(())
     }
 
     /// Shutdown, first step: no new connections; WebSockets get 1001; idle HTTP connections close.

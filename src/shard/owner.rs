@@ -81,9 +81,7 @@ impl Shard {
                 let issue = owned
                     .get(&project_id)
                     .and_then(|state| state.issue(&issue_id));
-                let _ = reply.send(
-                    issue.map(|i| serde_json::to_string(&i.view()).expect("issues serialize")),
-                );
+                let _ = reply.send(issue.cloned());
             }
             ShardMsg::HasIssue { issue_id, reply } => {
                 let _ = reply.send(
@@ -339,26 +337,18 @@ impl Shard {
         let owned = self.owned.borrow();
         let Some(state) = owned.get(&project_id) else {
             return IssuePage {
-                data_json: "[]".into(),
+                issues: Vec::new(),
                 has_more: false,
                 next_cursor: None,
             };
         };
         let (issues, has_more) = state.list(query.status, query.level, query.limit, query.cursor);
-        let views: Vec<_> = issues.iter().map(|i| i.view()).collect();
-        let next_cursor = has_more
-            .then(|| {
-                issues.last().map(|i| {
-                    Cursor {
-                        last_seen_us: i.last_seen_us,
-                        id: i.id,
-                    }
-                    .encode()
-                })
-            })
-            .flatten();
+        let next_cursor = issues.last().filter(|_| has_more).map(|last| Cursor {
+            last_seen_us: last.last_seen_us,
+            id: last.id,
+        });
         IssuePage {
-            data_json: serde_json::to_string(&views).expect("issues serialize"),
+            issues: issues.into_iter().cloned().collect(),
             has_more,
             next_cursor,
         }
