@@ -3,7 +3,6 @@
 //! The directory is small and read on every request, so every shard keeps its own copy and
 //! applies changes broadcast over the mesh: lookups take no lock and touch no other core.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -11,7 +10,6 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::http::parse::Head;
 use crate::store::{KeyRow, ProjectRow, Scope};
 use crate::IdMap;
 
@@ -34,48 +32,6 @@ pub fn generate_key(scope: Scope) -> String {
 
 pub fn hash_key(plain: &str) -> String {
     hex::encode(Sha256::digest(plain.as_bytes()))
-}
-
-/// The key a request presents, from the first place that has one (PROTOCOL section 2);
-/// borrowed from the head unless it had to be decoded from the query.
-pub fn presented_key(head: &Head) -> Option<Cow<'_, str>> {
-    if let Some(value) = head.header("authorization") {
-        let value = value.trim();
-        // A byte search: ' ' is ASCII, and `split_once` costs more than the rest of this.
-        let key = match value.bytes().position(|byte| byte == b' ') {
-            Some(space) if value[..space].eq_ignore_ascii_case("bearer") => {
-                value[space + 1..].trim()
-            }
-            _ => value,
-        };
-        if !key.is_empty() {
-            return Some(Cow::Borrowed(key));
-        }
-    }
-    if let Some(value) = head.header("x-sentry-auth") {
-        if let Some(key) = sentry_key(value) {
-            return Some(Cow::Borrowed(key));
-        }
-    }
-    ["key", "token", "sentry_key"]
-        .iter()
-        .find_map(|name| head.query_param(name).filter(|v| !v.is_empty()))
-        .map(Cow::Owned)
-}
-
-/// `KEY` (Mesher style) or `Sentry sentry_key=KEY, sentry_version=7, ...` (Sentry style).
-fn sentry_key(value: &str) -> Option<&str> {
-    let value = value.trim();
-    let Some(rest) = value
-        .strip_prefix("Sentry ")
-        .or_else(|| value.strip_prefix("sentry "))
-    else {
-        return (!value.is_empty() && !value.contains(' ')).then_some(value);
-    };
-    rest.split(',').find_map(|part| {
-        let (name, key) = part.trim().split_once('=')?;
-        (name.trim() == "sentry_key" && !key.trim().is_empty()).then(|| key.trim())
-    })
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -211,17 +167,6 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sentry_header_forms() {
-        assert_eq!(sentry_key("mshr_abc"), Some("mshr_abc"));
-        assert_eq!(
-            sentry_key("Sentry sentry_version=7, sentry_key=mshr_abc, sentry_client=x/1"),
-            Some("mshr_abc")
-        );
-        assert_eq!(sentry_key("Sentry sentry_version=7"), None);
-        assert_eq!(sentry_key(""), None);
-    }
 
     #[test]
     fn generated_keys_have_the_documented_format() {

@@ -8,8 +8,9 @@ use std::rc::Rc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::keys::presented_key;
 use super::{ask, directory_refusal, json_body, now_us};
-use crate::auth::{generate_key, hash_key, presented_key};
+use crate::auth::{generate_key, hash_key};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::http::router::Route;

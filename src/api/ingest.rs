@@ -8,8 +8,8 @@ use std::rc::Rc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use super::keys::presented_key;
 use super::{ask, now_us, refusal};
-use crate::auth::presented_key;
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::{decode_bulk, decode_event, decode_frame, Incoming};

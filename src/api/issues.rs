@@ -5,8 +5,8 @@ use std::rc::Rc;
 use serde_json::json;
 use uuid::Uuid;
 
+use super::keys::presented_key;
 use super::{ask, project_for, refusal, shutting_down};
-use crate::auth::presented_key;
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::event::Level;

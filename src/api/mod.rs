@@ -3,12 +3,13 @@
 mod admin;
 mod ingest;
 mod issues;
+mod keys;
 
 use std::rc::Rc;
 
 use uuid::Uuid;
 
-use crate::auth::{presented_key, KeyEntry, Refusal};
+use crate::auth::{KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::http::router::Route;
@@ -16,6 +17,7 @@ use crate::shard::mesh::{DirectoryError, Reply, ShardMsg, ShuttingDown};
 use crate::shard::Shard;
 use crate::store::Scope;
 use crate::ws::codec::{accept_key, is_valid_key};
+use keys::presented_key;
 
 /// What a WebSocket connection does once upgraded.
 #[derive(Clone, Debug)]
