@@ -201,66 +201,152 @@ impl Metrics {
         self.render_values(limits, store.stats(), store.healthy())
     }
 
-    /// The exposition for the given storage counters and health: each family's name and help on
-    /// one line, its samples on the next (laid out by hand; rustfmt would give each five lines).
-    #[rustfmt::skip]
+    /// The exposition for the given storage counters and health: each family's name and help,
+    /// then its samples.
     fn render_values(&self, limits: &Limits, stats: StoreStats, storage_up: bool) -> String {
-        let mut text = Exposition { out: String::with_capacity(4096), name: "" };
+        let mut text = Exposition {
+            out: String::with_capacity(4096),
+            name: "",
+        };
         let (connections, body_bytes) = (&limits.connections, &limits.pending_body_bytes);
-        text.gauge("mesher_connections_limit", "Open connections allowed (--max-connections).")
-            .value(connections.limit() as u64);
-        text.gauge("mesher_http_pending_body_bytes", "Bytes held by request bodies still arriving.")
-            .value(body_bytes.used() as u64);
-        text.gauge("mesher_http_pending_body_bytes_limit", "Bytes request bodies still arriving may hold (--max-pending-body-bytes).")
-            .value(body_bytes.limit() as u64);
-        text.counter("mesher_connections_accepted_total", "TCP connections accepted, per shard.")
-            .labelled("shard", self.per_shard(|m| &m.conns_accepted));
+        text.gauge(
+            "mesher_connections_limit",
+            "Open connections allowed (--max-connections).",
+        )
+        .value(connections.limit() as u64);
+        text.gauge(
+            "mesher_http_pending_body_bytes",
+            "Bytes held by request bodies still arriving.",
+        )
+        .value(body_bytes.used() as u64);
+        text.gauge(
+            "mesher_http_pending_body_bytes_limit",
+            "Bytes request bodies still arriving may hold (--max-pending-body-bytes).",
+        )
+        .value(body_bytes.limit() as u64);
+        text.counter(
+            "mesher_connections_accepted_total",
+            "TCP connections accepted, per shard.",
+        )
+        .labelled("shard", self.per_shard(|m| &m.conns_accepted));
         text.gauge("mesher_connections_open", "Open connections by kind.")
-            .labelled("kind", ConnKind::ALL.map(|k| (k.as_str(), self.sum(|m| &m.conns_open[k as usize]))));
-        text.counter("mesher_connections_closed_total", "Closed connections by reason.")
-            .labelled("reason", CloseReason::ALL.map(|r| (r.as_str(), self.sum(|m| &m.conns_closed[r as usize]))));
+            .labelled(
+                "kind",
+                ConnKind::ALL.map(|k| (k.as_str(), self.sum(|m| &m.conns_open[k as usize]))),
+            );
+        text.counter(
+            "mesher_connections_closed_total",
+            "Closed connections by reason.",
+        )
+        .labelled(
+            "reason",
+            CloseReason::ALL.map(|r| (r.as_str(), self.sum(|m| &m.conns_closed[r as usize]))),
+        );
         let responses = |index: usize| self.sum(|m| &m.responses[index]);
         text.counter("mesher_http_responses_total", "HTTP responses by status.")
-            .labelled("status", STATUSES.iter().enumerate().map(|(i, status)| (status, responses(i))))
+            .labelled(
+                "status",
+                STATUSES
+                    .iter()
+                    .enumerate()
+                    .map(|(i, status)| (status, responses(i))),
+            )
             .labelled("status", [("other", responses(STATUSES.len()))]);
-        text.counter("mesher_events_accepted_total", "Events accepted (202 accepted).")
-            .value(self.sum(|m| &m.events_accepted));
-        text.counter("mesher_events_rejected_total", "Events not stored, by reason.")
-            .labelled("reason", Rejection::ALL.map(|r| (r.as_str(), self.sum(|m| &m.events_rejected[r as usize]))));
-        text.counter("mesher_connections_refused_total", "Connections answered 503 because --max-connections were open.")
-            .value(self.sum(|m| &m.conns_refused));
-        text.counter("mesher_http_bodies_refused_total", "Request bodies answered 503 because --max-pending-body-bytes were held.")
-            .value(self.sum(|m| &m.bodies_refused));
-        text.counter("mesher_stream_messages_sent_total", "Stream messages written to subscribers.")
-            .value(self.sum(|m| &m.stream_messages_sent));
-        text.counter("mesher_stream_messages_dropped_total", "Stream messages dropped for slow subscribers.")
-            .value(self.sum(|m| &m.stream_messages_dropped));
-        text.counter("mesher_stream_slow_disconnects_total", "Stream subscribers disconnected for taking nothing.")
-            .value(self.sum(|m| &m.stream_slow_disconnects));
-        text.gauge("mesher_stream_subscriptions", "Stream subscriptions held in shard memory.")
-            .value(self.sum(|m| &m.stream_subscriptions));
-        text.gauge("mesher_mesh_backlog_messages", "Cross-shard messages waiting for room in a full queue.")
-            .value(self.sum(|m| &m.mesh_backlog));
-        text.gauge("mesher_loop_lag_microseconds", "Reactor loop lag at the last tick, per shard.")
-            .labelled("shard", self.per_shard(|m| &m.loop_lag_us));
-        text.gauge("mesher_loop_lag_max_microseconds", "Largest reactor loop lag seen, per shard.")
-            .labelled("shard", self.per_shard(|m| &m.loop_lag_max_us));
-        text.gauge("mesher_storage_queue_events", "Events waiting to be written.")
-            .value(stats.queue_depth_events);
-        text.gauge("mesher_storage_queue_bytes", "Bytes of event JSON waiting to be written.")
-            .value(stats.queue_depth_bytes);
-        text.counter("mesher_storage_batches_total", "Storage transactions committed.")
-            .value(stats.batches_committed);
+        text.counter(
+            "mesher_events_accepted_total",
+            "Events accepted (202 accepted).",
+        )
+        .value(self.sum(|m| &m.events_accepted));
+        text.counter(
+            "mesher_events_rejected_total",
+            "Events not stored, by reason.",
+        )
+        .labelled(
+            "reason",
+            Rejection::ALL.map(|r| (r.as_str(), self.sum(|m| &m.events_rejected[r as usize]))),
+        );
+        text.counter(
+            "mesher_connections_refused_total",
+            "Connections answered 503 because --max-connections were open.",
+        )
+        .value(self.sum(|m| &m.conns_refused));
+        text.counter(
+            "mesher_http_bodies_refused_total",
+            "Request bodies answered 503 because --max-pending-body-bytes were held.",
+        )
+        .value(self.sum(|m| &m.bodies_refused));
+        text.counter(
+            "mesher_stream_messages_sent_total",
+            "Stream messages written to subscribers.",
+        )
+        .value(self.sum(|m| &m.stream_messages_sent));
+        text.counter(
+            "mesher_stream_messages_dropped_total",
+            "Stream messages dropped for slow subscribers.",
+        )
+        .value(self.sum(|m| &m.stream_messages_dropped));
+        text.counter(
+            "mesher_stream_slow_disconnects_total",
+            "Stream subscribers disconnected for taking nothing.",
+        )
+        .value(self.sum(|m| &m.stream_slow_disconnects));
+        text.gauge(
+            "mesher_stream_subscriptions",
+            "Stream subscriptions held in shard memory.",
+        )
+        .value(self.sum(|m| &m.stream_subscriptions));
+        text.gauge(
+            "mesher_mesh_backlog_messages",
+            "Cross-shard messages waiting for room in a full queue.",
+        )
+        .value(self.sum(|m| &m.mesh_backlog));
+        text.gauge(
+            "mesher_loop_lag_microseconds",
+            "Reactor loop lag at the last tick, per shard.",
+        )
+        .labelled("shard", self.per_shard(|m| &m.loop_lag_us));
+        text.gauge(
+            "mesher_loop_lag_max_microseconds",
+            "Largest reactor loop lag seen, per shard.",
+        )
+        .labelled("shard", self.per_shard(|m| &m.loop_lag_max_us));
+        text.gauge(
+            "mesher_storage_queue_events",
+            "Events waiting to be written.",
+        )
+        .value(stats.queue_depth_events);
+        text.gauge(
+            "mesher_storage_queue_bytes",
+            "Bytes of event JSON waiting to be written.",
+        )
+        .value(stats.queue_depth_bytes);
+        text.counter(
+            "mesher_storage_batches_total",
+            "Storage transactions committed.",
+        )
+        .value(stats.batches_committed);
         text.counter("mesher_storage_rows_total", "Rows committed.")
             .value(stats.rows_committed);
-        text.counter("mesher_storage_commit_failures_total", "Failed storage commits (retried).")
-            .value(stats.commit_failures);
-        text.counter("mesher_storage_flush_latency_microseconds_sum", "Time spent in commits.")
-            .value(stats.flush_latency_us_sum);
-        text.counter("mesher_storage_flush_latency_microseconds_count", "Commits timed.")
-            .value(stats.flush_latency_us_count);
-        text.counter("mesher_storage_batch_rows_sum", "Rows over all batches (divide by batches for the mean size).")
-            .value(stats.batch_rows_sum);
+        text.counter(
+            "mesher_storage_commit_failures_total",
+            "Failed storage commits (retried).",
+        )
+        .value(stats.commit_failures);
+        text.counter(
+            "mesher_storage_flush_latency_microseconds_sum",
+            "Time spent in commits.",
+        )
+        .value(stats.flush_latency_us_sum);
+        text.counter(
+            "mesher_storage_flush_latency_microseconds_count",
+            "Commits timed.",
+        )
+        .value(stats.flush_latency_us_count);
+        text.counter(
+            "mesher_storage_batch_rows_sum",
+            "Rows over all batches (divide by batches for the mean size).",
+        )
+        .value(stats.batch_rows_sum);
         text.gauge("mesher_storage_up", "1 while storage commits succeed.")
             .value(storage_up as u64);
         text.out
