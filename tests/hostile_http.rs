@@ -11,17 +11,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// Resident memory of the server process, in bytes.
-fn rss_bytes(server: &Server) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kib * 1024
-}
-
 /// This test process may open as many files as its hard limit allows.
 fn raise_file_limit() {
     let mut limit = libc::rlimit {
@@ -82,7 +71,7 @@ fn announced_bodies_hold_no_memory_before_their_bytes_arrive() {
         server.event(&project.ingest_key, &json!({"message": "warm"}));
     }
     std::thread::sleep(Duration::from_millis(500));
-    let baseline = rss_bytes(&server);
+    let baseline = server.rss_bytes();
     let mut held = Vec::new();
     for index in 0..2000 {
         let mut stream = TcpStream::connect(server.addr).unwrap();
@@ -104,7 +93,7 @@ fn announced_bodies_hold_no_memory_before_their_bytes_arrive() {
         "all 2,000 connections are open"
     );
     std::thread::sleep(Duration::from_millis(500));
-    let grown = rss_bytes(&server).saturating_sub(baseline);
+    let grown = server.rss_bytes().saturating_sub(baseline);
     assert!(
         grown < 100 << 20,
         "2,000 announced bodies grew RSS by {} MB",

@@ -20,25 +20,6 @@ const BIG_EVENTS: usize = 1_000;
 /// Message bytes: the 1 MiB body limit less room for the JSON around it.
 const BIG_MESSAGE_BYTES: usize = 1024 * 1024 - 64;
 
-/// The server's resident memory: the least of a few readings, so a passing request body or
-/// storage batch does not count.
-fn server_rss_bytes(server: &Server) -> u64 {
-    (0..5)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(100));
-            let status =
-                std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
-            let line = status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .expect("VmRSS");
-            let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            kib * 1024
-        })
-        .min()
-        .unwrap()
-}
-
 /// A message of `BIG_MESSAGE_BYTES` whose first characters make it unique.
 fn big_message(n: usize) -> String {
     let mut message = format!("Big failure number {n:05} ");
@@ -109,7 +90,7 @@ fn big_unique_messages_keep_memory_and_pages_bounded(backend: Backend) {
     let project = server.project("Big messages");
     let (status, warm_up) = server.event(&project.ingest_key, &json!({"message": "warm-up"}));
     assert_eq!(status, 202, "{warm_up}");
-    let baseline = server_rss_bytes(&server);
+    let baseline = server.rss_bytes();
 
     let agent = http_agent();
     let url = server.url("/api/v1/events");
@@ -135,7 +116,7 @@ fn big_unique_messages_keep_memory_and_pages_bounded(backend: Backend) {
             first_issue_id = reply.json()["issue_id"].as_str().unwrap().to_string();
         }
     }
-    let grown = server_rss_bytes(&server).saturating_sub(baseline);
+    let grown = server.rss_bytes().saturating_sub(baseline);
     eprintln!(
         "{backend:?}: resident memory {} MiB at start, +{} MiB with {BIG_EVENTS} issues",
         baseline >> 20,
@@ -149,7 +130,7 @@ fn big_unique_messages_keep_memory_and_pages_bounded(backend: Backend) {
     check_titles(&walk_issues(&server, &project));
 
     let server = server.restart();
-    let reloaded = server_rss_bytes(&server).saturating_sub(baseline);
+    let reloaded = server.rss_bytes().saturating_sub(baseline);
     eprintln!("{backend:?}: +{} MiB after the restart", reloaded >> 20);
     assert!(
         reloaded < RSS_GROWTH_MAX,

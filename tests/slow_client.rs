@@ -23,8 +23,6 @@ const BULK_EVENTS: u64 = 100;
 const PADDING_BYTES: usize = 1000;
 /// Events published before and again after the first memory reading.
 const PHASE_EVENTS: u64 = 10_000;
-/// Memory readings per measurement.
-const RSS_SAMPLES: usize = 5;
 /// Longest wait for readers to catch up with one bulk, or for the server to act.
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
@@ -162,25 +160,6 @@ fn fast_reader(mut ws: Ws, total: Arc<AtomicU64>, progress: Arc<AtomicU64>) -> J
     })
 }
 
-/// The server's resident memory once settled: the least of a few readings, so a passing burst
-/// (a request body, a storage batch) does not count.
-fn server_rss_bytes(server: &Server) -> u64 {
-    (0..RSS_SAMPLES)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(100));
-            let status =
-                std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
-            let line = status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .expect("VmRSS");
-            let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            kib * 1024
-        })
-        .min()
-        .unwrap()
-}
-
 /// Publishes `first..=last` one bulk at a time, each time waiting until every reader has it.
 fn publish_paced(
     server: &Server,
@@ -238,7 +217,7 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
     let mut slow = RawSubscriber::open(&server, &stream_path(&project));
 
     publish_paced(&server, &project, 1, PHASE_EVENTS, &progress);
-    let rss_first_bytes = server_rss_bytes(&server);
+    let rss_first_bytes = server.rss_bytes();
     publish_paced(
         &server,
         &project,
@@ -246,7 +225,7 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
         2 * PHASE_EVENTS,
         &progress,
     );
-    let rss_second_bytes = server_rss_bytes(&server);
+    let rss_second_bytes = server.rss_bytes();
     for reader in readers {
         reader
             .join()

@@ -275,6 +275,25 @@ impl Server {
             .sum()
     }
 
+    /// The server's resident memory once settled: the least of a few readings, so a passing
+    /// burst (a request body, a storage batch) does not count.
+    pub fn rss_bytes(&self) -> u64 {
+        (0..5)
+            .map(|_| {
+                std::thread::sleep(Duration::from_millis(100));
+                let status =
+                    std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+                let kib: u64 = status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmRSS:"))
+                    .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+                    .expect("VmRSS");
+                kib * 1024
+            })
+            .min()
+            .unwrap()
+    }
+
     /// Raw TCP to the server.
     pub fn connect(&self) -> TcpStream {
         let stream = TcpStream::connect(self.addr).unwrap();
