@@ -9,12 +9,15 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::codec::{encode_close, encode_pong, encode_text, Decoder, Message, MESSAGE_BYTES_MAX};
+use super::codec::{
+    encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_MESSAGE_TOO_BIG,
+    MESSAGE_BYTES_MAX,
+};
 use crate::api::{ingest_frame, Role};
 use crate::conn::registry::ConnId;
 use crate::conn::ring::{Kind, Ring};
 use crate::http::conn::read_more;
-use crate::metrics::{CloseReason, ConnKind};
+use crate::metrics::{CloseReason, ConnKind, Rejection};
 use crate::shard::mesh::{owner_of, ShardMsg};
 use crate::shard::{Shard, Socket, Subscription, Timer, CLOSE_GRACE_MS};
 use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
@@ -174,6 +177,10 @@ async fn read_loop(
                 }
                 Ok(None) => break,
                 Err(error) => {
+                    if error.code == CLOSE_MESSAGE_TOO_BIG && matches!(role, Role::Ingest { .. }) {
+                        // An oversized ingest message is an event refused, like a 413.
+                        shard.counters.rejected(Rejection::TooLarge, 1);
+                    }
                     // Every decoder error is the peer's protocol fault (1002, 1007, 1009).
                     let reason = CloseReason::ProtocolError;
                     shard.close_socket(
