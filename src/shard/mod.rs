@@ -77,6 +77,17 @@ pub struct Subscription {
     pub filters: Filters,
     /// The owner's welcome arrived: fan-out reaches this connection from now on.
     pub welcomed: bool,
+    /// The welcome `issue_count`, until the writer sends it. Kept out of the ring so that it
+    /// goes out first and no later count replaces it.
+    pub welcome: Option<Bytes>,
+}
+
+impl Socket {
+    /// A stream socket waiting for its welcome: nothing may be written before it, since the
+    /// first message must be the issue count.
+    pub fn held(&self) -> bool {
+        self.subscription.as_ref().is_some_and(|s| !s.welcomed)
+    }
 }
 
 /// What an HTTP connection's deadline ends when it passes.
@@ -437,17 +448,23 @@ impl Shard {
             let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
                 return;
             };
+            if socket.closing {
+                // Its close frame may be out already: nothing may follow it.
+                return;
+            }
             let Some(sub) = socket.subscription.as_mut() else {
                 return;
             };
             sub.welcomed = true;
+            sub.welcome = Some(frame);
+            // Replies queued meanwhile go out now, behind the welcome.
+            socket.wake.notify_one();
         }
         self.subscribers
             .borrow_mut()
             .entry(project_id)
             .or_default()
             .push(id);
-        self.enqueue(id, frame, Kind::Count);
     }
 
     fn handle(self: &Rc<Self>, msg: ShardMsg) {
@@ -629,6 +646,10 @@ impl Shard {
             let Some(socket) = &entry.socket else {
                 continue;
             };
+            if socket.held() {
+                // Nothing may go out yet; it is not the client that is slow.
+                continue;
+            }
             let waiting = socket.writing || !socket.ring.is_empty();
             if waiting && now.saturating_sub(socket.last_progress_tick) >= stall_ticks {
                 stalled.push(id);

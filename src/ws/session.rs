@@ -34,6 +34,8 @@ const BUFFER_KEPT_CHUNKS_MAX: usize = 16;
 const INGEST_READ_CHUNK_BYTES: usize = 4096;
 /// Frames gathered into one vectored write; well under the kernel's 1024 iovec limit.
 const WRITE_BATCH_MAX: usize = 256;
+/// First byte of a server close frame (FIN, opcode 0x8).
+const CLOSE_FRAME_FIRST_BYTE: u8 = 0x88;
 
 pub async fn run(
     shard: Rc<Shard>,
@@ -70,6 +72,7 @@ pub async fn run(
                     project_id,
                     filters: Filters::default(),
                     welcomed: false,
+                    welcome: None,
                 }),
                 Role::Ingest { .. } => None,
             },
@@ -337,11 +340,23 @@ async fn write_loop(
             let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
                 return;
             };
-            let dropped = socket.ring.take_dropped();
-            if dropped > 0 {
-                batch.push(dropped_frame(dropped));
+            if socket.held() {
+                // The first message must be the issue count: replies and pongs wait behind it.
+                // Closing before it came, only the close frame goes out.
+                if socket.closing {
+                    socket.ring.drain_into(&mut batch, usize::MAX);
+                    batch.retain(|frame| frame.first() == Some(&CLOSE_FRAME_FIRST_BYTE));
+                }
+            } else {
+                if let Some(welcome) = socket.subscription.as_mut().and_then(|s| s.welcome.take()) {
+                    batch.push(welcome);
+                }
+                let dropped = socket.ring.take_dropped();
+                if dropped > 0 {
+                    batch.push(dropped_frame(dropped));
+                }
+                socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
             }
-            socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
             if batch.is_empty() {
                 socket.writing = false;
                 socket.last_progress_tick = shard.now_tick();
