@@ -5,12 +5,14 @@
 mod common;
 
 use std::collections::HashSet;
+use std::io::{self, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
+use socket2::{Domain, Socket, Type};
 use tungstenite::Message;
 
 const MIB: usize = 1024 * 1024;
@@ -200,6 +202,185 @@ fn first_message_is_issue_count_whatever_arrives_during_the_upgrade() {
     for (index, log) in logs.iter().enumerate() {
         check_order(log, final_count, &format!("subscriber {index}"));
     }
+}
+
+// ---- 2. A slow but steady reader stays ----
+
+/// What the slow client reads at a time, and how often.
+const SLOW_READ_BYTES: usize = 1024;
+const SLOW_READ_EVERY: Duration = Duration::from_millis(100);
+const SLOW_RUN: Duration = Duration::from_secs(20);
+/// The slow client's receive buffer: small, so the backlog sits on the server's side.
+const SLOW_RECV_BUFFER_BYTES: usize = 4096;
+
+/// A socket read at most `SLOW_READ_BYTES` per `SLOW_READ_EVERY` until `throttled` is cleared.
+struct Throttled {
+    stream: TcpStream,
+    throttled: bool,
+    next_read: Instant,
+}
+
+impl Read for Throttled {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.throttled {
+            return self.stream.read(buf);
+        }
+        let now = Instant::now();
+        if self.next_read > now {
+            std::thread::sleep(self.next_read - now);
+        }
+        self.next_read += SLOW_READ_EVERY;
+        let take = buf.len().min(SLOW_READ_BYTES);
+        self.stream.read(&mut buf[..take])
+    }
+}
+
+/// A raw stream client (a plain socket, to control how fast it reads).
+struct SlowClient {
+    reader: BufReader<Throttled>,
+}
+
+impl SlowClient {
+    fn open(server: &Server, path: &str) -> SlowClient {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(SLOW_RECV_BUFFER_BYTES).unwrap();
+        socket.connect(&server.addr.into()).unwrap();
+        let mut stream: TcpStream = socket.into();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+            server.addr
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).expect("upgrade response");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
+        let throttled = Throttled {
+            stream,
+            throttled: true,
+            next_read: Instant::now(),
+        };
+        SlowClient {
+            reader: BufReader::with_capacity(SLOW_READ_BYTES, throttled),
+        }
+    }
+
+    /// The next text message; Err when the server ended the connection.
+    fn next_text(&mut self) -> Result<Value, String> {
+        loop {
+            let mut head = [0u8; 2];
+            self.reader
+                .read_exact(&mut head)
+                .map_err(|e| format!("read: {e}"))?;
+            let length = match head[1] & 0x7f {
+                126 => {
+                    let mut bytes = [0u8; 2];
+                    self.reader
+                        .read_exact(&mut bytes)
+                        .map_err(|e| e.to_string())?;
+                    u16::from_be_bytes(bytes) as usize
+                }
+                127 => {
+                    let mut bytes = [0u8; 8];
+                    self.reader
+                        .read_exact(&mut bytes)
+                        .map_err(|e| e.to_string())?;
+                    u64::from_be_bytes(bytes) as usize
+                }
+                short => short as usize,
+            };
+            let mut payload = vec![0u8; length];
+            self.reader
+                .read_exact(&mut payload)
+                .map_err(|e| format!("read: {e}"))?;
+            match head[0] & 0x0f {
+                0x1 => return Ok(serde_json::from_slice(&payload).expect("JSON message")),
+                0x8 => return Err(format!("closed by the server: {payload:?}")),
+                _ => continue,
+            }
+        }
+    }
+}
+
+#[test]
+fn slow_steady_reader_is_not_cut_off_as_stalled() {
+    let server = Server::start_with(
+        Backend::Sqlite,
+        &["--stall-timeout", "3", "--ping-interval", "600"],
+    );
+    let project = server.project("Slow Reader");
+    let agent = http_agent();
+    let event = |seq: u64| json!({"message": "steady", "level": "error", "seq": seq, "padding": "p".repeat(600)});
+    // The issue exists first, so the stream carries only events.
+    assert_eq!(
+        post_event(&agent, &server, &project.ingest_key, &event(0)),
+        202
+    );
+    let mut client = SlowClient::open(&server, &stream_path(&project));
+    let first = client.next_text().expect("first message");
+    assert_eq!(first["type"], "issue_count", "{first}");
+
+    let sent = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let (received, dropped, last_seq) = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let agent = http_agent();
+            let started = Instant::now();
+            let mut seq = 0;
+            while started.elapsed() < SLOW_RUN {
+                seq += 1;
+                let status = post_event(&agent, &server, &project.ingest_key, &event(seq));
+                assert_eq!(status, 202);
+                sent.store(seq, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let mut received = 0u64;
+        let mut dropped = 0u64;
+        let mut last_seq = 0u64;
+        loop {
+            if done.load(Ordering::SeqCst) {
+                // Everything is published: read the rest at full speed.
+                client.reader.get_mut().throttled = false;
+                if last_seq == sent.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            let message = client.next_text().unwrap_or_else(|error| {
+                panic!("a steady reader was cut off after {received} events: {error}")
+            });
+            match message["type"].as_str() {
+                Some("event") => {
+                    let seq = message["data"]["seq"].as_u64().unwrap();
+                    assert!(seq > last_seq, "event {seq} after {last_seq}");
+                    last_seq = seq;
+                    received += 1;
+                }
+                Some("dropped") => dropped += message["count"].as_u64().unwrap(),
+                _ => panic!("unexpected {message}"),
+            }
+        }
+        (received, dropped, last_seq)
+    });
+    let sent = sent.load(Ordering::SeqCst);
+    eprintln!("slow reader: {sent} sent, {received} received, {dropped} dropped");
+    assert_eq!(last_seq, sent, "the newest event arrives");
+    assert_eq!(
+        received + dropped,
+        sent,
+        "every event received or counted dropped"
+    );
+    assert!(dropped > 0, "the reader was slow enough to lose events");
+    let mut metrics = MetricsConn::open(&server);
+    assert_eq!(metrics.value("mesher_stream_slow_disconnects_total"), 0.0);
 }
 
 // ---- 3. Oversized /ingest messages are counted ----

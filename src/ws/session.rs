@@ -65,6 +65,7 @@ pub async fn run(
             writing: false,
             closing: false,
             last_progress_tick: shard.now_tick(),
+            send_queue_seen: None,
             pong_timer: None,
             key_id,
             subscription: match role {
@@ -380,7 +381,7 @@ async fn write_loop(
             continue;
         }
         let frames = batch.len() as u64;
-        if !write_frames(&stream, &mut batch).await {
+        if !write_frames(&shard, id, &stream, &mut batch).await {
             shard.force_close(id, CloseReason::IoError);
             return;
         }
@@ -389,19 +390,31 @@ async fn write_loop(
             .stream_messages_sent
             .fetch_add(frames, Relaxed);
         written.notify_one();
-        if let Some(socket) = shard
-            .conns
-            .borrow_mut()
-            .get_mut(id)
-            .and_then(|e| e.socket.as_mut())
-        {
-            socket.last_progress_tick = shard.now_tick();
-        }
     }
 }
 
-/// Writes every frame, resuming after partial writes; false if the socket failed.
-async fn write_frames(stream: &TcpStream, batch: &mut Vec<Bytes>) -> bool {
+/// The socket took bytes: the stall clock restarts.
+fn made_progress(shard: &Shard, id: ConnId) {
+    if let Some(socket) = shard
+        .conns
+        .borrow_mut()
+        .get_mut(id)
+        .and_then(|e| e.socket.as_mut())
+    {
+        socket.last_progress_tick = shard.now_tick();
+        // The write added to the kernel's queue: an earlier reading of it says nothing now.
+        socket.send_queue_seen = None;
+    }
+}
+
+/// Writes every frame, resuming after partial writes; false if the socket failed. Every write
+/// that moved bytes counts as progress, so a slow reader is not taken for a stalled one.
+async fn write_frames(
+    shard: &Shard,
+    id: ConnId,
+    stream: &TcpStream,
+    batch: &mut Vec<Bytes>,
+) -> bool {
     let mut pending = std::mem::take(batch);
     while !pending.is_empty() {
         let (result, mut frames) = stream.writev(pending).await;
@@ -409,6 +422,7 @@ async fn write_frames(stream: &TcpStream, batch: &mut Vec<Bytes>) -> bool {
             Ok(n) if n > 0 => n,
             _ => return false,
         };
+        made_progress(shard, id);
         let done = frames.iter().take_while(|f| {
             let whole = written >= f.len();
             if whole {
