@@ -46,7 +46,7 @@ fn post_event(agent: &ureq::Agent, server: &Server, key: &str, event: &Value) ->
 const BURST_SUBSCRIBERS: usize = 40;
 /// Burst events per new issue, so issues (and counts) keep changing without flooding clients
 /// with issue messages, which are never dropped.
-const EVENTS_PER_ISSUE: u64 = 50;
+const EVENTS_PER_ISSUE: u64 = 10;
 
 /// Everything one subscriber received, in order; a pong is logged as `{"type":"<pong>"}`. Reads
 /// until the sentinel event and the message after it.
