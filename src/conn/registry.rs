@@ -113,6 +113,17 @@ impl<T> Registry<T> {
         })
     }
 
+    /// Live connections in slot order, mutably.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (ConnId, &mut T)> {
+        self.slab.iter_mut().map(|(slot, entry)| {
+            let id = ConnId {
+                slot: slot as u32,
+                generation: entry.generation,
+            };
+            (id, &mut entry.value)
+        })
+    }
+
     /// Ids of the live connections, for walks that remove or mutate while iterating.
     pub fn ids(&self) -> Vec<ConnId> {
         self.iter().map(|(id, _)| id).collect()

@@ -64,6 +64,9 @@ pub struct Socket {
     /// Set once a close frame is queued: the writer shuts the socket after writing it.
     pub closing: bool,
     pub last_progress_tick: u64,
+    /// The kernel's send queue for this socket when the drain tick last looked, while a write
+    /// waits; `None` after a write added to it (see `peer_took_bytes`).
+    pub send_queue_seen: Option<u32>,
     pub pong_timer: Option<TimerKey>,
     /// The key the session opened with.
     pub key_id: Uuid,
@@ -76,6 +79,17 @@ pub struct Subscription {
     pub filters: Filters,
     /// The owner's welcome arrived: fan-out reaches this connection from now on.
     pub welcomed: bool,
+    /// The welcome `issue_count`, until the writer sends it. Kept out of the ring so that it
+    /// goes out first and no later count replaces it.
+    pub welcome: Option<Bytes>,
+}
+
+impl Socket {
+    /// A stream socket waiting for its welcome: nothing may be written before it, since the
+    /// first message must be the issue count.
+    pub fn held(&self) -> bool {
+        self.subscription.as_ref().is_some_and(|s| !s.welcomed)
+    }
 }
 
 /// What an HTTP connection's deadline ends when it passes.
@@ -436,17 +450,23 @@ impl Shard {
             let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
                 return;
             };
+            if socket.closing {
+                // Its close frame may be out already: nothing may follow it.
+                return;
+            }
             let Some(sub) = socket.subscription.as_mut() else {
                 return;
             };
             sub.welcomed = true;
+            sub.welcome = Some(frame);
+            // Replies queued meanwhile go out now, behind the welcome.
+            socket.wake.notify_one();
         }
         self.subscribers
             .borrow_mut()
             .entry(project_id)
             .or_default()
             .push(id);
-        self.enqueue(id, frame, Kind::Count);
     }
 
     fn handle(self: &Rc<Self>, msg: ShardMsg) {
@@ -660,10 +680,23 @@ impl Shard {
         let now = self.now_tick();
         let stall_ticks = Self::ticks(self.config.stall_timeout * 1000);
         let mut stalled = Vec::new();
-        for (id, entry) in self.conns.borrow().iter() {
-            let Some(socket) = &entry.socket else {
+        for (id, entry) in self.conns.borrow_mut().iter_mut() {
+            let fd = entry.fd;
+            let Some(socket) = &mut entry.socket else {
                 continue;
             };
+            if socket.held() {
+                // Nothing may go out yet; it is not the client that is slow.
+                continue;
+            }
+            // A write waits for room in the kernel's buffer, which a slow reader frees a little
+            // at a time, long before the write completes: that is progress too.
+            if socket.writing
+                && now > socket.last_progress_tick
+                && peer_took_bytes(fd, &mut socket.send_queue_seen)
+            {
+                socket.last_progress_tick = now;
+            }
             let waiting = socket.writing || !socket.ring.is_empty();
             if waiting && now.saturating_sub(socket.last_progress_tick) >= stall_ticks {
                 stalled.push(id);
@@ -676,6 +709,19 @@ impl Shard {
         }
         self.schedule(self.config.drain_interval_ms, Timer::Drain);
     }
+}
+
+/// Whether the kernel's send queue of `fd` shrank since `seen` was taken (the peer acknowledged
+/// bytes, so it reads); updates `seen`. While a write waits nothing is added to the queue, so it
+/// can only shrink as the peer takes bytes.
+fn peer_took_bytes(fd: RawFd, seen: &mut Option<u32>) -> bool {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: ioctl on the fd of a live connection with a pointer to a live c_int.
+    let ok = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } == 0;
+    let now = ok.then_some(queued as u32);
+    let took = matches!((*seen, now), (Some(before), Some(now)) if now < before);
+    *seen = now;
+    took
 }
 
 /// What one reactor turn gives the store. One submission per turn instead of one per event

@@ -9,12 +9,15 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::codec::{encode_close, encode_pong, encode_text, Decoder, Message, MESSAGE_BYTES_MAX};
+use super::codec::{
+    encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_MESSAGE_TOO_BIG,
+    MESSAGE_BYTES_MAX,
+};
 use crate::api::{ingest_frame, Role};
 use crate::conn::registry::ConnId;
 use crate::conn::ring::{Kind, Ring};
 use crate::http::conn::read_more;
-use crate::metrics::{CloseReason, ConnKind};
+use crate::metrics::{CloseReason, ConnKind, Rejection};
 use crate::shard::mesh::{owner_of, ShardMsg};
 use crate::shard::{Shard, Socket, Subscription, Timer, CLOSE_GRACE_MS};
 use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
@@ -31,6 +34,8 @@ const BUFFER_KEPT_CHUNKS_MAX: usize = 16;
 const INGEST_READ_CHUNK_BYTES: usize = 4096;
 /// Frames gathered into one vectored write; well under the kernel's 1024 iovec limit.
 const WRITE_BATCH_MAX: usize = 256;
+/// First byte of a server close frame (FIN, opcode 0x8).
+const CLOSE_FRAME_FIRST_BYTE: u8 = 0x88;
 
 pub async fn run(
     shard: Rc<Shard>,
@@ -60,6 +65,7 @@ pub async fn run(
             writing: false,
             closing: false,
             last_progress_tick: shard.now_tick(),
+            send_queue_seen: None,
             pong_timer: None,
             key_id,
             subscription: match role {
@@ -67,6 +73,7 @@ pub async fn run(
                     project_id,
                     filters: Filters::default(),
                     welcomed: false,
+                    welcome: None,
                 }),
                 Role::Ingest { .. } => None,
             },
@@ -174,6 +181,10 @@ async fn read_loop(
                 }
                 Ok(None) => break,
                 Err(error) => {
+                    if error.code == CLOSE_MESSAGE_TOO_BIG && matches!(role, Role::Ingest { .. }) {
+                        // An oversized ingest message is an event refused, like a 413.
+                        shard.counters.rejected(Rejection::TooLarge, 1);
+                    }
                     // Every decoder error is the peer's protocol fault (1002, 1007, 1009).
                     let reason = CloseReason::ProtocolError;
                     shard.close_socket(
@@ -330,11 +341,23 @@ async fn write_loop(
             let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
                 return;
             };
-            let dropped = socket.ring.take_dropped();
-            if dropped > 0 {
-                batch.push(dropped_frame(dropped));
+            if socket.held() {
+                // The first message must be the issue count: replies and pongs wait behind it.
+                // Closing before it came, only the close frame goes out.
+                if socket.closing {
+                    socket.ring.drain_into(&mut batch, usize::MAX);
+                    batch.retain(|frame| frame.first() == Some(&CLOSE_FRAME_FIRST_BYTE));
+                }
+            } else {
+                if let Some(welcome) = socket.subscription.as_mut().and_then(|s| s.welcome.take()) {
+                    batch.push(welcome);
+                }
+                let dropped = socket.ring.take_dropped();
+                if dropped > 0 {
+                    batch.push(dropped_frame(dropped));
+                }
+                socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
             }
-            socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
             if batch.is_empty() {
                 socket.writing = false;
                 socket.last_progress_tick = shard.now_tick();
@@ -358,7 +381,7 @@ async fn write_loop(
             continue;
         }
         let frames = batch.len() as u64;
-        if !write_frames(&stream, &mut batch).await {
+        if !write_frames(&shard, id, &stream, &mut batch).await {
             shard.force_close(id, CloseReason::IoError);
             return;
         }
@@ -367,19 +390,31 @@ async fn write_loop(
             .stream_messages_sent
             .fetch_add(frames, Relaxed);
         written.notify_one();
-        if let Some(socket) = shard
-            .conns
-            .borrow_mut()
-            .get_mut(id)
-            .and_then(|e| e.socket.as_mut())
-        {
-            socket.last_progress_tick = shard.now_tick();
-        }
     }
 }
 
-/// Writes every frame, resuming after partial writes; false if the socket failed.
-async fn write_frames(stream: &TcpStream, batch: &mut Vec<Bytes>) -> bool {
+/// The socket took bytes: the stall clock restarts.
+fn made_progress(shard: &Shard, id: ConnId) {
+    if let Some(socket) = shard
+        .conns
+        .borrow_mut()
+        .get_mut(id)
+        .and_then(|e| e.socket.as_mut())
+    {
+        socket.last_progress_tick = shard.now_tick();
+        // The write added to the kernel's queue: an earlier reading of it says nothing now.
+        socket.send_queue_seen = None;
+    }
+}
+
+/// Writes every frame, resuming after partial writes; false if the socket failed. Every write
+/// that moved bytes counts as progress, so a slow reader is not taken for a stalled one.
+async fn write_frames(
+    shard: &Shard,
+    id: ConnId,
+    stream: &TcpStream,
+    batch: &mut Vec<Bytes>,
+) -> bool {
     let mut pending = std::mem::take(batch);
     while !pending.is_empty() {
         let (result, mut frames) = stream.writev(pending).await;
@@ -387,6 +422,7 @@ async fn write_frames(stream: &TcpStream, batch: &mut Vec<Bytes>) -> bool {
             Ok(n) if n > 0 => n,
             _ => return false,
         };
+        made_progress(shard, id);
         let done = frames.iter().take_while(|f| {
             let whole = written >= f.len();
             if whole {
