@@ -12,6 +12,7 @@ use crate::auth::{presented_key, KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::http::router::Route;
+use crate::now_us;
 use crate::shard::Shard;
 use crate::store::Scope;
 use crate::ws::codec::{accept_key, is_valid_key};
@@ -210,13 +211,6 @@ fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, 
         Ok(_) => Err(Response::error(400, "invalid JSON: expected an object")),
         Err(error) => Err(Response::error(400, &format!("invalid JSON: {error}"))),
     }
-}
-
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
 }
 
 /// Waits for a reply from a shard; a dropped reply means the shard is gone (shutting down).
