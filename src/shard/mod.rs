@@ -897,6 +897,8 @@ mod tests {
 
     #[test]
     fn every_drain_interval_is_kept_to_within_a_tick() {
+        // `--drain-interval-ms` has always accepted 10: the tick has to stay that fine.
+        assert_eq!(DRAIN_INTERVAL_MS_MIN, 10);
         assert_eq!(
             Shard::ticks(DRAIN_INTERVAL_MS_MIN) * TICK_MS,
             DRAIN_INTERVAL_MS_MIN
