@@ -166,3 +166,28 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Config {
+        let argv = ["mesher", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Serve(config) => config,
+        }
+    }
+
+    #[test]
+    fn timeouts_given_in_seconds_are_held_in_milliseconds() {
+        let defaults = serve(&[]);
+        assert_eq!(defaults.stall_timeout_ms, 30_000);
+        assert_eq!(defaults.ping_interval_ms, 30_000);
+        assert_eq!(defaults.pong_timeout_ms, 10_000);
+        assert_eq!(defaults.request_timeout_ms, 10_000);
+        assert_eq!(defaults.keepalive_timeout_ms, 75_000);
+        let set = serve(&["--stall-timeout", "2", "--keepalive-timeout", "86400"]);
+        assert_eq!(set.stall_timeout_ms, 2_000);
+        assert_eq!(set.keepalive_timeout_ms, 86_400_000);
+    }
+}
