@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -32,6 +33,27 @@ pub enum AckMode {
     Received,
     /// After the storage commit that holds the event.
     Durable,
+}
+
+/// `--stream-buffer` is the capacity of a connection's ring, so it has the ring's bound.
+pub const STREAM_BUFFER_MAX: u32 = crate::conn::ring::CAPACITY_MAX as u32;
+/// The drain tick runs on the shard's timer wheel, so it can be no finer than the wheel's tick.
+pub const DRAIN_INTERVAL_MS_MIN: u64 = crate::shard::TICK_MS;
+pub const DRAIN_INTERVAL_MS_MAX: u64 = 10_000;
+/// Bounds of the timeouts given in seconds (stall, ping, pong, request).
+pub const TIMEOUT_S_MIN: u64 = 1;
+pub const TIMEOUT_S_MAX: u64 = 3_600;
+/// An idle keep-alive connection may be kept up to a day.
+pub const KEEPALIVE_TIMEOUT_S_MAX: u64 = 86_400;
+pub const FLUSH_INTERVAL_MS_MIN: u64 = 1;
+pub const FLUSH_INTERVAL_MS_MAX: u64 = 60_000;
+
+const MS_PER_S: u64 = 1_000;
+
+/// Timeouts are given in seconds on the command line and held in milliseconds, the unit of
+/// the timer wheel: this is the one place they are converted.
+fn s_to_ms(seconds: u64) -> u64 {
+    seconds * MS_PER_S
 }
 
 /// 256 MiB: room for ~250 one-MiB events or ~50 full bulk requests arriving at once, a small
@@ -70,35 +92,41 @@ pub struct Config {
     pub ack: AckMode,
 
     /// Messages that may wait per stream connection before the oldest event is dropped.
-    #[arg(long, env = "MESHER_STREAM_BUFFER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    #[arg(long, env = "MESHER_STREAM_BUFFER", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=i64::from(STREAM_BUFFER_MAX)))]
     pub stream_buffer: u32,
 
-    /// Period of the drain tick that writes waiting stream messages, in milliseconds.
-    #[arg(long, env = "MESHER_DRAIN_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    /// Period of the drain tick that writes waiting stream messages, in milliseconds (rounded
+    /// up to a multiple of the 10 ms timer tick).
+    #[arg(long, env = "MESHER_DRAIN_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(DRAIN_INTERVAL_MS_MIN..=DRAIN_INTERVAL_MS_MAX))]
     pub drain_interval_ms: u64,
 
     /// Seconds a stream client may take nothing while messages wait before it is disconnected.
-    #[arg(long, env = "MESHER_STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub stall_timeout: u64,
+    #[arg(long = "stall-timeout", env = "MESHER_STALL_TIMEOUT", value_name = "STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=TIMEOUT_S_MAX).map(s_to_ms))]
+    // Held in milliseconds (`s_to_ms`).
+    pub stall_timeout_ms: u64,
 
     /// Seconds between server pings on WebSocket connections.
-    #[arg(long, env = "MESHER_PING_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub ping_interval: u64,
+    #[arg(long = "ping-interval", env = "MESHER_PING_INTERVAL", value_name = "PING_INTERVAL", default_value_t = 30, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=TIMEOUT_S_MAX).map(s_to_ms))]
+    // Held in milliseconds (`s_to_ms`).
+    pub ping_interval_ms: u64,
 
     /// Seconds a WebSocket client has to answer a ping before it is closed.
-    #[arg(long, env = "MESHER_PONG_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub pong_timeout: u64,
+    #[arg(long = "pong-timeout", env = "MESHER_PONG_TIMEOUT", value_name = "PONG_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=TIMEOUT_S_MAX).map(s_to_ms))]
+    // Held in milliseconds (`s_to_ms`).
+    pub pong_timeout_ms: u64,
 
     /// Seconds a started HTTP request may take to arrive completely before 408.
-    #[arg(long, env = "MESHER_REQUEST_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub request_timeout: u64,
+    #[arg(long = "request-timeout", env = "MESHER_REQUEST_TIMEOUT", value_name = "REQUEST_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=TIMEOUT_S_MAX).map(s_to_ms))]
+    // Held in milliseconds (`s_to_ms`).
+    pub request_timeout_ms: u64,
 
     /// Seconds an idle keep-alive connection is kept open.
-    #[arg(long, env = "MESHER_KEEPALIVE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub keepalive_timeout: u64,
+    #[arg(long = "keepalive-timeout", env = "MESHER_KEEPALIVE_TIMEOUT", value_name = "KEEPALIVE_TIMEOUT", default_value_t = 75, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=KEEPALIVE_TIMEOUT_S_MAX).map(s_to_ms))]
+    // Held in milliseconds (`s_to_ms`).
+    pub keepalive_timeout_ms: u64,
 
     /// Storage flush interval in milliseconds: accepted events are written at least this often.
-    #[arg(long, env = "MESHER_FLUSH_INTERVAL_MS", default_value_t = crate::store::FLUSH_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    #[arg(long, env = "MESHER_FLUSH_INTERVAL_MS", default_value_t = crate::store::FLUSH_INTERVAL_MS_DEFAULT, value_parser = clap::value_parser!(u64).range(FLUSH_INTERVAL_MS_MIN..=FLUSH_INTERVAL_MS_MAX))]
     pub flush_interval_ms: u64,
 
     /// Events per storage transaction at most.
@@ -136,5 +164,30 @@ impl Config {
                 .map(|n| n.get())
                 .unwrap_or(1)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Config {
+        let argv = ["mesher", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).expect("valid flags").command {
+            Command::Serve(config) => config,
+        }
+    }
+
+    #[test]
+    fn timeouts_given_in_seconds_are_held_in_milliseconds() {
+        let defaults = serve(&[]);
+        assert_eq!(defaults.stall_timeout_ms, 30_000);
+        assert_eq!(defaults.ping_interval_ms, 30_000);
+        assert_eq!(defaults.pong_timeout_ms, 10_000);
+        assert_eq!(defaults.request_timeout_ms, 10_000);
+        assert_eq!(defaults.keepalive_timeout_ms, 75_000);
+        let set = serve(&["--stall-timeout", "2", "--keepalive-timeout", "86400"]);
+        assert_eq!(set.stall_timeout_ms, 2_000);
+        assert_eq!(set.keepalive_timeout_ms, 86_400_000);
     }
 }

@@ -32,6 +32,14 @@ pub mod ws;
 
 pub use server::io_uring_error;
 
+/// Wall-clock time in microseconds since the Unix epoch, the unit of every stored timestamp.
+pub fn now_us() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// A hash map keyed by values the server made or already trusts (ids, known keys): a fast
 /// seeded hash. Maps whose keys come from what clients send keep the standard SipHash.
 pub type IdMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

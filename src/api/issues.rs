@@ -19,7 +19,7 @@ use crate::store::Scope;
 const PAGE_LIMIT_DEFAULT: usize = 25;
 const PAGE_LIMIT_MAX: usize = 100;
 /// How long an events read may wait for storage before the client gets 503.
-const STORE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const STORE_READ_TIMEOUT_MS: u64 = 5_000;
 
 fn limit_param(head: &Head) -> Result<usize, Response> {
     match head.query_param("limit") {
@@ -157,9 +157,10 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
         let (reply, answer) = tokio::sync::oneshot::channel();
         shard.store.latest_events(issue_id, limit, reply);
         // Reads queue behind pending writes; while storage is down they would wait for it.
-        let rows = tokio::time::timeout(STORE_READ_TIMEOUT, answer)
+        let rows = shard
+            .timeout(STORE_READ_TIMEOUT_MS, answer)
             .await
-            .map_err(|_| {
+            .ok_or_else(|| {
                 Response::error(503, "storage unavailable").with_header("retry-after", "1")
             })?
             .map_err(|_| shutting_down())?

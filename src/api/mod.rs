@@ -13,6 +13,7 @@ use crate::auth::{KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::http::router::Route;
+use crate::now_us;
 use crate::shard::mesh::{DirectoryError, Reply, ShardMsg, ShuttingDown};
 use crate::shard::Shard;
 use crate::store::Scope;
@@ -212,13 +213,6 @@ fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, 
         Ok(_) => Err(Response::error(400, "invalid JSON: expected an object")),
         Err(error) => Err(Response::error(400, &format!("invalid JSON: {error}"))),
     }
-}
-
-pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or_default()
 }
 
 /// Asks shard `to` with the message `ask` builds around the reply channel; a shard that is

@@ -139,8 +139,8 @@ async fn linger(shard: &Shard, id: ConnId, stream: &TcpStream) {
 }
 
 async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> End {
-    let request_timeout_ms = shard.config.request_timeout * 1000;
-    let keepalive_timeout_ms = shard.config.keepalive_timeout * 1000;
+    let request_timeout_ms = shard.config.request_timeout_ms;
+    let keepalive_timeout_ms = shard.config.keepalive_timeout_ms;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::new();
     let mut head_buffers = HeadBuffers::default();

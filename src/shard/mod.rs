@@ -8,14 +8,17 @@ pub mod owner;
 pub mod wheel;
 
 use std::cell::{Cell, RefCell, RefMut};
+use std::future::{poll_fn, Future};
 use std::os::fd::RawFd;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use uuid::Uuid;
 
 use crate::auth::Directory;
@@ -32,17 +35,23 @@ use crate::{IdMap, IdSet};
 use mesh::{DirectoryError, Mesh, ShardMsg};
 use wheel::{TimerKey, TimerWheel};
 
-/// Resolution of the shard's timer wheel; every timeout and the drain tick round up to it.
-pub const TICK_MS: u64 = 50;
-/// Wheel slots: one revolution covers 2^10 x 50 ms = 51 s, longer timers take extra rounds.
-const WHEEL_SLOTS: usize = 1024;
+/// Resolution of the shard's timer wheel; every timeout and the drain tick round up to it. Fine
+/// enough for the shortest drain interval (`DRAIN_INTERVAL_MS_MIN`); an idle shard wakes 100
+/// times a second for it, which costs next to nothing.
+pub const TICK_MS: u64 = 10;
+/// Wheel slots: one revolution covers 2^12 x 10 ms = 41 s, longer timers take extra rounds.
+const WHEEL_SLOTS: usize = 4096;
 /// How long a client has to answer our close frame before the socket is shut anyway.
 pub const CLOSE_GRACE_MS: u64 = 2000;
+/// Accept failures (EMFILE and friends) are retried after a pause that doubles from the first
+/// to the last.
+const ACCEPT_BACKOFF_MS_FIRST: u64 = 10;
+const ACCEPT_BACKOFF_MS_LAST: u64 = 1000;
 /// Mesh messages handled in one go before the reactor turns to I/O again.
 const INBOX_BATCH_MAX: usize = 256;
 
-/// What a connection's timer does when it fires.
-#[derive(Clone, Copy, Debug)]
+/// What a timer does when it fires.
+#[derive(Debug)]
 pub enum Timer {
     /// An HTTP connection's deadline may have passed (see `Shard::set_deadline`).
     Deadline(ConnId),
@@ -54,6 +63,8 @@ pub enum Timer {
     CloseGrace(ConnId),
     /// The periodic drain of waiting stream messages.
     Drain,
+    /// A task's `Shard::sleep` is over.
+    Wake(oneshot::Sender<()>),
 }
 
 /// A WebSocket connection's outgoing side: its ring of waiting frames and its writer's state.
@@ -240,6 +251,17 @@ impl Shard {
             Deadline::Idle => self.force_close(id, CloseReason::IdleTimeout),
             Deadline::Linger => self.end_linger(id),
         }
+    }
+
+    /// A future that is ready `after_ms` from now (rounded up to the tick), timed by the wheel
+    /// like every other timer of the shard. Dropping it early takes its timer off the wheel.
+    pub fn sleep(&self, after_ms: u64) -> Sleep<'_> {
+        Sleep::new(&self.wheel, Self::ticks(after_ms))
+    }
+
+    /// Runs `future` for at most `after_ms`: None if the time ran out first.
+    pub async fn timeout<F: Future>(&self, after_ms: u64, future: F) -> Option<F::Output> {
+        until(self.sleep(after_ms), future).await
     }
 
     pub fn cancel(&self, key: Option<TimerKey>) {
@@ -653,6 +675,9 @@ impl Shard {
                 Timer::Pong(id) => self.force_close(id, CloseReason::PongTimeout),
                 Timer::CloseGrace(id) => self.force_close(id, CloseReason::Normal),
                 Timer::Drain => self.drain_tick(),
+                Timer::Wake(wake) => {
+                    let _ = wake.send(());
+                }
             }
         }
     }
@@ -661,8 +686,8 @@ impl Shard {
         if !self.conns.borrow().contains(id) {
             return;
         }
-        let pong_key = self.schedule(self.config.pong_timeout * 1000, Timer::Pong(id));
-        let next_ping = self.schedule(self.config.ping_interval * 1000, Timer::Ping(id));
+        let pong_key = self.schedule(self.config.pong_timeout_ms, Timer::Pong(id));
+        let next_ping = self.schedule(self.config.ping_interval_ms, Timer::Ping(id));
         let old_pong = {
             let mut conns = self.conns.borrow_mut();
             let entry = conns.get_mut(id).expect("checked above");
@@ -678,7 +703,7 @@ impl Shard {
 
     fn drain_tick(&self) {
         let now = self.now_tick();
-        let stall_ticks = Self::ticks(self.config.stall_timeout * 1000);
+        let stall_ticks = Self::ticks(self.config.stall_timeout_ms);
         let mut stalled = Vec::new();
         for (id, entry) in self.conns.borrow_mut().iter_mut() {
             let fd = entry.fd;
@@ -722,6 +747,49 @@ fn peer_took_bytes(fd: RawFd, seen: &mut Option<u32>) -> bool {
     let took = matches!((*seen, now), (Some(before), Some(now)) if now < before);
     *seen = now;
     took
+}
+
+/// See [`Shard::sleep`].
+pub struct Sleep<'a> {
+    wheel: &'a RefCell<TimerWheel<Timer>>,
+    key: TimerKey,
+    woken: oneshot::Receiver<()>,
+}
+
+impl<'a> Sleep<'a> {
+    fn new(wheel: &'a RefCell<TimerWheel<Timer>>, after_ticks: u64) -> Self {
+        let (wake, woken) = oneshot::channel();
+        let key = wheel.borrow_mut().schedule(after_ticks, Timer::Wake(wake));
+        Sleep { wheel, key, woken }
+    }
+}
+
+impl Future for Sleep<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        // An error means the wheel dropped the timer, which only happens as the shard ends.
+        Pin::new(&mut self.woken).poll(cx).map(|_| ())
+    }
+}
+
+impl Drop for Sleep<'_> {
+    fn drop(&mut self) {
+        // A no-op once the timer fired (keys are generation-checked).
+        self.wheel.borrow_mut().cancel(self.key);
+    }
+}
+
+/// `future`'s output, or None if `sleep` ends first.
+async fn until<F: Future>(mut sleep: Sleep<'_>, future: F) -> Option<F::Output> {
+    let mut future = pin!(future);
+    poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        Pin::new(&mut sleep).poll(cx).map(|()| None)
+    })
+    .await
 }
 
 /// What one reactor turn gives the store. One submission per turn instead of one per event
@@ -843,11 +911,11 @@ pub fn run(init: ShardInit) -> Result<(), String> {
 }
 
 async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) {
-    let mut backoff_ms = 10;
+    let mut backoff_ms = ACCEPT_BACKOFF_MS_FIRST;
     loop {
         match listener.accept().await {
             Ok((stream, _peer)) => {
-                backoff_ms = 10;
+                backoff_ms = ACCEPT_BACKOFF_MS_FIRST;
                 if shard.draining.get() {
                     continue;
                 }
@@ -857,8 +925,8 @@ async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) 
             Err(error) => {
                 // EMFILE and friends: wait for connections to close instead of spinning.
                 tracing::warn!(shard = shard.index, %error, "accept failed; retrying in {backoff_ms} ms");
-                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                backoff_ms = (backoff_ms * 2).min(1000);
+                shard.sleep(backoff_ms).await;
+                backoff_ms = (backoff_ms * 2).min(ACCEPT_BACKOFF_MS_LAST);
             }
         }
     }
@@ -888,5 +956,91 @@ async fn tick_loop(shard: Rc<Shard>) {
         if tick > shard.now_tick() {
             shard.on_tick(tick);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DRAIN_INTERVAL_MS_MAX, DRAIN_INTERVAL_MS_MIN};
+    use std::task::Waker;
+
+    /// Moves the wheel to `tick` and ends the sleeps due, as `on_tick` does.
+    fn advance(wheel: &RefCell<TimerWheel<Timer>>, tick: u64) {
+        let mut fired = Vec::new();
+        wheel.borrow_mut().advance(tick, &mut fired);
+        for timer in fired {
+            if let Timer::Wake(wake) = timer {
+                let _ = wake.send(());
+            }
+        }
+    }
+
+    #[test]
+    fn every_drain_interval_is_kept_to_within_a_tick() {
+        // `--drain-interval-ms` has always accepted 10: the tick has to stay that fine.
+        assert_eq!(DRAIN_INTERVAL_MS_MIN, 10);
+        assert_eq!(
+            Shard::ticks(DRAIN_INTERVAL_MS_MIN) * TICK_MS,
+            DRAIN_INTERVAL_MS_MIN
+        );
+        for interval_ms in DRAIN_INTERVAL_MS_MIN..=DRAIN_INTERVAL_MS_MAX {
+            let period_ms = Shard::ticks(interval_ms) * TICK_MS;
+            assert!(
+                (interval_ms..interval_ms + TICK_MS).contains(&period_ms),
+                "a {interval_ms} ms interval drains every {period_ms} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn the_shortest_drain_interval_drains_at_that_rate() {
+        // As `drain_tick` does: each drain schedules the next one interval later.
+        let mut wheel = TimerWheel::new(WHEEL_SLOTS);
+        wheel.schedule(Shard::ticks(DRAIN_INTERVAL_MS_MIN), Timer::Drain);
+        let mut drains = 0;
+        for tick in 1..=1000 / TICK_MS {
+            let mut fired = Vec::new();
+            wheel.advance(tick, &mut fired);
+            for timer in fired {
+                assert!(matches!(timer, Timer::Drain));
+                drains += 1;
+                wheel.schedule(Shard::ticks(DRAIN_INTERVAL_MS_MIN), Timer::Drain);
+            }
+        }
+        assert_eq!(drains, 1000 / DRAIN_INTERVAL_MS_MIN);
+    }
+
+    #[test]
+    fn a_sleep_ends_at_its_tick_and_leaves_the_wheel_when_dropped() {
+        let wheel = RefCell::new(TimerWheel::new(WHEEL_SLOTS));
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut sleep = Sleep::new(&wheel, 3);
+        advance(&wheel, 2);
+        assert!(Pin::new(&mut sleep).poll(&mut cx).is_pending());
+        advance(&wheel, 3);
+        assert!(Pin::new(&mut sleep).poll(&mut cx).is_ready());
+        drop(sleep);
+
+        let abandoned = Sleep::new(&wheel, 3);
+        assert_eq!(wheel.borrow().len(), 1);
+        drop(abandoned);
+        assert!(wheel.borrow().is_empty());
+    }
+
+    #[test]
+    fn until_gives_the_output_or_none_once_the_sleep_ends() {
+        let wheel = RefCell::new(TimerWheel::new(WHEEL_SLOTS));
+        let mut cx = Context::from_waker(Waker::noop());
+        let answered = pin!(until(Sleep::new(&wheel, 5), std::future::ready(7)));
+        assert_eq!(answered.poll(&mut cx), Poll::Ready(Some(7)));
+        assert!(wheel.borrow().is_empty(), "the answer cancels the timer");
+
+        let mut unanswered = pin!(until(Sleep::new(&wheel, 5), std::future::pending::<u32>()));
+        assert!(unanswered.as_mut().poll(&mut cx).is_pending());
+        advance(&wheel, 4);
+        assert!(unanswered.as_mut().poll(&mut cx).is_pending());
+        advance(&wheel, 5);
+        assert_eq!(unanswered.as_mut().poll(&mut cx), Poll::Ready(None));
     }
 }

@@ -20,9 +20,10 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
+
+use crate::now_us;
 
 pub use writer::{
     Ack, Overloaded, Store, StoreStats, WriterConfig, BATCH_EVENTS_DEFAULT,
@@ -302,13 +303,6 @@ fn retention_cutoff_us(now_us: i64, retention_days: u32) -> Option<i64> {
         return None;
     }
     Some(now_us.saturating_sub(i64::from(retention_days).saturating_mul(MICROS_PER_DAY)))
-}
-
-fn now_us() -> i64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

@@ -50,7 +50,7 @@ pub async fn run(
         Role::Stream { .. } => ConnKind::Stream,
         Role::Ingest { .. } => ConnKind::IngestSocket,
     };
-    let ping = shard.schedule(shard.config.ping_interval * 1000, Timer::Ping(id));
+    let ping = shard.schedule(shard.config.ping_interval_ms, Timer::Ping(id));
     let old_timer = {
         let mut conns = shard.conns.borrow_mut();
         let Some(entry) = conns.get_mut(id) else {
