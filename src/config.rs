@@ -37,8 +37,9 @@ pub enum AckMode {
 
 /// `--stream-buffer` is the capacity of a connection's ring, so it has the ring's bound.
 pub const STREAM_BUFFER_MAX: u32 = crate::conn::ring::CAPACITY_MAX as u32;
-/// The drain tick runs on the shard's timer wheel, so it can be no finer than the wheel's tick.
-pub const DRAIN_INTERVAL_MS_MIN: u64 = crate::shard::TICK_MS;
+/// The drain tick runs on the shard's timer wheel, so it can be no finer than the wheel's tick
+/// (`shard::TICK_MS`, which is checked to equal it).
+pub const DRAIN_INTERVAL_MS_MIN: u64 = 10;
 pub const DRAIN_INTERVAL_MS_MAX: u64 = 10_000;
 /// Bounds of the timeouts given in seconds (stall, ping, pong, request).
 pub const TIMEOUT_S_MIN: u64 = 1;

@@ -2,19 +2,23 @@
 //!
 //! # Layout
 //!
-//! - `server`: start-up (storage, listeners, shard threads) and signal-driven shutdown.
-//! - `shard`: one io_uring reactor per core; `mesh` carries messages between shards, `owner`
-//!   holds the issue state of the projects a shard owns, `wheel` drives every timeout.
-//! - `conn`: the per-shard slab of connections (`registry`) and each socket's `ring` of frames.
-//! - `http`: request parsing, routing, responses and the HTTP connection loop.
-//! - `ws`: WebSocket frame codec and the session (reader and writer) after an upgrade.
-//! - `api`: the handlers for management, ingest, issues and stream upgrades.
-//! - `ingest`: event decoding, validation and fingerprinting.
-//! - `issues`: grouping and the issue lifecycle of one project.
+//! Modules call only downward in this list (no module uses one above it):
+//!
+//! - `server`: start-up (storage, listeners, shard threads) and signal-driven shutdown; it hands
+//!   the runtime the connection loop to run.
+//! - `serve`: the connection loops: an HTTP/1.1 connection, and a WebSocket session after an
+//!   upgrade (reader and writer over the connection's ring).
+//! - `api`: the handlers and the route table: management, ingest, issues, stream upgrades.
+//! - `shard`: the runtime: one io_uring reactor per core; `mesh` carries messages between
+//!   shards, `owner` holds the issue state of the projects a shard owns, `wheel` drives every
+//!   timeout. It runs what it is handed at start and never names the layers above.
 //! - `stream`: stream messages, filters and local fan-out.
+//! - `issues`: grouping and the issue lifecycle of one project.
+//! - `ingest`: event decoding (Mesher JSON, Sentry), validation and fingerprinting.
 //! - `store`: the storage trait, its SQLite and PostgreSQL backends and the batch writer.
-//! - `auth`: keys and each shard's directory of projects and keys.
-//! - `metrics`: per-shard counters summed for `/metrics`.
+//! - `config`, `auth` (keys and each shard's directory), `metrics` (per-shard counters summed
+//!   for `/metrics`), `conn` (the slab of connections, each socket's `ring` of frames, shared
+//!   bounds), `http` and `ws` (the protocols as bytes: nothing about the product).
 
 pub mod api;
 pub mod auth;
@@ -24,6 +28,7 @@ pub mod http;
 pub mod ingest;
 pub mod issues;
 pub mod metrics;
+pub mod serve;
 pub mod server;
 pub mod shard;
 pub mod store;

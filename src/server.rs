@@ -82,6 +82,7 @@ pub fn run(config: Config) -> Result<(), String> {
     for ((index, inbox), listeners) in inboxes.into_iter().enumerate().zip(listeners) {
         let init = ShardInit {
             index,
+            serve: crate::serve::connection,
             config: config.clone(),
             admin_token: admin_token.clone(),
             senders: senders.clone(),

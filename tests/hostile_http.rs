@@ -268,7 +268,9 @@ fn a_connection_that_sends_nothing_is_closed_at_the_request_timeout() {
     // Both are counted once closed (the second after the client has read its answer).
     drop(late);
     let timeouts = "mesher_connections_closed_total{reason=\"request_timeout\"}";
-    assert!(wait_until(Duration::from_secs(10), || server.metric(timeouts) == 2.0));
+    assert!(wait_until(Duration::from_secs(10), || server
+        .metric(timeouts)
+        == 2.0));
 }
 
 #[test]

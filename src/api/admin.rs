@@ -9,11 +9,11 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::keys::presented_key;
+use super::routes::Route;
 use super::{ask, directory_refusal, json_body, now_us};
 use crate::auth::{generate_key, hash_key};
 use crate::http::parse::Head;
 use crate::http::response::Response;
-use crate::http::router::Route;
 use crate::shard::mesh::ShardMsg;
 use crate::shard::Shard;
 use crate::store::{Change, KeyRow, ProjectRow, Scope};

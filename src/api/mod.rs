@@ -4,6 +4,7 @@ mod admin;
 mod ingest;
 mod issues;
 mod keys;
+pub mod routes;
 
 use std::rc::Rc;
 
@@ -12,13 +13,13 @@ use uuid::Uuid;
 use crate::auth::{KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
-use crate::http::router::Route;
 use crate::now_us;
 use crate::shard::mesh::{DirectoryError, Reply, ShardMsg, ShuttingDown};
 use crate::shard::Shard;
 use crate::store::Scope;
 use crate::ws::codec::{accept_key, is_valid_key};
 use keys::presented_key;
+use routes::Route;
 
 /// What a WebSocket connection does once upgraded.
 #[derive(Clone, Debug)]

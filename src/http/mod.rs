@@ -1,6 +1,5 @@
-//! HTTP/1.1: parsing, routing, responses and the connection loop.
+//! HTTP/1.1 as bytes: request heads and bodies parsed ([`parse`]), responses serialized
+//! ([`response`]). Nothing here knows the product's routes or a connection's life.
 
-pub mod conn;
 pub mod parse;
 pub mod response;
-pub mod router;

@@ -39,6 +39,7 @@ use wheel::{TimerKey, TimerWheel};
 /// enough for the shortest drain interval (`DRAIN_INTERVAL_MS_MIN`); an idle shard wakes 100
 /// times a second for it, which costs next to nothing.
 pub const TICK_MS: u64 = 10;
+const _: () = assert!(TICK_MS == crate::config::DRAIN_INTERVAL_MS_MIN);
 /// Wheel slots: one revolution covers 2^12 x 10 ms = 41 s, longer timers take extra rounds.
 const WHEEL_SLOTS: usize = 4096;
 /// How long a client has to answer our close frame before the socket is shut anyway.
@@ -163,8 +164,14 @@ pub struct Shard {
 }
 
 /// Everything a shard thread starts from.
+/// What the runtime runs for each accepted connection; handed to it at start, so the runtime
+/// never names the layers above it.
+pub type Serve =
+    fn(Rc<Shard>, tokio_uring::net::TcpStream) -> std::pin::Pin<Box<dyn Future<Output = ()>>>;
+
 pub struct ShardInit {
     pub index: usize,
+    pub serve: Serve,
     pub config: Arc<Config>,
     pub admin_token: Arc<str>,
     pub senders: Vec<mpsc::Sender<ShardMsg>>,
@@ -876,7 +883,11 @@ pub fn run(init: ShardInit) -> Result<(), String> {
         let mut accept_tasks = Vec::new();
         for listener in init.listeners {
             let listener = tokio_uring::net::TcpListener::from_std(listener);
-            accept_tasks.push(tokio_uring::spawn(accept_loop(shard.clone(), listener)));
+            accept_tasks.push(tokio_uring::spawn(accept_loop(
+                shard.clone(),
+                listener,
+                init.serve,
+            )));
         }
         tokio_uring::spawn(shard.mesh.clone().forward());
         tokio_uring::spawn(tick_loop(shard.clone()));
@@ -910,7 +921,7 @@ pub fn run(init: ShardInit) -> Result<(), String> {
     Ok(())
 }
 
-async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) {
+async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener, serve: Serve) {
     let mut backoff_ms = ACCEPT_BACKOFF_MS_FIRST;
     loop {
         match listener.accept().await {
@@ -920,7 +931,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: tokio_uring::net::TcpListener) 
                     continue;
                 }
                 let _ = stream.set_nodelay(true);
-                tokio_uring::spawn(crate::http::conn::serve(shard.clone(), stream));
+                tokio_uring::spawn(serve(shard.clone(), stream));
             }
             Err(error) => {
                 // EMFILE and friends: wait for connections to close instead of spinning.

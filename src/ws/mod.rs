@@ -1,4 +1,4 @@
-//! WebSocket (RFC 6455): the frame codec and the session after an upgrade.
+//! WebSocket (RFC 6455) as bytes: the opening handshake's key, client frames decoded and server
+//! frames encoded. Nothing here knows what the messages mean.
 
 pub mod codec;
-pub mod session;

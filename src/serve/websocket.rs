@@ -9,18 +9,18 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio_uring::net::TcpStream;
 
-use super::codec::{
-    encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_MESSAGE_TOO_BIG,
-    MESSAGE_BYTES_MAX,
-};
+use super::http::read_more;
 use crate::api::{ingest_frame, Role};
 use crate::conn::registry::ConnId;
 use crate::conn::ring::{Kind, Ring};
-use crate::http::conn::read_more;
 use crate::metrics::{CloseReason, ConnKind, Rejection};
 use crate::shard::mesh::{owner_of, ShardMsg};
 use crate::shard::{Shard, Socket, Subscription, Timer, CLOSE_GRACE_MS};
 use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
+use crate::ws::codec::{
+    encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_MESSAGE_TOO_BIG,
+    MESSAGE_BYTES_MAX,
+};
 
 /// Dashboards send small messages (a subscribe); reads ask for this much at a time so an idle
 /// stream holds little memory while its read waits.

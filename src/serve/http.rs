@@ -8,12 +8,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
-use super::parse::{parse_head, parse_head_reusing, BodyDecoder, BodyKind, HeadBuffers, HttpError};
-use super::response::{Persistence, Response};
-use super::router::{self, NoRoute, Route, CONTROL_BODY_BYTES_MAX};
+use crate::api::routes::{self as router, NoRoute, Route, CONTROL_BODY_BYTES_MAX};
 use crate::api::{self, Handled};
 use crate::conn::limits::Share;
 use crate::conn::registry::ConnId;
+use crate::http::parse::{
+    parse_head, parse_head_reusing, BodyDecoder, BodyKind, HeadBuffers, HttpError,
+};
+use crate::http::response::{Persistence, Response};
 use crate::metrics::{CloseReason, Rejection};
 use crate::shard::{Deadline, Shard};
 
@@ -49,7 +51,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         End::Closed(reason) => shard.unregister(id, reason),
         End::Upgraded(role, key_id, leftover) => {
             // A task of its own, so the HTTP state machine's memory goes with this one.
-            tokio_uring::spawn(crate::ws::session::run(
+            tokio_uring::spawn(super::websocket::run(
                 shard, id, stream, leftover, role, key_id,
             ));
         }

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use super::parse::decode_path;
+use crate::http::parse::decode_path;
 
 /// Largest body of management and status requests: they are small JSON objects.
 pub const CONTROL_BODY_BYTES_MAX: usize = 64 * 1024;
