@@ -15,7 +15,6 @@ use socket2::{Domain, Socket, Type};
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
 const FIN: u8 = 0x80;
-const MASK: [u8; 4] = [0x1f, 0x2e, 0x3d, 0x4c];
 const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
 fn stream_path(project: &Project) -> String {
@@ -29,26 +28,8 @@ fn ingest_path(project: &Project) -> String {
     format!("/ingest?key={}", project.ingest_key)
 }
 
-/// A masked client frame with its payload.
-fn client_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = vec![first];
-    let len = payload.len();
-    if len < 126 {
-        bytes.push(0x80 | len as u8);
-    } else if len <= u16::MAX as usize {
-        bytes.push(0x80 | 126);
-        bytes.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        bytes.push(0x80 | 127);
-        bytes.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    bytes.extend_from_slice(&MASK);
-    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    bytes
-}
-
 fn text_frame(text: &str) -> Vec<u8> {
-    client_frame(FIN | OP_TEXT, text.as_bytes())
+    masked_frame(FIN | OP_TEXT, text.as_bytes())
 }
 
 /// Reads frames up to the close frame and returns its code.
@@ -124,7 +105,7 @@ fn a_64_bit_length_with_the_top_bit_set_closes_with_1002() {
         let mut stream = server.raw_ws(&path);
         let mut frame = vec![FIN | OP_TEXT, 0x80 | 127];
         frame.extend_from_slice(&(1u64 << 63 | 5).to_be_bytes());
-        frame.extend_from_slice(&MASK);
+        frame.extend_from_slice(&CLIENT_MASK);
         send_raw(&mut stream, &frame);
         assert_eq!(close_code(&mut stream), 1002, "{path}");
     }

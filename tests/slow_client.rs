@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use socket2::{Domain, Socket, Type};
 
 /// The stalled client's receive buffer: small, so the server's side fills after a few frames.
 const SLOW_RECV_BUFFER_BYTES: usize = 4096;
@@ -61,30 +60,7 @@ struct RawSubscriber {
 impl RawSubscriber {
     /// Upgrades, reads the first message (the count, so the subscription is in place) and stops.
     fn open(server: &Server, path: &str) -> RawSubscriber {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(SLOW_RECV_BUFFER_BYTES).unwrap();
-        socket.connect(&server.addr.into()).unwrap();
-        let mut stream: TcpStream = socket.into();
-        stream.set_read_timeout(Some(WAIT_LIMIT)).unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
-            server.addr
-        );
-        stream.write_all(request.as_bytes()).unwrap();
-        // Byte by byte, so nothing after the head is read ahead.
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).expect("upgrade response");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 101"), "{head}");
-        assert!(
-            head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-            "{head}"
-        );
+        let stream = upgrade_with_receive_buffer(server, path, SLOW_RECV_BUFFER_BYTES, WAIT_LIMIT);
         let mut subscriber = RawSubscriber {
             reader: BufReader::with_capacity(SLOW_RECV_BUFFER_BYTES, stream),
         };

@@ -5,14 +5,13 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use socket2::{Domain, Socket, Type};
 use tungstenite::Message;
 
 const MIB: usize = 1024 * 1024;
@@ -242,26 +241,12 @@ struct SlowClient {
 
 impl SlowClient {
     fn open(server: &Server, path: &str) -> SlowClient {
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-        socket.set_recv_buffer_size(SLOW_RECV_BUFFER_BYTES).unwrap();
-        socket.connect(&server.addr.into()).unwrap();
-        let mut stream: TcpStream = socket.into();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let request = format!(
-            "GET {path} HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
-             sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
-            server.addr
+        let stream = upgrade_with_receive_buffer(
+            server,
+            path,
+            SLOW_RECV_BUFFER_BYTES,
+            Duration::from_secs(30),
         );
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            stream.read_exact(&mut byte).expect("upgrade response");
-            head.push(byte[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{head:?}");
         let throttled = Throttled {
             stream,
             throttled: true,
@@ -388,29 +373,6 @@ fn slow_steady_reader_is_not_cut_off_as_stalled() {
 const FIN: u8 = 0x80;
 const OP_TEXT: u8 = 0x1;
 const OP_CONTINUATION: u8 = 0x0;
-const MASK: [u8; 4] = [0x11, 0x22, 0x33, 0x44];
-
-/// A masked client frame header announcing `len` payload bytes.
-fn masked_head(first: u8, len: usize) -> Vec<u8> {
-    let mut head = vec![first];
-    if len < 126 {
-        head.push(0x80 | len as u8);
-    } else if len <= u16::MAX as usize {
-        head.push(0x80 | 126);
-        head.extend_from_slice(&(len as u16).to_be_bytes());
-    } else {
-        head.push(0x80 | 127);
-        head.extend_from_slice(&(len as u64).to_be_bytes());
-    }
-    head.extend_from_slice(&MASK);
-    head
-}
-
-fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut bytes = masked_head(first, payload.len());
-    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    bytes
-}
 
 /// Reads to the close frame and returns its code.
 fn close_code(stream: &mut TcpStream) -> u16 {

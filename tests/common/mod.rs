@@ -832,3 +832,69 @@ pub fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     stream.read_exact(&mut payload).unwrap();
     Some((head[0], payload))
 }
+
+/// The mask key of the client frames tests write by hand.
+pub const CLIENT_MASK: [u8; 4] = [0x1f, 0x2e, 0x3d, 0x4c];
+
+/// A masked client frame header announcing `len` payload bytes (`first`: FIN and opcode).
+pub fn masked_head(first: u8, len: usize) -> Vec<u8> {
+    let mut head = vec![first];
+    if len < 126 {
+        head.push(0x80 | len as u8);
+    } else if len <= u16::MAX as usize {
+        head.push(0x80 | 126);
+        head.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        head.push(0x80 | 127);
+        head.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    head.extend_from_slice(&CLIENT_MASK);
+    head
+}
+
+/// A whole masked client frame.
+pub fn masked_frame(first: u8, payload: &[u8]) -> Vec<u8> {
+    let mut bytes = masked_head(first, payload.len());
+    bytes.extend(
+        payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ CLIENT_MASK[i % 4]),
+    );
+    bytes
+}
+
+/// A WebSocket upgraded by hand on a socket with a small receive buffer (so the server's writes
+/// back up after a few kilobytes); returns it right after the 101 head, which is read byte by
+/// byte so nothing after it is read ahead.
+pub fn upgrade_with_receive_buffer(
+    server: &Server,
+    path: &str,
+    receive_buffer_bytes: usize,
+    read_timeout: Duration,
+) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(receive_buffer_bytes).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(read_timeout)).unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        server.addr
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("upgrade response");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    stream
+}
