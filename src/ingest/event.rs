@@ -64,28 +64,21 @@ pub struct Frame<'a> {
     pub in_app: bool,
 }
 
-/// A list of frames as it lies in the document, each read into a `Frame` by its decoder's
-/// reader (the wire formats name a frame's fields differently).
+/// A list of frames as it lies in the document, each read into a `Frame` by the frame reader
+/// of the decoder named by `format` (the wire formats name a frame's fields differently). The
+/// reader is called directly, not through a pointer, so that it is inlined into grouping.
 #[derive(Clone, Copy)]
 pub struct Frames<'a> {
     frames: Option<Array<'a, 'a>>,
-    read: fn(Value<'a, 'a>) -> Frame<'a>,
+    format: Grouping,
 }
 
 impl<'a> Frames<'a> {
-    /// No frames.
-    pub fn none() -> Frames<'a> {
-        Frames {
-            frames: None,
-            read: |_| Frame::default(),
-        }
-    }
-
-    /// The elements of `frames` (anything but an array counts as none), read by `read`.
-    pub fn new(frames: Option<Value<'a, 'a>>, read: fn(Value<'a, 'a>) -> Frame<'a>) -> Frames<'a> {
+    /// The elements of `frames` (anything but an array counts as none), in `format`.
+    pub fn new(frames: Option<Value<'a, 'a>>, format: Grouping) -> Frames<'a> {
         Frames {
             frames: frames.and_then(|frames| frames.as_array()),
-            read,
+            format,
         }
     }
 
@@ -97,11 +90,29 @@ impl<'a> Frames<'a> {
         self.frames.map_or(0, |frames| frames.len())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = Frame<'a>> + '_ {
-        self.frames
-            .iter()
-            .flat_map(|frames| frames.iter())
-            .map(self.read)
+    pub fn iter(&self) -> FramesIter<'a> {
+        FramesIter {
+            frames: self.frames.map(|frames| frames.iter()),
+            format: self.format,
+        }
+    }
+}
+
+/// The frames of a `Frames`, each read as it is reached.
+pub struct FramesIter<'a> {
+    frames: Option<simd_json::tape::array::Iter<'a, 'a>>,
+    format: Grouping,
+}
+
+impl<'a> Iterator for FramesIter<'a> {
+    type Item = Frame<'a>;
+
+    fn next(&mut self) -> Option<Frame<'a>> {
+        let frame = self.frames.as_mut()?.next()?;
+        Some(match self.format {
+            Grouping::Native => super::native::read_frame(frame),
+            Grouping::Sentry => super::sentry::event::read_frame(frame),
+        })
     }
 }
 

@@ -288,6 +288,7 @@ mod tests {
     use super::*;
     use crate::ingest::event::{Level, Raw};
     use crate::ingest::native::{self, Fields};
+    use crate::ingest::testing::XorShift;
 
     #[test]
     fn hash_is_the_first_16_bytes_of_sha256() {
@@ -315,18 +316,6 @@ mod tests {
 
     fn reference_normalise(s: &str) -> String {
         s.to_lowercase().replace("0x", "").trim().to_owned()
-    }
-
-    /// Small deterministic generator so failures reproduce.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod event;
 pub mod fingerprint;
 pub mod native;
 pub mod sentry;
+#[cfg(test)]
+mod testing;
 pub mod validate;
 
 use event::{EventError, Level, Summary};

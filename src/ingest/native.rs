@@ -214,7 +214,7 @@ pub fn read<'a>(
             .exception
             .filter(|exception| exception.is_object())
             .map(read_exception),
-        frames: Frames::new(fields.stacktrace, read_frame),
+        frames: Frames::new(fields.stacktrace, Grouping::Native),
         fingerprint: fields.fingerprint.and_then(CustomFingerprint::of),
         environment: string(fields.environment),
         // Native events carry a release only as the `release` tag, by convention.
@@ -249,7 +249,8 @@ fn read_exception<'a>(exception: Value<'a, 'a>) -> Exception<'a> {
 }
 
 /// A frame's `filename`, `function_name` and `in_app` in one pass, each the last of its name.
-fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
+#[inline]
+pub(crate) fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
     let mut read = Frame::default();
     for (name, value) in frame.as_object().iter().flat_map(|fields| fields.iter()) {
         match name {
@@ -350,6 +351,7 @@ mod tests {
     };
     use crate::ingest::event::{cut_at_char_boundary, TITLE_BYTES_MAX};
     use crate::ingest::fingerprint;
+    use crate::ingest::testing::XorShift;
 
     /// A realistic browser error: 10 frames, tags, breadcrumbs and fields the server does not know.
     const REALISTIC_EVENT: &str = r#"{
@@ -400,22 +402,6 @@ mod tests {
 
     fn reparse(json: &[u8]) -> simd_json::OwnedValue {
         simd_json::to_owned_value(&mut json.to_vec()).expect("written JSON parses")
-    }
-
-    /// Small deterministic generator so failures reproduce.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound as u64) as usize
-        }
     }
 
     #[test]

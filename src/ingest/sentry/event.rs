@@ -171,7 +171,7 @@ fn read_value<'a>(event: Value<'a, 'a>, raw: Raw<'a>) -> Result<(Option<Uuid>, E
                 .and_then(|logentry| text(last_field(logentry, "message"))),
             level: level(fields.level),
             exception: raised.map(|(exception, _)| exception),
-            frames: Frames::new(frames, read_frame),
+            frames: Frames::new(frames, Grouping::Sentry),
             fingerprint: fields.fingerprint.and_then(CustomFingerprint::of),
             environment: text(fields.environment),
             release: text(fields.release),
@@ -270,7 +270,8 @@ fn crashed_thread_frames<'t, 'a>(threads: Value<'t, 'a>) -> Option<Value<'t, 'a>
 
 /// A frame's names in one pass over its fields (which may hold large `vars`): `filename`
 /// stands for `abs_path` when missing.
-fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
+#[inline]
+pub(crate) fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
     let (mut filename, mut abs_path) = (None, None);
     let mut read = Frame::default();
     for (name, value) in frame.as_object().iter().flat_map(|fields| fields.iter()) {
