@@ -107,6 +107,7 @@ pub struct FramesIter<'a> {
 impl<'a> Iterator for FramesIter<'a> {
     type Item = Frame<'a>;
 
+    #[inline(always)]
     fn next(&mut self) -> Option<Frame<'a>> {
         let frame = self.frames.as_mut()?.next()?;
         Some(match self.format {

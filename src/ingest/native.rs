@@ -249,7 +249,7 @@ fn read_exception<'a>(exception: Value<'a, 'a>) -> Exception<'a> {
 }
 
 /// A frame's `filename`, `function_name` and `in_app` in one pass, each the last of its name.
-#[inline]
+#[inline(always)]
 pub(crate) fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
     let mut read = Frame::default();
     for (name, value) in frame.as_object().iter().flat_map(|fields| fields.iter()) {

@@ -270,7 +270,7 @@ fn crashed_thread_frames<'t, 'a>(threads: Value<'t, 'a>) -> Option<Value<'t, 'a>
 
 /// A frame's names in one pass over its fields (which may hold large `vars`): `filename`
 /// stands for `abs_path` when missing.
-#[inline]
+#[inline(always)]
 pub(crate) fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
     let (mut filename, mut abs_path) = (None, None);
     let mut read = Frame::default();
