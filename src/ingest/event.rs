@@ -14,8 +14,8 @@ use simd_json::tape::{Array, Value};
 use super::document::write_json;
 use super::fingerprint;
 
-/// Which rule set groups and titles the event (PROTOCOL 4 "Grouping", 8 "Grouping a Sentry
-/// event"): that of the wire format it came in.
+/// The wire format the event came in, which names the rule set that validates, groups and
+/// titles it (PROTOCOL 4 "Grouping", 8 "Grouping a Sentry event") and the reader of its frames.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Grouping {
     Native,
