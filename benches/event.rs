@@ -3,8 +3,10 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use mesher::ingest::event::{parse_event, write_json, Document, Fields, EVENT_DEPTH_MAX};
-use mesher::ingest::fingerprint::fingerprint;
+use mesher::ingest::document::{write_json, Document, EVENT_DEPTH_MAX};
+use mesher::ingest::event::{Level, Raw};
+use mesher::ingest::fingerprint;
+use mesher::ingest::native::{parse_event, read, Fields};
 use mesher::ingest::sentry::{
     decode_body, decode_event_item, parse_envelope, ContentEncoding, ENVELOPE_BYTES_MAX,
 };
@@ -40,9 +42,10 @@ fn event_benches(c: &mut Criterion) {
 
     let mut body = EVENT_JSON.as_bytes().to_vec();
     let document = Document::parse(&mut body, EVENT_DEPTH_MAX).expect("bench event is JSON");
-    let fields = Fields::of(document.root());
+    let root = document.root();
+    let event = read(&Fields::of(root), Level::Error, None, Raw::Parsed(root));
     group.bench_function("fingerprint_10_frames", |b| {
-        b.iter(|| fingerprint(black_box(&fields)))
+        b.iter(|| fingerprint::key(black_box(&event)))
     });
 
     let mut out = Vec::with_capacity(2 * EVENT_JSON.len());

@@ -1,37 +1,232 @@
-//! Event decoding and validation (PROTOCOL "Event JSON"): turns a request body or WebSocket
-//! frame into checked events carrying what grouping, filtering and storage need.
+//! The canonical event: what every wire decoder (`native`, `sentry`) makes of an event, and
+//! all that validation and grouping read. It borrows from the parsed document: strings are the
+//! document's own, and repeated parts (frames, tags, custom fingerprint elements) are read from
+//! the tape when walked, so decoding allocates nothing for them.
 //!
-//! Bodies are parsed in place with simd-json into its tape: one flat vector of values in document
-//! order whose strings borrow the parsed bytes, read where it lies, with no tree of maps built.
-//! A JSON `null` counts as an absent field, as SDKs commonly send `null` for fields they do not
-//! set.
+//! Also owns the types every other part of the server uses for an event: its `Level`, why one
+//! is refused (`EventError`), and the owned `Summary` an accepted event leaves behind.
 
 use std::fmt;
-use std::ops::Range;
 
 use simd_json::prelude::*;
-use simd_json::tape::Value;
-use simd_json::{Buffers, ErrorType, Tape, ValueType};
+use simd_json::tape::{Array, Value};
 
-use super::diagnose::{diagnose, widen_numbers};
-use super::fingerprint::fingerprint;
+use super::document::write_json;
+use super::fingerprint;
 
-/// Most events one bulk request or frame may carry (PROTOCOL "Endpoints"); more is rejected
-/// whole, so a request is always answered in one bounded batch.
-pub const BULK_EVENTS_MAX: usize = 100;
+/// The wire format the event came in, which names the rule set that validates, groups and
+/// titles it (PROTOCOL 4 "Grouping", 8 "Grouping a Sentry event") and the reader of its frames.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Grouping {
+    Native,
+    Sentry,
+}
 
-/// Deepest nesting of objects and arrays inside one event, the event object being level 1.
-/// Real events stay far below it; the bound keeps every recursive walk of the value (drop,
-/// encoding, consumers' JSON decoders, which commonly stop at 128) within a small stack.
-/// Deeper input is rejected as an invalid event.
-pub const EVENT_DEPTH_MAX: usize = 64;
+/// One event, whatever format it came in.
+#[derive(Clone, Copy)]
+pub struct Event<'a> {
+    pub grouping: Grouping,
+    /// The message as shown (native `message`; Sentry's formatted message).
+    pub message: Option<&'a str>,
+    /// The message before its parameters were filled in (Sentry `logentry.message`).
+    pub template: Option<&'a str>,
+    pub level: Level,
+    /// The exception raised, when there is one.
+    pub exception: Option<Exception<'a>>,
+    /// Where it happened, oldest call first.
+    pub frames: Frames<'a>,
+    /// The custom grouping key given, when non-empty.
+    pub fingerprint: Option<CustomFingerprint<'a>>,
+    /// `environment` as sent (see `Event::environment`).
+    pub environment: Option<&'a str>,
+    pub release: Option<&'a str>,
+    pub tags: Tags<'a>,
+    /// When it happened, in microseconds since the Unix epoch; `None`: the receive time.
+    pub timestamp_us: Option<i64>,
+    /// The event's JSON.
+    pub raw: Raw<'a>,
+}
 
-/// Earliest accepted `timestamp`, 0000-01-01T00:00:00Z: RFC 3339 has four-digit years, so every
-/// accepted time can be written back as RFC 3339.
-const TIMESTAMP_MIN_S: i64 = -62_167_219_200;
-/// Latest accepted `timestamp`, 9999-12-31T23:59:59Z, for the same reason.
-const TIMESTAMP_MAX_S: i64 = 253_402_300_799;
-const MICROS_PER_SECOND: i64 = 1_000_000;
+/// An exception's fields; a decoder may leave any of them out.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Exception<'a> {
+    pub type_name: Option<&'a str>,
+    pub value: Option<&'a str>,
+    pub module: Option<&'a str>,
+}
+
+/// A stack frame's fields that grouping may read.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Frame<'a> {
+    pub filename: Option<&'a str>,
+    pub module: Option<&'a str>,
+    pub function: Option<&'a str>,
+    pub in_app: bool,
+}
+
+/// A list of frames as it lies in the document, each read into a `Frame` by the frame reader
+/// of the decoder named by `format` (the wire formats name a frame's fields differently). The
+/// reader is called directly, not through a pointer, so that it is inlined into grouping.
+#[derive(Clone, Copy)]
+pub struct Frames<'a> {
+    frames: Option<Array<'a, 'a>>,
+    format: Grouping,
+}
+
+impl<'a> Frames<'a> {
+    /// The elements of `frames` (anything but an array counts as none), in `format`.
+    pub fn new(frames: Option<Value<'a, 'a>>, format: Grouping) -> Frames<'a> {
+        Frames {
+            frames: frames.and_then(|frames| frames.as_array()),
+            format,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_none_or(|frames| frames.is_empty())
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.map_or(0, |frames| frames.len())
+    }
+
+    pub fn iter(&self) -> FramesIter<'a> {
+        FramesIter {
+            frames: self.frames.map(|frames| frames.iter()),
+            format: self.format,
+        }
+    }
+}
+
+/// The frames of a `Frames`, each read as it is reached.
+pub struct FramesIter<'a> {
+    frames: Option<simd_json::tape::array::Iter<'a, 'a>>,
+    format: Grouping,
+}
+
+impl<'a> Iterator for FramesIter<'a> {
+    type Item = Frame<'a>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Frame<'a>> {
+        let frame = self.frames.as_mut()?.next()?;
+        Some(match self.format {
+            Grouping::Native => super::native::read_frame(frame),
+            Grouping::Sentry => super::sentry::event::read_frame(frame),
+        })
+    }
+}
+
+/// A custom grouping key: a non-empty string, or a non-empty array whose elements are joined.
+#[derive(Clone, Copy)]
+pub struct CustomFingerprint<'a>(Value<'a, 'a>);
+
+impl<'a> CustomFingerprint<'a> {
+    /// `fingerprint` when it is a non-empty string or array.
+    pub fn of(value: Value<'a, 'a>) -> Option<CustomFingerprint<'a>> {
+        let given = match value.as_array() {
+            Some(parts) => !parts.is_empty(),
+            None => value.as_str().is_some_and(|key| !key.is_empty()),
+        };
+        given.then_some(CustomFingerprint(value))
+    }
+
+    /// The elements (a lone string is one); an element that is not a string reads as empty.
+    pub fn parts(&self) -> impl Iterator<Item = &'a str> {
+        let lone = self.0.into_string();
+        let parts = self.0.as_array().into_iter().flat_map(|parts| parts.iter());
+        lone.into_iter()
+            .chain(parts.map(|part| part.into_string().unwrap_or("")))
+    }
+}
+
+/// Tags as they lie in the document: an object of strings, or a list of `[key, value]` pairs.
+#[derive(Clone, Copy, Default)]
+pub struct Tags<'a>(Option<Value<'a, 'a>>);
+
+impl<'a> Tags<'a> {
+    pub fn new(tags: Option<Value<'a, 'a>>) -> Tags<'a> {
+        Tags(tags)
+    }
+
+    /// The last tag of this name, when it is a string.
+    pub fn get(&self, key: &str) -> Option<&'a str> {
+        let tags = self.0?;
+        if tags.is_object() {
+            return super::document::last_field(tags, key).and_then(|value| value.into_string());
+        }
+        tags.as_array()?
+            .iter()
+            .filter_map(|pair| {
+                let pair = pair.as_array()?;
+                if pair.len() == 2 && pair.get(0)?.as_str()? == key {
+                    pair.get(1)
+                } else {
+                    None
+                }
+            })
+            .last()
+            .and_then(|value| value.into_string())
+    }
+}
+
+/// An event's JSON: bytes as sent, or a parsed value to be written anew.
+#[derive(Clone, Copy)]
+pub enum Raw<'a> {
+    Sent(&'a [u8]),
+    Parsed(Value<'a, 'a>),
+}
+
+impl Raw<'_> {
+    /// The JSON as text.
+    pub fn to_json(&self) -> String {
+        match self {
+            Raw::Sent(bytes) => String::from_utf8(bytes.to_vec()).expect("checked UTF-8"),
+            Raw::Parsed(value) => {
+                let mut json = Vec::with_capacity(512);
+                write_json(*value, &mut json);
+                String::from_utf8(json).expect("JSON is written from strings")
+            }
+        }
+    }
+}
+
+impl<'a> Event<'a> {
+    /// `environment`, else the `environment` tag; an empty string counts as absent.
+    pub fn environment(&self) -> Option<&'a str> {
+        let non_empty = |name: &&str| !name.is_empty();
+        self.environment
+            .filter(non_empty)
+            .or_else(|| self.tags.get("environment").filter(non_empty))
+    }
+
+    /// What the server keeps of an accepted event: grouping key and title made by the event's
+    /// rule set, and its fields owned.
+    pub fn summary(&self) -> Summary {
+        let (fingerprint, title) = fingerprint::group(self);
+        Summary {
+            level: self.level,
+            environment: self.environment().map(str::to_owned),
+            release: self.release.map(str::to_owned),
+            timestamp_us: self.timestamp_us,
+            fingerprint,
+            title,
+        }
+    }
+}
+
+/// What an accepted event leaves once its document is gone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub level: Level,
+    pub environment: Option<String>,
+    pub release: Option<String>,
+    pub timestamp_us: Option<i64>,
+    /// The grouping key (see `fingerprint`).
+    pub fingerprint: String,
+    /// The issue title (see `fingerprint::group`).
+    pub title: String,
+}
 
 /// Severity of an event; also the severity of the issue it opens.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
@@ -67,32 +262,6 @@ impl Level {
     }
 }
 
-/// A valid event: what the server acts on, read from the event object. The event's JSON itself
-/// is kept apart: as sent for a single event, re-encoded (`write_json`) for array elements.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    /// `level`, default `error`.
-    pub level: Level,
-    /// `environment`, else `tags.environment`; an empty string counts as absent.
-    pub environment: Option<String>,
-    /// The grouping key (see `fingerprint`).
-    pub fingerprint: String,
-    /// Issue title: the message, else `type_name: value` of the exception, else `Untitled`, cut
-    /// to `TITLE_BYTES_MAX`.
-    pub title: String,
-    /// `timestamp` in microseconds since the Unix epoch; `None` when the event has none (the
-    /// receive time applies).
-    pub timestamp_us: Option<i64>,
-}
-
-/// Appends a parsed value as compact JSON. Every string is escaped as JSON requires, so the
-/// output is valid JSON whatever the value contains.
-pub fn write_json(value: Value<'_, '_>, out: &mut Vec<u8>) {
-    let written = Writable::write(&value, out);
-    // Writing into a Vec cannot fail.
-    debug_assert!(written.is_ok());
-}
-
 /// Why a body was refused; both become `400 {"error": "<Display>"}`.
 #[derive(Debug, PartialEq)]
 pub enum EventError {
@@ -113,502 +282,6 @@ impl fmt::Display for EventError {
 
 impl std::error::Error for EventError {}
 
-/// Parses a body holding exactly one event object (`POST /api/v1/events`).
-pub fn parse_event(body: &[u8]) -> Result<Event, EventError> {
-    with_document(body, EVENT_DEPTH_MAX, |document, _| {
-        event_from_value(document.root()).map_err(EventError::Invalid)
-    })
-}
-
-/// Parses a body holding an array of 1..=`BULK_EVENTS_MAX` event objects
-/// (`POST /api/v1/events/bulk`, and WebSocket frames holding an array), each with its JSON.
-/// One invalid element rejects all, naming its index.
-pub fn parse_bulk(body: &[u8]) -> Result<Vec<(Event, String)>, EventError> {
-    with_document(body, EVENT_DEPTH_MAX + 1, |document, elements_as_sent| {
-        events_of_array(body, document, elements_as_sent)
-    })
-}
-
-/// The events of a parsed bulk body, each with its JSON: written anew from the parsed value, or
-/// the element's bytes as sent when the body held numbers simd-json could not (see
-/// `with_document`).
-fn events_of_array(
-    body: &[u8],
-    document: &Document<'_>,
-    elements_as_sent: Option<&[Range<usize>]>,
-) -> Result<Vec<(Event, String)>, EventError> {
-    let root = document.root();
-    let Some(elements) = root.as_array() else {
-        return Err(EventError::Invalid(format!(
-            "body must be a JSON array of events, got {}",
-            json_type(root)
-        )));
-    };
-    if elements.is_empty() {
-        return Err(EventError::Invalid(
-            "empty array: at least one event required".to_owned(),
-        ));
-    }
-    if elements.len() > BULK_EVENTS_MAX {
-        return Err(EventError::Invalid(format!(
-            "{} events in one request, at most {BULK_EVENTS_MAX} allowed",
-            elements.len()
-        )));
-    }
-    let mut events = Vec::with_capacity(elements.len());
-    for (index, element) in elements.iter().enumerate() {
-        let event = event_from_value(element)
-            .map_err(|detail| EventError::Invalid(format!("index {index}: {detail}")))?;
-        let json = match elements_as_sent {
-            Some(spans) => {
-                String::from_utf8(body[spans[index].clone()].to_vec()).expect("checked UTF-8")
-            }
-            None => {
-                let mut json = Vec::with_capacity(512);
-                write_json(element, &mut json);
-                String::from_utf8(json).expect("JSON is written from strings")
-            }
-        };
-        events.push((event, json));
-    }
-    Ok(events)
-}
-
-/// Whether the first non-whitespace byte opens a JSON array.
-pub fn body_is_array(body: &[u8]) -> bool {
-    body.iter()
-        .find(|byte| !matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
-        .is_some_and(|byte| *byte == b'[')
-}
-
-/// The top-level fields of an event object the server reads, any type, each the last of its
-/// name: JSON readers (JavaScript's among them) keep the last of repeated keys, so the server
-/// judges the event as a dashboard will read it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Fields<'t, 'a> {
-    pub message: Option<Value<'t, 'a>>,
-    pub exception: Option<Value<'t, 'a>>,
-    pub level: Option<Value<'t, 'a>>,
-    pub fingerprint: Option<Value<'t, 'a>>,
-    pub tags: Option<Value<'t, 'a>>,
-    pub environment: Option<Value<'t, 'a>>,
-    pub timestamp: Option<Value<'t, 'a>>,
-    pub stacktrace: Option<Value<'t, 'a>>,
-}
-
-impl<'t, 'a> Fields<'t, 'a> {
-    /// One pass over the event's keys; none are found in anything but an object.
-    pub fn of(event: Value<'t, 'a>) -> Fields<'t, 'a> {
-        let mut fields = Fields::default();
-        let Some(object) = event.as_object() else {
-            return fields;
-        };
-        for (name, value) in object.iter() {
-            let slot = match name {
-                "message" => &mut fields.message,
-                "exception" => &mut fields.exception,
-                "level" => &mut fields.level,
-                "fingerprint" => &mut fields.fingerprint,
-                "tags" => &mut fields.tags,
-                "environment" => &mut fields.environment,
-                "timestamp" => &mut fields.timestamp,
-                "stacktrace" => &mut fields.stacktrace,
-                _ => continue,
-            };
-            *slot = Some(value);
-        }
-        fields
-    }
-}
-
-/// The last field of this name in an object (see `Fields`); `None` for anything else.
-pub fn last_field<'t, 'a>(object: Value<'t, 'a>, name: &str) -> Option<Value<'t, 'a>> {
-    object
-        .as_object()?
-        .iter()
-        .filter(|(key, _)| *key == name)
-        .last()
-        .map(|(_, value)| value)
-}
-
-/// Validates a parsed event and extracts its fields. The error is the detail text of an
-/// `invalid event` answer.
-pub fn event_from_value(value: Value<'_, '_>) -> Result<Event, String> {
-    if !value.is_object() {
-        return Err(format!(
-            "event must be a JSON object, got {}",
-            json_type(value)
-        ));
-    }
-    let fields = Fields::of(value);
-
-    let message = optional_string(fields.message, "message")?;
-    let exception = match present(fields.exception) {
-        None => None,
-        Some(exception) if exception.is_object() => Some(exception),
-        Some(other) => {
-            return Err(format!(
-                "exception must be an object, got {}",
-                json_type(other)
-            ));
-        }
-    };
-    let exception_type = match exception {
-        Some(exception) => {
-            optional_string(last_field(exception, "type_name"), "exception.type_name")?
-        }
-        None => None,
-    };
-    let exception_value = match exception {
-        Some(exception) => optional_string(last_field(exception, "value"), "exception.value")?,
-        None => None,
-    };
-    if message.is_none_or(str::is_empty) && exception.is_none() {
-        return Err("message or exception required".to_owned());
-    }
-
-    let level = match present(fields.level) {
-        None => Level::Error,
-        Some(level) => match level.as_str() {
-            Some(name) => Level::parse(name).ok_or_else(|| {
-                format!("unknown level {name:?}: expected fatal, error, warning, info or debug")
-            })?,
-            None => return Err(format!("level must be a string, got {}", json_type(level))),
-        },
-    };
-
-    check_custom_fingerprint(present(fields.fingerprint))?;
-
-    let tags = match present(fields.tags) {
-        None => None,
-        Some(tags) => match tags.as_object() {
-            Some(object) => Some(object),
-            None => return Err(format!("tags must be an object, got {}", json_type(tags))),
-        },
-    };
-    let mut tag_environment = None;
-    if let Some(tags) = tags {
-        for (name, tag) in tags.iter() {
-            let Some(text) = tag.into_string() else {
-                return Err(format!(
-                    "tag {name:?} must be a string, got {}",
-                    json_type(tag)
-                ));
-            };
-            if name == "environment" {
-                tag_environment = Some(text);
-            }
-        }
-    }
-    let environment = optional_string(fields.environment, "environment")?
-        .filter(|name| !name.is_empty())
-        .or(tag_environment.filter(|name| !name.is_empty()))
-        .map(str::to_owned);
-
-    let timestamp_us = match present(fields.timestamp) {
-        None => None,
-        Some(timestamp) => Some(timestamp_us(timestamp)?),
-    };
-
-    check_stacktrace(present(fields.stacktrace))?;
-
-    Ok(Event {
-        level,
-        environment,
-        fingerprint: fingerprint(&fields),
-        title: title(message, exception_type, exception_value),
-        timestamp_us,
-    })
-}
-
-/// Inputs up to this size parse with working buffers kept per thread; a larger one (a bulk body
-/// of megabytes) gets its own, so no thread holds on to megabytes of them.
-pub(crate) const REUSED_BUFFERS_INPUT_BYTES_MAX: usize = 64 * 1024;
-
-thread_local! {
-    /// simd-json's working buffers by depth limit, reused across parses on this thread: each
-    /// parse would otherwise allocate three buffers the size of its input.
-    static BUFFERS: std::cell::RefCell<Vec<(usize, Buffers)>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Tape vectors of at most this many nodes are kept per thread for the next parse.
-const REUSED_TAPE_NODES_MAX: usize = 16 * 1024;
-
-thread_local! {
-    /// The last parse's tape, empty, so that a parse on this thread grows no fresh one.
-    static TAPE: std::cell::Cell<Option<Tape<'static>>> = const { std::cell::Cell::new(None) };
-}
-
-thread_local! {
-    /// simd-json parses in place, so it works on a copy, kept per thread so that a body costs
-    /// no allocation for it (up to the size simd-json's own buffers are kept for); the body
-    /// itself stays as sent.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Parses a copy of `body` and hands the document to `read`, with the byte ranges of the
-/// top-level array's elements when the document is not the body's exact parse.
-///
-/// A body simd-json refuses is scanned again to say clearly what is wrong and where. If it is
-/// valid JSON after all, what simd-json refused are numbers beyond 64-bit integers or `f64`
-/// (`2^64`, `1e999`, 400 digits): the client's data, accepted. They are stood in for by numbers
-/// simd-json reads (the same sign, as far out of range), while the event keeps their text as
-/// sent: a single event's JSON is the body itself, and each array element's is its bytes as sent
-/// rather than written anew.
-fn with_document<T>(
-    body: &[u8],
-    depth_max: usize,
-    read: impl FnOnce(&Document<'_>, Option<&[Range<usize>]>) -> Result<T, EventError>,
-) -> Result<T, EventError> {
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
-        scratch.extend_from_slice(body);
-        let mut read = Some(read);
-        let mut read_document = |document: &Document<'_>, elements: Option<&[Range<usize>]>| {
-            let read = read.take().expect("one document is read");
-            read(document, elements)
-        };
-        let first = match Document::fill(scratch, depth_max) {
-            Ok(document) => Ok(read_document(&document, None)),
-            Err(error) => Err(error),
-        };
-        let result = match first {
-            Ok(result) => result,
-            Err(error) if *error.error() == ErrorType::DepthLimitExceeded => Err(too_deep()),
-            Err(error) => match diagnose(body) {
-                Err(problem) => Err(EventError::Json(problem)),
-                Ok(diagnosis) if diagnosis.wide_numbers.is_empty() => {
-                    Err(EventError::Json(describe(&error)))
-                }
-                Ok(diagnosis) => {
-                    scratch.clear();
-                    scratch.extend_from_slice(body);
-                    widen_numbers(scratch, &diagnosis.wide_numbers);
-                    match Document::fill(scratch, depth_max) {
-                        Ok(document) => read_document(&document, Some(&diagnosis.elements)),
-                        Err(error) => Err(plain_error(&error)),
-                    }
-                }
-            },
-        };
-        if scratch.capacity() > REUSED_BUFFERS_INPUT_BYTES_MAX {
-            *scratch = Vec::new();
-        }
-        result
-    })
-}
-
-fn too_deep() -> EventError {
-    EventError::Invalid(format!(
-        "nested deeper than {EVENT_DEPTH_MAX} levels of objects and arrays"
-    ))
-}
-
-/// A simd-json error as the detail of an answer, for input the scanner had nothing against.
-fn plain_error(error: &simd_json::Error) -> EventError {
-    match error.error() {
-        ErrorType::DepthLimitExceeded => too_deep(),
-        _ => EventError::Json(describe(error)),
-    }
-}
-
-fn describe(error: &simd_json::Error) -> String {
-    match error.error() {
-        ErrorType::InvalidNumber | ErrorType::InvalidExponent => {
-            format!("unreadable number near byte {}", error.index())
-        }
-        other => format!("{other:?} near byte {}", error.index()),
-    }
-}
-
-/// A body parsed with simd-json: the tape of its values in document order, whose strings borrow
-/// the body's bytes (unescaped in place). Nothing is allocated per value.
-pub struct Document<'a> {
-    tape: Tape<'a>,
-}
-
-impl<'a> Document<'a> {
-    /// Parses `body` in place with objects and arrays nested at most `depth_max` deep. The body
-    /// gains simd-json's padding at its end, which saves the parser a padded copy of it.
-    pub fn parse(body: &'a mut Vec<u8>, depth_max: usize) -> Result<Document<'a>, EventError> {
-        match Document::fill(body, depth_max) {
-            Ok(document) => Ok(document),
-            Err(error) => Err(plain_error(&error)),
-        }
-    }
-
-    fn fill(body: &'a mut Vec<u8>, depth_max: usize) -> Result<Document<'a>, simd_json::Error> {
-        let len = body.len();
-        body.resize(len + simd_json::INPUT_PADDING, b' ');
-        let mut tape = TAPE.take().map_or_else(|| Tape(Vec::new()), Tape::reset);
-        let parsed = with_buffers(len, depth_max, |buffers| {
-            simd_json::fill_tape_padded(body, len, buffers, &mut tape)
-        });
-        let document = Document { tape };
-        parsed.map(|()| document)
-    }
-
-    /// The document's top-level value.
-    pub fn root(&self) -> Value<'_, 'a> {
-        self.tape.as_value()
-    }
-}
-
-impl Drop for Document<'_> {
-    fn drop(&mut self) {
-        let tape = std::mem::replace(&mut self.tape, Tape(Vec::new()));
-        if tape.0.capacity() <= REUSED_TAPE_NODES_MAX {
-            TAPE.set(Some(tape.reset()));
-        }
-    }
-}
-
-/// Runs `parse` with simd-json working buffers for this depth limit: kept per thread up to
-/// `REUSED_BUFFERS_INPUT_BYTES_MAX` of input, made for the occasion beyond.
-fn with_buffers<T>(len: usize, depth_max: usize, parse: impl FnOnce(&mut Buffers) -> T) -> T {
-    if len > REUSED_BUFFERS_INPUT_BYTES_MAX {
-        return parse(&mut Buffers::with_max_depth(len, depth_max));
-    }
-    BUFFERS.with(|cell| {
-        let mut kept = cell.borrow_mut();
-        let found = kept
-            .as_slice()
-            .iter()
-            .position(|(depth, _)| *depth == depth_max);
-        let index = found.unwrap_or_else(|| {
-            let buffers = Buffers::with_max_depth(REUSED_BUFFERS_INPUT_BYTES_MAX, depth_max);
-            kept.push((depth_max, buffers));
-            kept.len() - 1
-        });
-        parse(&mut kept[index].1)
-    })
-}
-
-/// The value unless it is missing or `null`.
-pub(crate) fn present<'t, 'a>(value: Option<Value<'t, 'a>>) -> Option<Value<'t, 'a>> {
-    value.filter(|value| !value.is_null())
-}
-
-fn optional_string<'a>(
-    value: Option<Value<'_, 'a>>,
-    name: &str,
-) -> Result<Option<&'a str>, String> {
-    match present(value) {
-        None => Ok(None),
-        Some(value) => match value.into_string() {
-            Some(text) => Ok(Some(text)),
-            None => Err(format!("{name} must be a string, got {}", json_type(value))),
-        },
-    }
-}
-
-fn check_custom_fingerprint(value: Option<Value<'_, '_>>) -> Result<(), String> {
-    let Some(value) = value else {
-        return Ok(());
-    };
-    if let Some(key) = value.as_str() {
-        return match key.is_empty() {
-            true => Err("fingerprint must not be empty".to_owned()),
-            false => Ok(()),
-        };
-    }
-    let Some(parts) = value.as_array() else {
-        return Err(format!(
-            "fingerprint must be a string or an array of strings, got {}",
-            json_type(value)
-        ));
-    };
-    if parts.is_empty() {
-        return Err("fingerprint array must not be empty".to_owned());
-    }
-    match parts
-        .iter()
-        .enumerate()
-        .find(|(_, part)| part.as_str().is_none())
-    {
-        None => Ok(()),
-        Some((index, part)) => Err(format!(
-            "fingerprint[{index}] must be a string, got {}",
-            json_type(part)
-        )),
-    }
-}
-
-fn check_stacktrace(value: Option<Value<'_, '_>>) -> Result<(), String> {
-    let Some(value) = value else {
-        return Ok(());
-    };
-    let Some(frames) = value.as_array() else {
-        return Err(format!(
-            "stacktrace must be an array, got {}",
-            json_type(value)
-        ));
-    };
-    for (index, frame) in frames.iter().enumerate() {
-        let Some(fields) = frame.as_object() else {
-            return Err(format!(
-                "stacktrace[{index}] must be an object, got {}",
-                json_type(frame)
-            ));
-        };
-        // These two make the grouping key, so a wrong type must not silently group. Every
-        // copy of a repeated name is checked: the last one is read, and the others are as
-        // wrong in a dashboard's eyes.
-        for (name, field) in fields.iter() {
-            if matches!(name, "filename" | "function_name")
-                && !field.is_null()
-                && field.as_str().is_none()
-            {
-                return Err(format!(
-                    "stacktrace[{index}].{name} must be a string, got {}",
-                    json_type(field)
-                ));
-            }
-        }
-    }
-    Ok(())
-}
-
-/// `timestamp` as RFC 3339 text or Unix seconds (integer or fraction), in microseconds.
-pub(crate) fn timestamp_us(value: Value<'_, '_>) -> Result<i64, String> {
-    if let Some(text) = value.as_str() {
-        let time =
-            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-                .map_err(|error| format!("timestamp {text:?} is not RFC 3339: {error}"))?;
-        let micros = time.unix_timestamp_nanos().div_euclid(1_000);
-        return i64::try_from(micros).map_err(|_| timestamp_out_of_range());
-    }
-    if let Some(seconds) = value.as_i64() {
-        if !(TIMESTAMP_MIN_S..=TIMESTAMP_MAX_S).contains(&seconds) {
-            return Err(timestamp_out_of_range());
-        }
-        return Ok(seconds * MICROS_PER_SECOND);
-    }
-    match value.cast_f64() {
-        Some(seconds) => seconds_us(seconds),
-        None => Err(format!(
-            "timestamp must be an RFC 3339 string or Unix seconds, got {}",
-            json_type(value)
-        )),
-    }
-}
-
-/// Fractional Unix seconds in microseconds.
-fn seconds_us(seconds: f64) -> Result<i64, String> {
-    if !seconds.is_finite() {
-        return Err("timestamp must be a finite number".to_owned());
-    }
-    if !(TIMESTAMP_MIN_S as f64..=TIMESTAMP_MAX_S as f64).contains(&seconds) {
-        return Err(timestamp_out_of_range());
-    }
-    // In range, so the product fits an i64 with room to spare.
-    Ok((seconds * MICROS_PER_SECOND as f64).round() as i64)
-}
-
-fn timestamp_out_of_range() -> String {
-    "timestamp out of range (years 0000 to 9999)".to_owned()
-}
-
 /// Longest issue title kept, in bytes: a title is held in memory for the life of its issue and
 /// sent in every issue listing, and a client may send a megabyte of message.
 pub const TITLE_BYTES_MAX: usize = 1024;
@@ -623,962 +296,4 @@ pub fn cut_at_char_boundary(text: &str, max: usize) -> &str {
         end -= 1;
     }
     &text[..end]
-}
-
-fn title(
-    message: Option<&str>,
-    exception_type: Option<&str>,
-    exception_value: Option<&str>,
-) -> String {
-    fn non_empty(text: Option<&str>) -> Option<&str> {
-        text.filter(|text| !text.is_empty())
-    }
-    // Each part is cut before it is copied, so a megabyte message costs no megabyte copy.
-    let cut = |text: &str| cut_at_char_boundary(text, TITLE_BYTES_MAX).to_owned();
-    match (
-        non_empty(message),
-        non_empty(exception_type),
-        non_empty(exception_value),
-    ) {
-        (Some(message), _, _) => cut(message),
-        (None, Some(type_name), Some(value)) => {
-            let type_name = cut(type_name);
-            let rest = TITLE_BYTES_MAX.saturating_sub(type_name.len() + 2);
-            cut(&format!(
-                "{type_name}: {}",
-                cut_at_char_boundary(value, rest)
-            ))
-        }
-        (None, Some(type_name), None) => cut(type_name),
-        (None, None, Some(value)) => cut(value),
-        (None, None, None) => "Untitled".to_owned(),
-    }
-}
-
-pub(crate) fn json_type(value: Value<'_, '_>) -> &'static str {
-    match value.value_type() {
-        ValueType::Null => "null",
-        ValueType::Bool => "boolean",
-        ValueType::String => "string",
-        ValueType::Array => "array",
-        ValueType::Object => "object",
-        _ => "number",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A realistic browser error: 10 frames, tags, breadcrumbs and fields the server does not know.
-    const REALISTIC_EVENT: &str = r#"{
-  "message": "TypeError: Cannot read properties of undefined (reading 'id') at 0x7f3a",
-  "level": "error",
-  "exception": {"type_name": "TypeError", "value": "Cannot read properties of undefined (reading 'id')", "module_name": "checkout"},
-  "stacktrace": [
-    {"filename": "app/checkout.js", "function_name": "submitOrder", "lineno": 120, "colno": 17, "in_app": true},
-    {"filename": "app/checkout.js", "function_name": "onClick", "lineno": 88, "colno": 5, "in_app": true},
-    {"filename": "app/cart.js", "function_name": "total", "lineno": 41, "colno": 9, "in_app": true},
-    {"filename": "lib/react-dom.js", "function_name": "invokeGuardedCallback", "lineno": 4070, "colno": 14},
-    {"filename": "lib/react-dom.js", "function_name": "dispatchEvent", "lineno": 4102, "colno": 3},
-    {"filename": "lib/react-dom.js", "function_name": "batchedUpdates", "lineno": 3971, "colno": 12},
-    {"filename": "lib/scheduler.js", "function_name": "flushWork", "lineno": 212, "colno": 8},
-    {"filename": "lib/scheduler.js", "function_name": "workLoop", "lineno": 190, "colno": 22},
-    {"filename": "lib/scheduler.js", "function_name": "performWork", "lineno": 155, "colno": 1},
-    {"filename": "<anonymous>", "function_name": "", "lineno": 1, "colno": 1}
-  ],
-  "breadcrumbs": [{"category": "ui.click", "message": "button#pay"}],
-  "tags": {"environment": "production", "release": "shop@2.4.1", "browser": "Firefox 128"},
-  "extra": {"cart_items": 3, "total": 129.9},
-  "user_context": {"id": "u_1842"},
-  "sdk_name": "mesher.javascript",
-  "sdk_version": "1.8.0",
-  "timestamp": "2024-05-06T07:08:09.123456+02:00",
-  "custom_field": {"kept": [1, 2.5, true, null, "x"]}
-}"#;
-
-    fn parse(json: &str) -> Result<Event, EventError> {
-        parse_event(json.as_bytes())
-    }
-
-    fn invalid_detail(json: &str) -> String {
-        match parse(json) {
-            Err(EventError::Invalid(detail)) => detail,
-            other => panic!("expected an invalid event for {json}, got {other:?}"),
-        }
-    }
-
-    /// The JSON `json` is written as, once parsed (as for an element of a bulk body).
-    fn to_json(json: &[u8]) -> Vec<u8> {
-        let mut body = json.to_vec();
-        let document = Document::parse(&mut body, EVENT_DEPTH_MAX + 1).expect("valid JSON");
-        let mut out = Vec::new();
-        write_json(document.root(), &mut out);
-        out
-    }
-
-    fn reparse(json: &[u8]) -> simd_json::OwnedValue {
-        simd_json::to_owned_value(&mut json.to_vec()).expect("written JSON parses")
-    }
-
-    /// Small deterministic generator so failures reproduce.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, bound: usize) -> usize {
-            (self.next() % bound as u64) as usize
-        }
-    }
-
-    #[test]
-    fn level_names_round_trip_and_are_exact() {
-        for level in [
-            Level::Fatal,
-            Level::Error,
-            Level::Warning,
-            Level::Info,
-            Level::Debug,
-        ] {
-            assert_eq!(Level::parse(level.as_str()), Some(level));
-        }
-        for unknown in ["ERROR", "warn", "critical", "", " error"] {
-            assert_eq!(Level::parse(unknown), None, "{unknown:?}");
-        }
-    }
-
-    #[test]
-    fn minimal_event_gets_defaults() {
-        let event = parse(r#"{"message":"Boom"}"#).unwrap();
-        assert_eq!(event.level, Level::Error);
-        assert_eq!(event.environment, None);
-        assert_eq!(event.timestamp_us, None);
-        assert_eq!(event.title, "Boom");
-        assert_eq!(event.fingerprint, "msg:boom");
-    }
-
-    #[test]
-    fn realistic_event_is_decoded_and_kept_whole() {
-        let event = parse(REALISTIC_EVENT).unwrap();
-        assert_eq!(event.level, Level::Error);
-        assert_eq!(event.environment.as_deref(), Some("production"));
-        assert_eq!(event.timestamp_us, Some(1_714_972_089_123_456));
-        assert!(event.title.starts_with("TypeError: Cannot read"));
-        assert_eq!(
-            event.fingerprint,
-            "app/checkout.js|submitOrder;app/checkout.js|onClick;app/cart.js|total;\
-             lib/react-dom.js|invokeGuardedCallback;lib/react-dom.js|dispatchEvent;\
-             lib/react-dom.js|batchedUpdates;lib/scheduler.js|flushWork;lib/scheduler.js|workLoop;\
-             lib/scheduler.js|performWork;<anonymous>|:typeerror: cannot read properties of \
-             undefined (reading 'id') at 7f3a"
-        );
-        let written = to_json(REALISTIC_EVENT.as_bytes());
-        assert!(!written.contains(&b'\n'), "compact output");
-        assert_eq!(reparse(&written), reparse(REALISTIC_EVENT.as_bytes()));
-        let custom = std::str::from_utf8(&written).unwrap();
-        assert!(custom.contains(r#""custom_field":{"kept":[1,2.5,true,null,"x"]}"#));
-    }
-
-    #[test]
-    fn event_fingerprint_follows_grouping_rules() {
-        let custom = parse(r#"{"message":"m","fingerprint":["a","b"]}"#).unwrap();
-        assert_eq!(custom.fingerprint, "a\nb");
-        let exception = parse(r#"{"exception":{"type_name":"E","value":"At 0xAB"}}"#).unwrap();
-        assert_eq!(exception.fingerprint, "E:at ab");
-        let frames = parse(
-            r#"{"message":"X","stacktrace":[{"filename":"f","function_name":"g","lineno":3}]}"#,
-        )
-        .unwrap();
-        assert_eq!(frames.fingerprint, "f|g:x");
-    }
-
-    #[test]
-    fn titles_are_cut_to_1024_bytes_at_a_character_boundary() {
-        let title = |json: String| parse(&json).unwrap().title;
-        let long = "é".repeat(600);
-        let cut = title(format!(r#"{{"message":"a{long}"}}"#));
-        assert_eq!(cut.len(), 1023);
-        assert_eq!(cut, format!("a{}", "é".repeat(511)));
-        let exact = "x".repeat(TITLE_BYTES_MAX);
-        assert_eq!(title(format!(r#"{{"message":"{exact}"}}"#)), exact);
-        let exception = title(format!(
-            r#"{{"exception":{{"type_name":"T","value":"{}"}}}}"#,
-            "v".repeat(5000)
-        ));
-        assert_eq!(exception, format!("T: {}", "v".repeat(TITLE_BYTES_MAX - 3)));
-        let long_type = title(format!(
-            r#"{{"exception":{{"type_name":"{}","value":"v"}}}}"#,
-            "t".repeat(5000)
-        ));
-        assert_eq!(long_type, "t".repeat(TITLE_BYTES_MAX));
-        assert_eq!(cut_at_char_boundary("aé", 2), "a");
-    }
-
-    #[test]
-    fn title_prefers_message_then_exception_then_untitled() {
-        let title = |json: &str| parse(json).unwrap().title;
-        assert_eq!(
-            title(r#"{"message":"M","exception":{"type_name":"T","value":"V"}}"#),
-            "M"
-        );
-        assert_eq!(
-            title(r#"{"message":"","exception":{"type_name":"T","value":"V"}}"#),
-            "T: V"
-        );
-        assert_eq!(title(r#"{"exception":{"type_name":"T"}}"#), "T");
-        assert_eq!(title(r#"{"exception":{"type_name":"T","value":""}}"#), "T");
-        assert_eq!(title(r#"{"exception":{"value":"V"}}"#), "V");
-        assert_eq!(title(r#"{"exception":{}}"#), "Untitled");
-        assert_eq!(
-            title(r#"{"message":null,"exception":{"type_name":null}}"#),
-            "Untitled"
-        );
-    }
-
-    #[test]
-    fn every_validation_error_has_a_clear_detail() {
-        let cases: &[(&str, &str)] = &[
-            ("[]", "event must be a JSON object, got array"),
-            (r#""text""#, "event must be a JSON object, got string"),
-            ("42", "event must be a JSON object, got number"),
-            ("null", "event must be a JSON object, got null"),
-            ("true", "event must be a JSON object, got boolean"),
-            ("{}", "message or exception required"),
-            (r#"{"message":""}"#, "message or exception required"),
-            (
-                r#"{"message":null,"exception":null}"#,
-                "message or exception required",
-            ),
-            (r#"{"message":5}"#, "message must be a string, got number"),
-            (
-                r#"{"message":"m","exception":"E"}"#,
-                "exception must be an object, got string",
-            ),
-            (
-                r#"{"exception":[]}"#,
-                "exception must be an object, got array",
-            ),
-            (
-                r#"{"exception":{"type_name":1}}"#,
-                "exception.type_name must be a string, got number",
-            ),
-            (
-                r#"{"exception":{"value":{}}}"#,
-                "exception.value must be a string, got object",
-            ),
-            (
-                r#"{"message":"m","level":"critical"}"#,
-                r#"unknown level "critical": expected fatal, error, warning, info or debug"#,
-            ),
-            (
-                r#"{"message":"m","level":"ERROR"}"#,
-                r#"unknown level "ERROR": expected fatal, error, warning, info or debug"#,
-            ),
-            (
-                r#"{"message":"m","level":3}"#,
-                "level must be a string, got number",
-            ),
-            (
-                r#"{"message":"m","fingerprint":""}"#,
-                "fingerprint must not be empty",
-            ),
-            (
-                r#"{"message":"m","fingerprint":[]}"#,
-                "fingerprint array must not be empty",
-            ),
-            (
-                r#"{"message":"m","fingerprint":["a",2]}"#,
-                "fingerprint[1] must be a string, got number",
-            ),
-            (
-                r#"{"message":"m","fingerprint":{"a":"b"}}"#,
-                "fingerprint must be a string or an array of strings, got object",
-            ),
-            (
-                r#"{"message":"m","tags":["a"]}"#,
-                "tags must be an object, got array",
-            ),
-            (
-                r#"{"message":"m","tags":{"release":1.5}}"#,
-                r#"tag "release" must be a string, got number"#,
-            ),
-            (
-                r#"{"message":"m","tags":{"environment":null}}"#,
-                r#"tag "environment" must be a string, got null"#,
-            ),
-            (
-                r#"{"message":"m","environment":true}"#,
-                "environment must be a string, got boolean",
-            ),
-            (
-                r#"{"message":"m","timestamp":true}"#,
-                "timestamp must be an RFC 3339 string or Unix seconds, got boolean",
-            ),
-            (
-                r#"{"message":"m","timestamp":[1]}"#,
-                "timestamp must be an RFC 3339 string or Unix seconds, got array",
-            ),
-            (
-                r#"{"message":"m","timestamp":99999999999999}"#,
-                "timestamp out of range (years 0000 to 9999)",
-            ),
-            (
-                r#"{"message":"m","timestamp":-1e12}"#,
-                "timestamp out of range (years 0000 to 9999)",
-            ),
-            (
-                r#"{"message":"m","timestamp":18446744073709551615}"#,
-                "timestamp out of range (years 0000 to 9999)",
-            ),
-            (
-                r#"{"message":"m","stacktrace":{}}"#,
-                "stacktrace must be an array, got object",
-            ),
-            (
-                r#"{"message":"m","stacktrace":[{},"frame"]}"#,
-                "stacktrace[1] must be an object, got string",
-            ),
-            (
-                r#"{"message":"m","stacktrace":[{"filename":7}]}"#,
-                "stacktrace[0].filename must be a string, got number",
-            ),
-            (
-                r#"{"message":"m","stacktrace":[{"function_name":[]}]}"#,
-                "stacktrace[0].function_name must be a string, got array",
-            ),
-            (
-                r#"{"level":"error","message":"m","level":"bogus"}"#,
-                r#"unknown level "bogus": expected fatal, error, warning, info or debug"#,
-            ),
-        ];
-        for (json, expected) in cases {
-            assert_eq!(invalid_detail(json), *expected, "{json}");
-        }
-    }
-
-    #[test]
-    fn rfc3339_garbage_names_the_problem() {
-        for garbage in [
-            "yesterday",
-            "",
-            "2024-13-01T00:00:00Z",
-            "2024-05-06 07:08:09",
-        ] {
-            let json = format!(r#"{{"message":"m","timestamp":"{garbage}"}}"#);
-            let detail = invalid_detail(&json);
-            assert!(
-                detail.starts_with(&format!("timestamp \"{garbage}\" is not RFC 3339: ")),
-                "{detail}"
-            );
-        }
-    }
-
-    #[test]
-    fn repeated_keys_keep_the_last_value_everywhere() {
-        let json = r#"{"message":"first","extra":[{"a":1,"b":2,"a":3}],"message":"last","tags":{"environment":"x","environment":"prod"}}"#;
-        let event = parse(json).unwrap();
-        assert_eq!(event.title, "last");
-        assert_eq!(event.fingerprint, "msg:last");
-        assert_eq!(event.environment.as_deref(), Some("prod"));
-        // Written as sent, so a reader keeping the last copy reads what was validated.
-        assert_eq!(to_json(json.as_bytes()), json.as_bytes());
-        assert_eq!(
-            invalid_detail(r#"{"message":"m","level":"info","level":7}"#),
-            "level must be a string, got number"
-        );
-        assert!(parse(r#"{"message":"m","level":7,"level":"info"}"#).is_ok());
-        let frames = r#"{"message":"m","stacktrace":[{"filename":"a","filename":"b"}]}"#;
-        assert_eq!(parse(frames).unwrap().fingerprint, "b|:m");
-        assert_eq!(
-            parse(r#"{"exception":{"type_name":"A","type_name":"B"}}"#)
-                .unwrap()
-                .fingerprint,
-            "B:"
-        );
-
-        // Objects of any size behave the same.
-        let mut json = String::from(r#"{"message":"m","extra":{"#);
-        for index in 0..40 {
-            json.push_str(&format!(r#""k{index}":{index},"#));
-        }
-        json.push_str(r#""k17":"last"},"message":"final"}"#);
-        assert_eq!(parse(&json).unwrap().title, "final");
-    }
-
-    #[test]
-    fn null_fields_count_as_absent() {
-        let event = parse(
-            r#"{"message":"m","level":null,"fingerprint":null,"tags":null,"environment":null,
-                "timestamp":null,"stacktrace":null,"exception":null}"#,
-        )
-        .unwrap();
-        assert_eq!(event.level, Level::Error);
-        assert_eq!(event.environment, None);
-        assert_eq!(event.timestamp_us, None);
-        assert_eq!(event.fingerprint, "msg:m");
-        let frame_nulls =
-            parse(r#"{"message":"m","stacktrace":[{"filename":null,"function_name":"f"}]}"#)
-                .unwrap();
-        assert_eq!(frame_nulls.fingerprint, "|f:m");
-    }
-
-    #[test]
-    fn every_level_is_accepted() {
-        for name in ["fatal", "error", "warning", "info", "debug"] {
-            let event = parse(&format!(r#"{{"message":"m","level":"{name}"}}"#)).unwrap();
-            assert_eq!(event.level.as_str(), name);
-        }
-    }
-
-    #[test]
-    fn environment_field_wins_over_tag() {
-        let environment = |json: &str| parse(json).unwrap().environment;
-        assert_eq!(
-            environment(
-                r#"{"message":"m","environment":"staging","tags":{"environment":"production"}}"#
-            ),
-            Some("staging".to_owned())
-        );
-        assert_eq!(
-            environment(r#"{"message":"m","tags":{"environment":"production"}}"#),
-            Some("production".to_owned())
-        );
-        assert_eq!(
-            environment(r#"{"message":"m","environment":"","tags":{"environment":"production"}}"#),
-            Some("production".to_owned())
-        );
-        assert_eq!(
-            environment(r#"{"message":"m","tags":{"environment":""}}"#),
-            None
-        );
-        assert_eq!(
-            environment(r#"{"message":"m","tags":{"release":"1"}}"#),
-            None
-        );
-    }
-
-    #[test]
-    fn timestamps_in_every_accepted_form() {
-        let timestamp = |raw: &str| {
-            parse(&format!(r#"{{"message":"m","timestamp":{raw}}}"#))
-                .unwrap()
-                .timestamp_us
-                .unwrap()
-        };
-        assert_eq!(timestamp(r#""1970-01-01T00:00:00Z""#), 0);
-        assert_eq!(
-            timestamp(r#""2024-05-06T07:08:09.123456+02:00""#),
-            1_714_972_089_123_456
-        );
-        assert_eq!(
-            timestamp(r#""2024-05-06T05:08:09.123456Z""#),
-            1_714_972_089_123_456
-        );
-        assert_eq!(
-            timestamp(r#""2024-05-06T00:00:00-05:30""#),
-            1_714_973_400_000_000
-        );
-        // Below a microsecond rounds down, also before 1970.
-        assert_eq!(
-            timestamp(r#""2024-05-06T05:08:09.1234569Z""#),
-            1_714_972_089_123_456
-        );
-        assert_eq!(timestamp(r#""1969-12-31T23:59:59.9999995Z""#), -1);
-        assert_eq!(timestamp("1714972089"), 1_714_972_089_000_000);
-        assert_eq!(timestamp("1714972089.25"), 1_714_972_089_250_000);
-        assert_eq!(timestamp("1714972089.1234567"), 1_714_972_089_123_457);
-        assert_eq!(timestamp("-86400"), -86_400_000_000);
-        assert_eq!(timestamp("1.5e9"), 1_500_000_000_000_000);
-        assert_eq!(timestamp("0"), 0);
-        assert_eq!(
-            timestamp(&TIMESTAMP_MAX_S.to_string()),
-            TIMESTAMP_MAX_S * MICROS_PER_SECOND
-        );
-        assert_eq!(
-            timestamp(&TIMESTAMP_MIN_S.to_string()),
-            TIMESTAMP_MIN_S * MICROS_PER_SECOND
-        );
-        assert_eq!(
-            timestamp(r#""9999-12-31T23:59:59Z""#),
-            TIMESTAMP_MAX_S * MICROS_PER_SECOND
-        );
-        assert_eq!(
-            timestamp(r#""0000-01-01T00:00:00Z""#),
-            TIMESTAMP_MIN_S * MICROS_PER_SECOND
-        );
-        for beyond in [TIMESTAMP_MAX_S + 1, TIMESTAMP_MIN_S - 1] {
-            let json = format!(r#"{{"message":"m","timestamp":{beyond}}}"#);
-            assert_eq!(
-                invalid_detail(&json),
-                "timestamp out of range (years 0000 to 9999)"
-            );
-        }
-    }
-
-    #[test]
-    fn timestamp_bounds_are_the_rfc3339_years() {
-        let earliest = time::OffsetDateTime::from_unix_timestamp(TIMESTAMP_MIN_S).unwrap();
-        assert_eq!((earliest.year(), earliest.ordinal()), (0, 1));
-        assert_eq!(earliest.time(), time::Time::MIDNIGHT);
-        let latest = time::OffsetDateTime::from_unix_timestamp(TIMESTAMP_MAX_S).unwrap();
-        assert_eq!(
-            (latest.year(), latest.month(), latest.day()),
-            (9999, time::Month::December, 31)
-        );
-        assert_eq!(latest.time(), time::Time::from_hms(23, 59, 59).unwrap());
-    }
-
-    #[test]
-    fn non_finite_timestamp_is_refused() {
-        // JSON cannot spell these, and a number too large for an f64 is no JSON number here.
-        for seconds in [f64::INFINITY, f64::NEG_INFINITY, f64::NAN] {
-            assert_eq!(
-                seconds_us(seconds).unwrap_err(),
-                "timestamp must be a finite number"
-            );
-        }
-        assert!(parse(r#"{"message":"m","timestamp":1e999}"#).is_err());
-    }
-
-    #[test]
-    fn numbers_beyond_64_bits_are_accepted() {
-        let long = format!("7{}", "0".repeat(399));
-        let finite_but_long = [
-            format!("1{}e-390", "0".repeat(400)),
-            format!("0.{}1", "0".repeat(400)),
-            format!("1.{}", "5".repeat(400)),
-        ];
-        let body = format!(
-            r#"{{"message":"m","extra":{{"a":18446744073709551616,"b":[-9223372036854775809,1e999],"c":{long}}},"d":-1e999,"e":[{}]}}"#,
-            finite_but_long.join(",")
-        );
-        assert_eq!(parse(&body).unwrap().title, "m");
-
-        let wide_element = r#"{ "message": "w", "n": 18446744073709551616 }"#;
-        let events =
-            parse_bulk(format!(r#"[{wide_element},{{"message":"x","f":1.5}}]"#).as_bytes())
-                .unwrap();
-        assert_eq!(events[0].1, wide_element);
-        assert_eq!(events[1].1, r#"{"message":"x","f":1.5}"#);
-        assert_eq!(events[1].0.title, "x");
-
-        for timestamp in ["1e999", "-1e999", "18446744073709551616", &long] {
-            assert_eq!(
-                invalid_detail(&format!(r#"{{"message":"m","timestamp":{timestamp}}}"#)),
-                "timestamp out of range (years 0000 to 9999)"
-            );
-        }
-        // Other faults are still found in a body with wide numbers.
-        assert_eq!(
-            invalid_detail(r#"{"message":"m","level":1e999}"#),
-            "level must be a string, got number"
-        );
-        assert_eq!(
-            parse_bulk(br#"[{"message":"m","n":1e999},{"n":1e999}]"#).unwrap_err(),
-            EventError::Invalid("index 1: message or exception required".to_owned())
-        );
-        assert!(matches!(
-            parse(r#"{"message":"m","n":1e999} x"#),
-            Err(EventError::Json(_))
-        ));
-    }
-
-    #[test]
-    fn json_errors_say_what_is_wrong_and_where() {
-        let json_error = |body: &str| match parse(body) {
-            Err(EventError::Json(detail)) => detail,
-            other => panic!("{body}: {other:?}"),
-        };
-        assert_eq!(
-            json_error(r#"{"message":"m"} x"#),
-            "trailing characters at byte 16"
-        );
-        assert_eq!(
-            json_error("NaN"),
-            "unexpected character 'N' at byte 0, expected a value"
-        );
-        assert_eq!(
-            parse_bulk(b"[1e999,").unwrap_err(),
-            EventError::Json("unexpected end of input at byte 7, expected a value".to_owned())
-        );
-    }
-
-    #[test]
-    fn json_errors_are_told_apart_from_invalid_events() {
-        for not_json in [
-            "",
-            "   ",
-            "{",
-            r#"{"message":"m"} x"#,
-            "{}{}",
-            "{'a':1}",
-            "nul",
-            "[1,]",
-        ] {
-            match parse(not_json) {
-                Err(error @ EventError::Json(_)) => {
-                    assert!(error.to_string().starts_with("invalid JSON: "), "{error}");
-                }
-                other => panic!("{not_json:?} gave {other:?}"),
-            }
-        }
-        let not_utf8 = b"{\"message\":\"\xff\xfe\"}".to_vec();
-        assert!(matches!(parse_event(&not_utf8), Err(EventError::Json(_))));
-        let raw_control = b"{\"message\":\"a\x01b\"}".to_vec();
-        assert!(matches!(
-            parse_event(&raw_control),
-            Err(EventError::Json(_))
-        ));
-        assert_eq!(
-            EventError::Invalid("message or exception required".to_owned()).to_string(),
-            "invalid event: message or exception required"
-        );
-        assert_eq!(
-            EventError::Json("Eof at character 0".to_owned()).to_string(),
-            "invalid JSON: Eof at character 0"
-        );
-    }
-
-    fn nested(depth: usize) -> String {
-        // `depth` levels: the event object, then arrays inside `extra`.
-        let inner = depth - 1;
-        format!(
-            r#"{{"message":"m","extra":{}{}}}"#,
-            "[".repeat(inner),
-            "]".repeat(inner)
-        )
-    }
-
-    #[test]
-    fn nesting_is_bounded() {
-        assert!(parse(&nested(EVENT_DEPTH_MAX)).is_ok());
-        assert_eq!(
-            invalid_detail(&nested(EVENT_DEPTH_MAX + 1)),
-            "nested deeper than 64 levels of objects and arrays"
-        );
-        let bulk_ok = format!("[{}]", nested(EVENT_DEPTH_MAX));
-        assert_eq!(parse_bulk(&bulk_ok.into_bytes()).unwrap().len(), 1);
-        let frame_ok = format!(" \n[{}]", nested(EVENT_DEPTH_MAX));
-        assert_eq!(parse_bulk(&frame_ok.into_bytes()).unwrap().len(), 1);
-        let bulk_deep = format!("[{}]", nested(EVENT_DEPTH_MAX + 1));
-        assert!(matches!(
-            parse_bulk(&bulk_deep.into_bytes()),
-            Err(EventError::Invalid(_))
-        ));
-        // Far deeper than the bound is refused the same way, without exhausting the stack.
-        let very_deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
-        assert!(matches!(
-            parse_bulk(&very_deep.into_bytes()),
-            Err(EventError::Invalid(_))
-        ));
-    }
-
-    fn bulk_of(events: &[&str]) -> Vec<u8> {
-        format!("[{}]", events.join(",")).into_bytes()
-    }
-
-    #[test]
-    fn bulk_accepts_one_to_the_maximum() {
-        let events = parse_bulk(&bulk_of(&[
-            r#"{"message":"a"}"#,
-            r#"{"exception":{"type_name":"E"},"level":"fatal"}"#,
-            REALISTIC_EVENT,
-        ]))
-        .unwrap();
-        let fingerprints: Vec<&str> = events.iter().map(|e| e.0.fingerprint.as_str()).collect();
-        assert_eq!(&fingerprints[..2], &["msg:a", "E:"]);
-        assert_eq!(events[1].0.level, Level::Fatal);
-        assert_eq!(events[2].0.environment.as_deref(), Some("production"));
-        assert_eq!(
-            events[1].1,
-            r#"{"exception":{"type_name":"E"},"level":"fatal"}"#
-        );
-        assert_eq!(
-            reparse(events[2].1.as_bytes()),
-            reparse(REALISTIC_EVENT.as_bytes())
-        );
-
-        let one = [r#"{"message":"x"}"#];
-        assert_eq!(parse_bulk(&bulk_of(&one)).unwrap().len(), 1);
-        let full = vec![r#"{"message":"x"}"#; BULK_EVENTS_MAX];
-        assert_eq!(parse_bulk(&bulk_of(&full)).unwrap().len(), BULK_EVENTS_MAX);
-    }
-
-    #[test]
-    fn bulk_limits_and_shape() {
-        let too_many = vec![r#"{"message":"x"}"#; BULK_EVENTS_MAX + 1];
-        assert_eq!(
-            parse_bulk(&bulk_of(&too_many)).unwrap_err().to_string(),
-            "invalid event: 101 events in one request, at most 100 allowed"
-        );
-        assert_eq!(
-            parse_bulk(b" [ ] ").unwrap_err().to_string(),
-            "invalid event: empty array: at least one event required"
-        );
-        assert_eq!(
-            parse_bulk(br#"{"message":"m"}"#).unwrap_err(),
-            EventError::Invalid("body must be a JSON array of events, got object".to_owned())
-        );
-        assert!(matches!(
-            parse_bulk(b"[{\"message\":\"m\"}"),
-            Err(EventError::Json(_))
-        ));
-    }
-
-    #[test]
-    fn bulk_names_the_first_invalid_index() {
-        let body = [
-            r#"{"message":"a"}"#,
-            r#"{"message":"b"}"#,
-            r#"{"message":"c"}"#,
-            r#"{"level":"info"}"#,
-            r#"{"message":"e","level":"nope"}"#,
-        ];
-        assert_eq!(
-            parse_bulk(&bulk_of(&body)).unwrap_err().to_string(),
-            "invalid event: index 3: message or exception required"
-        );
-        assert_eq!(
-            parse_bulk(&bulk_of(&[r#"{"message":"a"}"#, "7"]))
-                .unwrap_err()
-                .to_string(),
-            "invalid event: index 1: event must be a JSON object, got number"
-        );
-        assert_eq!(
-            parse_bulk(&bulk_of(&[r#"{"message":"a","tags":{"x":1}}"#]))
-                .unwrap_err()
-                .to_string(),
-            r#"invalid event: index 0: tag "x" must be a string, got number"#
-        );
-    }
-
-    #[test]
-    fn body_is_array_looks_past_whitespace_only() {
-        assert!(body_is_array(b"[]"));
-        assert!(body_is_array(b" \t\r\n[{}]"));
-        assert!(!body_is_array(b"{}"));
-        assert!(!body_is_array(b"  x["));
-        assert!(!body_is_array(b""));
-        assert!(!body_is_array(b"   "));
-    }
-
-    /// Strings that break naive JSON writers, as keys and values.
-    fn hostile_strings() -> Vec<String> {
-        let every_control: String = (0u8..0x20).map(char::from).collect();
-        let mut strings = vec![
-            r#"say "hi""#.to_owned(),
-            r"C:\path\to\file".to_owned(),
-            r#"\"#.to_owned(),
-            r#"\""#.to_owned(),
-            every_control.clone(),
-            "\u{7f}\u{80}\u{2028}\u{2029}\u{feff}".to_owned(),
-            "emoji 🦀 ünïcödé 漢字 \u{10ffff}".to_owned(),
-            "</script><script>alert(1)</script>".to_owned(),
-            String::new(),
-        ];
-        // Long strings with an escape at every offset exercise the vectorised writer paths.
-        for offset in 0..80 {
-            let mut long = "x".repeat(80);
-            let special = ['"', '\\', '\n', '\u{1}', '\u{1f}', 'é'][offset % 6];
-            long.insert(offset, special);
-            strings.push(long);
-        }
-        strings.push(every_control.repeat(5));
-        strings
-    }
-
-    fn escape_for_test(text: &str) -> String {
-        let mut out = String::new();
-        for ch in text.chars() {
-            match ch {
-                '"' => out.push_str("\\\""),
-                '\\' => out.push_str("\\\\"),
-                ch if (ch as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", ch as u32)),
-                ch => out.push(ch),
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn write_json_round_trips_hostile_strings() {
-        for text in hostile_strings() {
-            let escaped = escape_for_test(&text);
-            let json = format!(
-                r#"{{"message":"m{escaped}","tags":{{"{escaped}":"{escaped}"}},"extra":["{escaped}",{{"k{escaped}":null}}]}}"#
-            );
-            let event = parse(&json).unwrap_or_else(|error| panic!("{json}: {error}"));
-            assert_eq!(event.title, format!("m{text}"));
-            let written = to_json(json.as_bytes());
-            assert!(
-                written.iter().all(|byte| *byte >= 0x20),
-                "raw control byte in {}",
-                String::from_utf8_lossy(&written)
-            );
-            assert!(std::str::from_utf8(&written).is_ok());
-            assert_eq!(reparse(&written), reparse(json.as_bytes()), "{text:?}");
-            // And the written form decodes to the same event again, and is written unchanged.
-            assert_eq!(parse_event(&written).unwrap(), event);
-            assert_eq!(to_json(&written), written);
-        }
-    }
-
-    #[test]
-    fn write_json_escapes_exactly() {
-        let json = r#"{"message":"a\"b\\c\u0001\n\t\u001f/é"}"#.as_bytes();
-        assert_eq!(
-            String::from_utf8(to_json(json)).unwrap(),
-            r#"{"message":"a\"b\\c\u0001\n\t\u001f/é"}"#
-        );
-        let mut body = json.to_vec();
-        let document = Document::parse(&mut body, EVENT_DEPTH_MAX).unwrap();
-        let mut out = b"prefix ".to_vec();
-        write_json(document.root(), &mut out);
-        assert!(out.starts_with(b"prefix {\"message\""), "appends");
-    }
-
-    #[test]
-    fn every_truncation_of_an_event_is_refused() {
-        let whole = REALISTIC_EVENT.as_bytes();
-        assert!(parse_event(whole).is_ok());
-        for len in 0..whole.len() {
-            let prefix = whole[..len].to_vec();
-            assert!(parse_event(&prefix).is_err(), "prefix of {len} bytes");
-            let mut bulk_prefix = format!("[{}", REALISTIC_EVENT).into_bytes();
-            bulk_prefix.truncate(len + 1);
-            assert!(parse_bulk(&bulk_prefix).is_err());
-        }
-    }
-
-    /// Whatever is accepted must also be written as JSON that decodes to the same value and
-    /// the same event.
-    fn check_never_panics(body: &[u8]) {
-        if let Ok(events) = parse_bulk(body) {
-            for (event, written) in events {
-                assert_eq!(parse(&written), Ok(event));
-            }
-            assert_eq!(reparse(&to_json(body)), reparse(body));
-        }
-        if let Ok(event) = parse_event(body) {
-            let written = to_json(body);
-            assert_eq!(reparse(&written), reparse(body));
-            assert_eq!(parse_event(&written), Ok(event));
-        }
-    }
-
-    #[test]
-    fn garbage_never_panics() {
-        let mut random = XorShift(0x2545_f491_4f6c_dd1d);
-        // Random bytes.
-        for _ in 0..3_000 {
-            let len = random.below(64);
-            let body: Vec<u8> = (0..len).map(|_| random.next() as u8).collect();
-            check_never_panics(&body);
-        }
-        // JSON-looking token soup, which reaches far deeper into the parser than bytes do.
-        let tokens = [
-            "{",
-            "}",
-            "[",
-            "]",
-            ",",
-            ":",
-            "\"message\"",
-            "\"exception\"",
-            "\"level\"",
-            "\"error\"",
-            "\"stacktrace\"",
-            "\"fingerprint\"",
-            "\"tags\"",
-            "\"timestamp\"",
-            "\"filename\"",
-            "\"type_name\"",
-            "\"x\"",
-            "\"\\u0000\"",
-            "\"\\ud83e\\udd80\"",
-            "1",
-            "-0.5",
-            "1e308",
-            "1e999",
-            "null",
-            "true",
-            " ",
-            "\"2024-01-01T00:00:00Z\"",
-            "99999999999999999999",
-            "\"",
-            "\\",
-        ];
-        for _ in 0..20_000 {
-            let count = random.below(24);
-            let body: String = (0..count)
-                .map(|_| tokens[random.below(tokens.len())])
-                .collect();
-            check_never_panics(body.as_bytes());
-        }
-        // Mutations of a valid event: flipped, dropped and duplicated bytes.
-        let original = REALISTIC_EVENT.as_bytes();
-        for _ in 0..3_000 {
-            let mut body = original.to_vec();
-            for _ in 0..1 + random.below(4) {
-                let at = random.below(body.len());
-                match random.below(3) {
-                    0 => body[at] = random.next() as u8,
-                    1 => {
-                        body.remove(at);
-                    }
-                    _ => body.insert(at, body[at]),
-                }
-            }
-            check_never_panics(&body);
-        }
-    }
-
-    #[test]
-    fn valid_shapes_from_the_soup_round_trip() {
-        // A structured generator: random but valid events must always be accepted.
-        let mut random = XorShift(0x1234_5678_9abc_def1);
-        let texts = ["", "Boom", "0xFF at Addr", " spaced ", "ü\\\"\n"];
-        for _ in 0..2_000 {
-            let mut fields: Vec<String> = Vec::new();
-            let text = |random: &mut XorShift| escape_for_test(texts[random.below(texts.len())]);
-            fields.push(format!(r#""message":"x{}""#, text(&mut random)));
-            if random.below(2) == 0 {
-                fields.push(format!(
-                    r#""exception":{{"type_name":"{}","value":"{}"}}"#,
-                    text(&mut random),
-                    text(&mut random)
-                ));
-            }
-            if random.below(2) == 0 {
-                let frames: Vec<String> = (0..random.below(4))
-                    .map(|line| {
-                        format!(
-                            r#"{{"filename":"{}","function_name":"{}","lineno":{line}}}"#,
-                            text(&mut random),
-                            text(&mut random)
-                        )
-                    })
-                    .collect();
-                fields.push(format!(r#""stacktrace":[{}]"#, frames.join(",")));
-            }
-            if random.below(2) == 0 {
-                fields.push(format!(
-                    r#""tags":{{"environment":"{}"}}"#,
-                    text(&mut random)
-                ));
-            }
-            let json = format!("{{{}}}", fields.join(","));
-            let event = parse(&json).unwrap_or_else(|error| panic!("{json}: {error}"));
-            let mut body = json.clone().into_bytes();
-            let document = Document::parse(&mut body, EVENT_DEPTH_MAX).unwrap();
-            assert_eq!(event.fingerprint, fingerprint(&Fields::of(document.root())));
-            assert_eq!(reparse(&to_json(json.as_bytes())), reparse(json.as_bytes()));
-        }
-    }
 }

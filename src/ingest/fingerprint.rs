@@ -1,23 +1,30 @@
-//! Grouping key of an event (PROTOCOL "Grouping"): events with the same key in a project
-//! belong to one issue.
+//! Grouping key and title of a canonical event: events with the same key in a project belong
+//! to one issue. Two rule sets, chosen by the event's `grouping`: PROTOCOL 4 "Grouping" for
+//! native events, PROTOCOL 8 "Grouping a Sentry event" for Sentry events. Both share the
+//! custom-key rule, the frame and exception parts and the normalisation.
 //!
-//! The key is built from the event's fields as sent. It works on any JSON value, validated or
-//! not: a field of the wrong type counts as missing, so the function never fails.
+//! The rules read the canonical fields only, and never fail: what is missing counts as empty.
 
 use sha2::{Digest, Sha256};
-use simd_json::prelude::*;
-use simd_json::tape::Value;
 
-use super::event::{last_field, Fields};
+use super::event::{
+    cut_at_char_boundary, CustomFingerprint, Event, Exception, Grouping, TITLE_BYTES_MAX,
+};
 
 /// Separates the parts of an array `fingerprint`.
 const CUSTOM_PART_SEPARATOR: char = '\n';
-/// Separates the file from the function inside one stack frame.
+/// Separates the file (or module) from the function inside one stack frame.
 const FRAME_FIELD_SEPARATOR: char = '|';
-/// Separates consecutive stack frames.
+/// Separates consecutive stack frames (and, for Sentry, the exception type from the frames).
 const FRAME_SEPARATOR: char = ';';
-/// Prefix of the message-only key (rule 4), fixed by the protocol.
+/// Prefix of the message-only key (rule 4), fixed by the protocol and shared by both rule sets
+/// so that the same message groups the same whichever way it came.
 const MESSAGE_KEY_PREFIX: &str = "msg:";
+/// The title of an event with nothing to name it by.
+const UNTITLED: &str = "Untitled";
+/// Longest Sentry title, in characters: a title names an issue in a list, and exception
+/// values can be whole documents.
+pub const SENTRY_TITLE_CHARS_MAX: usize = 200;
 
 /// What the server keeps of a grouping key, in memory and in storage: the first 16 bytes of its
 /// SHA-256. Keys come from clients and may be a megabyte long; 128 bits keep an accidental
@@ -41,81 +48,210 @@ pub fn normalise(s: &str) -> String {
     out
 }
 
-/// The grouping key of an event, by the first rule that applies:
-/// 1. `fingerprint` (a string, or an array joined with `\n`);
-/// 2. a non-empty `stacktrace`: `filename|function_name` per frame joined by `;`, then `:` and
-///    the normalised message (line and column never count);
-/// 3. an `exception` object: `type_name:` + normalised `value`;
-/// 4. `msg:` + normalised `message`.
-pub fn fingerprint(event: &Fields<'_, '_>) -> String {
-    let message = string_field(event.message).unwrap_or("");
+/// The grouping key and the title of an event, by its rule set.
+pub fn group(event: &Event<'_>) -> (String, String) {
+    let title = match event.grouping {
+        Grouping::Native => native_title(event),
+        Grouping::Sentry => sentry_title(event),
+    };
+    (key(event), title)
+}
 
-    if let Some(custom) = event.fingerprint {
-        if let Some(key) = custom.as_str().filter(|key| !key.is_empty()) {
-            return key.to_owned();
+/// The grouping key, by the first rule that applies:
+/// 1. a custom `fingerprint`: its elements joined with `\n`; for Sentry events each
+///    `{{ default }}` element is replaced by the key the following rules give;
+///
+/// Otherwise rules 2-4 of the event's rule set: `native_key` or `sentry_key`.
+pub fn key(event: &Event<'_>) -> String {
+    match event.fingerprint {
+        Some(custom) => custom_key(custom, event),
+        None => default_key(event),
+    }
+}
+
+fn default_key(event: &Event<'_>) -> String {
+    match event.grouping {
+        Grouping::Native => native_key(event),
+        Grouping::Sentry => sentry_key(event),
+    }
+}
+
+fn custom_key(custom: CustomFingerprint<'_>, event: &Event<'_>) -> String {
+    let placeholders = event.grouping == Grouping::Sentry;
+    let mut key = String::new();
+    for (index, part) in custom.parts().enumerate() {
+        if index > 0 {
+            key.push(CUSTOM_PART_SEPARATOR);
         }
-        if let Some(parts) = custom.as_array().filter(|parts| !parts.is_empty()) {
-            let mut key = String::new();
-            for (index, part) in parts.iter().enumerate() {
-                if index > 0 {
-                    key.push(CUSTOM_PART_SEPARATOR);
-                }
-                key.push_str(part.as_str().unwrap_or(""));
-            }
-            return key;
+        if placeholders && is_default_placeholder(part) {
+            key.push_str(&default_key(event));
+        } else {
+            key.push_str(part);
         }
     }
-
-    if let Some(frames) = event.stacktrace.and_then(|frames| frames.as_array()) {
-        if !frames.is_empty() {
-            let mut key = String::with_capacity(frames.len() * 48 + message.len() + 1);
-            for (index, frame) in frames.iter().enumerate() {
-                if index > 0 {
-                    key.push(FRAME_SEPARATOR);
-                }
-                let (filename, function_name) = frame_names(frame);
-                key.push_str(filename);
-                key.push(FRAME_FIELD_SEPARATOR);
-                key.push_str(function_name);
-            }
-            key.push(':');
-            push_normalised(&mut key, message);
-            return key;
-        }
-    }
-
-    if let Some(exception) = event.exception.filter(|exception| exception.is_object()) {
-        let type_name = string_field(last_field(exception, "type_name")).unwrap_or("");
-        let exception_value = string_field(last_field(exception, "value")).unwrap_or("");
-        let mut key = String::with_capacity(type_name.len() + 1 + exception_value.len());
-        key.push_str(type_name);
-        key.push(':');
-        push_normalised(&mut key, exception_value);
-        return key;
-    }
-
-    let mut key = String::with_capacity(MESSAGE_KEY_PREFIX.len() + message.len());
-    key.push_str(MESSAGE_KEY_PREFIX);
-    push_normalised(&mut key, message);
     key
 }
 
-/// A frame's `filename` and `function_name` in one pass over its fields, each the last of its
-/// name, empty when missing or not a string.
-fn frame_names<'a>(frame: Value<'_, 'a>) -> (&'a str, &'a str) {
-    let (mut filename, mut function_name) = ("", "");
-    for (name, value) in frame.as_object().iter().flat_map(|fields| fields.iter()) {
-        match name {
-            "filename" => filename = value.into_string().unwrap_or(""),
-            "function_name" => function_name = value.into_string().unwrap_or(""),
-            _ => {}
-        }
-    }
-    (filename, function_name)
+/// `{{ default }}`, spaces inside the braces optional, as Sentry matches it.
+fn is_default_placeholder(part: &str) -> bool {
+    part.trim()
+        .strip_prefix("{{")
+        .and_then(|inner| inner.strip_suffix("}}"))
+        .is_some_and(|inner| inner.trim() == "default")
 }
 
-fn string_field<'a>(value: Option<Value<'_, 'a>>) -> Option<&'a str> {
-    value.and_then(ValueIntoString::into_string)
+/// Native rules 2-4 (PROTOCOL 4):
+/// 2. a non-empty `stacktrace`: `filename|function_name` per frame joined by `;`, then `:` and
+///    the normalised message (line and column never count);
+/// 3. an `exception`: `type_name:` + normalised `value`;
+/// 4. `msg:` + normalised `message`.
+fn native_key(event: &Event<'_>) -> String {
+    let message = event.message.unwrap_or("");
+    if !event.frames.is_empty() {
+        let mut key = String::with_capacity(event.frames.len() * 48 + message.len() + 1);
+        for (index, frame) in event.frames.iter().enumerate() {
+            if index > 0 {
+                key.push(FRAME_SEPARATOR);
+            }
+            push_frame(&mut key, frame.filename, frame.function);
+        }
+        key.push(':');
+        push_normalised(&mut key, message);
+        return key;
+    }
+    if let Some(exception) = event.exception {
+        return exception_key(exception);
+    }
+    message_key(message, None)
+}
+
+/// Sentry rules 2-4 (PROTOCOL 8):
+/// 2. an exception with frames: `Type;module|function;...`, only the in-app frames when any
+///    frame is in-app (line numbers and the exception value never count);
+/// 3. an exception without frames: `Type:` + normalised value;
+/// 4. `msg:` + the message template (`logentry.message`), else the normalised message.
+fn sentry_key(event: &Event<'_>) -> String {
+    let Some(exception) = event.exception else {
+        return message_key(event.message.unwrap_or(""), event.template);
+    };
+    if event.frames.is_empty() {
+        return exception_key(exception);
+    }
+    let type_name = exception.type_name.unwrap_or("");
+    let any_in_app = event.frames.iter().any(|frame| frame.in_app);
+    let mut key = String::with_capacity(type_name.len() + event.frames.len() * 48);
+    key.push_str(type_name);
+    for frame in event.frames.iter() {
+        if any_in_app && !frame.in_app {
+            continue;
+        }
+        key.push(FRAME_SEPARATOR);
+        push_frame(&mut key, frame.module.or(frame.filename), frame.function);
+    }
+    key
+}
+
+/// `location|function`, either empty when missing.
+fn push_frame(key: &mut String, location: Option<&str>, function: Option<&str>) {
+    key.push_str(location.unwrap_or(""));
+    key.push(FRAME_FIELD_SEPARATOR);
+    key.push_str(function.unwrap_or(""));
+}
+
+/// `type:` + normalised value.
+fn exception_key(exception: Exception<'_>) -> String {
+    let type_name = exception.type_name.unwrap_or("");
+    let value = exception.value.unwrap_or("");
+    let mut key = String::with_capacity(type_name.len() + 1 + value.len());
+    key.push_str(type_name);
+    key.push(':');
+    push_normalised(&mut key, value);
+    key
+}
+
+/// `msg:` + the template as sent, else the normalised message.
+fn message_key(message: &str, template: Option<&str>) -> String {
+    let mut key = String::with_capacity(MESSAGE_KEY_PREFIX.len() + message.len());
+    key.push_str(MESSAGE_KEY_PREFIX);
+    match template {
+        Some(template) => key.push_str(template),
+        None => push_normalised(&mut key, message),
+    }
+    key
+}
+
+/// Native title: the message, else `type_name: value` of the exception, else `Untitled`, cut
+/// to `TITLE_BYTES_MAX` bytes.
+fn native_title(event: &Event<'_>) -> String {
+    let exception = event.exception.unwrap_or_default();
+    title_of(event.message, exception.type_name, exception.value)
+}
+
+fn title_of(
+    message: Option<&str>,
+    exception_type: Option<&str>,
+    exception_value: Option<&str>,
+) -> String {
+    fn non_empty(text: Option<&str>) -> Option<&str> {
+        text.filter(|text| !text.is_empty())
+    }
+    // Each part is cut before it is copied, so a megabyte message costs no megabyte copy.
+    let cut = |text: &str| cut_at_char_boundary(text, TITLE_BYTES_MAX).to_owned();
+    match (
+        non_empty(message),
+        non_empty(exception_type),
+        non_empty(exception_value),
+    ) {
+        (Some(message), _, _) => cut(message),
+        (None, Some(type_name), Some(value)) => {
+            let type_name = cut(type_name);
+            let rest = TITLE_BYTES_MAX.saturating_sub(type_name.len() + 2);
+            cut(&format!(
+                "{type_name}: {}",
+                cut_at_char_boundary(value, rest)
+            ))
+        }
+        (None, Some(type_name), None) => cut(type_name),
+        (None, None, Some(value)) => cut(value),
+        (None, None, None) => UNTITLED.to_owned(),
+    }
+}
+
+/// Sentry title: `Type: value` for an exception, else the message; its first line, at most
+/// `SENTRY_TITLE_CHARS_MAX` characters; `Untitled` when there is neither.
+fn sentry_title(event: &Event<'_>) -> String {
+    let exception = event.exception.unwrap_or_default();
+    let full = match (exception.type_name, exception.value, event.message) {
+        (Some(type_name), Some(value), _) => {
+            let mut title = String::with_capacity(type_name.len() + 2 + value.len());
+            title.push_str(type_name);
+            title.push_str(": ");
+            title.push_str(first_line(value));
+            return clip(title);
+        }
+        (Some(type_name), None, _) => type_name,
+        (None, Some(value), _) => value,
+        (None, None, Some(message)) => message,
+        (None, None, None) => UNTITLED,
+    };
+    clip(first_line(full).to_owned())
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or("")
+}
+
+/// At most `SENTRY_TITLE_CHARS_MAX` characters, trailing whitespace removed; `Untitled` if
+/// nothing is left.
+fn clip(mut title: String) -> String {
+    if let Some((end, _)) = title.char_indices().nth(SENTRY_TITLE_CHARS_MAX) {
+        title.truncate(end);
+    }
+    title.truncate(title.trim_end().len());
+    if title.is_empty() {
+        return UNTITLED.to_owned();
+    }
+    title
 }
 
 /// Appends `normalise(s)` to `out` without an intermediate string in the common ASCII case.
@@ -150,6 +286,9 @@ pub(crate) fn push_normalised(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ingest::event::{Level, Raw};
+    use crate::ingest::native::{self, Fields};
+    use crate::ingest::testing::XorShift;
 
     #[test]
     fn hash_is_the_first_16_bytes_of_sha256() {
@@ -161,29 +300,22 @@ mod tests {
         assert_ne!(hash("msg:a"), hash("msg:b"));
     }
 
-    /// The fields of the event in `json`, parsed into a tape kept for the rest of the test run.
-    fn parse(json: &str) -> Fields<'static, 'static> {
+    /// The native event in `json`, read unchecked from a tape kept for the rest of the test run.
+    fn parse(json: &str) -> Event<'static> {
         let bytes = Box::leak(Box::new(json.as_bytes().to_vec()));
         let tape = Box::leak(Box::new(
             simd_json::to_tape(bytes).expect("test JSON is valid"),
         ));
-        Fields::of(tape.as_value())
+        let root = tape.as_value();
+        native::read(&Fields::of(root), Level::Error, None, Raw::Parsed(root))
+    }
+
+    fn fingerprint(event: &Event<'_>) -> String {
+        key(event)
     }
 
     fn reference_normalise(s: &str) -> String {
         s.to_lowercase().replace("0x", "").trim().to_owned()
-    }
-
-    /// Small deterministic generator so failures reproduce.
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
     }
 
     #[test]

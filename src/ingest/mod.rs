@@ -1,11 +1,32 @@
-//! Event decoding, validation and grouping keys.
+//! Ingest: from the bytes of a request or frame to events ready for their owner shard.
+//!
+//! Every event goes through the same pipeline, whatever format it came in:
+//!
+//! 1. **Wire decoder**: parses the body (`document`, simd-json's tape; `diagnose` explains a
+//!    refused body and lets numbers beyond 64 bits through) and reads the event into the
+//!    canonical `event::Event`, borrowing from the parsed document. Fields of the wrong type are
+//!    the decoder's business: `native` (Mesher JSON, PROTOCOL 4) refuses them, `sentry`
+//!    (PROTOCOL 8, with its envelope and body encodings) counts them as missing. A new wire
+//!    format is a new decoder beside these two, producing the same canonical event.
+//! 2. **Validation** (`validate`): whether the canonical event may be accepted, by the rules of
+//!    its format.
+//! 3. **Grouping** (`fingerprint`): the grouping key and title over the canonical fields, by the
+//!    rule set the event's `grouping` names (native or Sentry).
+//!
+//! What is left is an owned `event::Summary`, and with the event's JSON an `Incoming`.
 
 mod diagnose;
+pub mod document;
 pub mod event;
 pub mod fingerprint;
+pub mod native;
 pub mod sentry;
+#[cfg(test)]
+mod testing;
+pub mod validate;
 
-use event::{body_is_array, parse_bulk, parse_event, Event, EventError, Level};
+use event::{EventError, Level, Summary};
+use native::{body_is_array, parse_bulk, parse_event};
 
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
 #[derive(Debug)]
@@ -28,7 +49,8 @@ const TIMESTAMP_FUTURE_MAX_US: i64 = 60_000_000;
 const TIMESTAMP_PAST_MAX_US: i64 = 30 * 86_400_000_000;
 
 impl Incoming {
-    fn new(event: Event, json: String) -> Incoming {
+    /// An accepted event's summary with its JSON; the grouping key is hashed here.
+    pub(crate) fn new(event: Summary, json: String) -> Incoming {
         Incoming {
             fingerprint: fingerprint::hash(&event.fingerprint),
             title: event.title,

@@ -1,38 +1,29 @@
-//! A Sentry event (PROTOCOL 8 "Reading a Sentry event", "Grouping a Sentry event"): read from
-//! simd-json's tape like a native event, and turned into the same `Incoming`.
+//! The Sentry wire decoder (PROTOCOL 8 "Reading a Sentry event"): reads a Sentry event from
+//! simd-json's tape into the canonical event (`ingest::event::Event`), grouped by the Sentry
+//! rule set, and turns it into the same `Incoming` as a native event.
 //!
 //! Sentry's own ingestion normalises what it cannot use rather than refusing the event, and
 //! SDKs do not expect refusals: so a field of an unexpected type counts as missing here. Only a
 //! body that is not a JSON object, or an `event_id` that is not an id, is refused.
 
+use std::ops::Deref;
+
 use simd_json::prelude::*;
 use simd_json::tape::Value;
 use uuid::Uuid;
 
-use crate::ingest::event::{
-    json_type, last_field, present, timestamp_us, Document, EventError, Level, EVENT_DEPTH_MAX,
-    REUSED_BUFFERS_INPUT_BYTES_MAX,
+use crate::ingest::document::{
+    json_type, last_field, present, timestamp_us, with_copy, EVENT_DEPTH_MAX,
 };
-use crate::ingest::fingerprint::push_normalised;
+use crate::ingest::event::{
+    CustomFingerprint, Event, EventError, Exception, Frame, Frames, Grouping, Level, Raw, Summary,
+    Tags,
+};
+pub use crate::ingest::fingerprint::SENTRY_TITLE_CHARS_MAX as TITLE_CHARS_MAX;
+use crate::ingest::validate::validate;
 use crate::ingest::Incoming;
 
 use super::envelope::parse_event_id;
-
-/// Longest title, in characters: a title names an issue in a list, and exception values can
-/// be whole documents.
-pub const TITLE_CHARS_MAX: usize = 200;
-
-/// The title of an event with neither an exception nor a message.
-const UNTITLED: &str = "Untitled";
-/// Prefix of a message-only grouping key, shared with native events (PROTOCOL 4, rule 4) so
-/// that the same message groups the same whichever way it came.
-const MESSAGE_KEY_PREFIX: &str = "msg:";
-/// Separates the exception type and the frames, and the frames from one another.
-const FRAME_SEPARATOR: char = ';';
-/// Separates a frame's module (or file) from its function.
-const FRAME_FIELD_SEPARATOR: char = '|';
-/// Separates the elements of a custom `fingerprint`.
-const CUSTOM_PART_SEPARATOR: char = '\n';
 
 /// A Sentry event, ready for its owner shard.
 #[derive(Debug)]
@@ -65,46 +56,37 @@ pub fn decode_event_item(payload: &[u8]) -> Result<SentryEvent, EventError> {
 #[derive(Debug, PartialEq)]
 struct Read {
     event_id: Option<Uuid>,
-    release: Option<String>,
-    level: Level,
-    environment: Option<String>,
-    timestamp_us: Option<i64>,
-    fingerprint: String,
-    title: String,
+    summary: Summary,
+}
+
+impl Deref for Read {
+    type Target = Summary;
+
+    fn deref(&self) -> &Summary {
+        &self.summary
+    }
 }
 
 impl Read {
     fn into_event(self, json: String) -> SentryEvent {
+        let mut summary = self.summary;
         SentryEvent {
             event_id: self.event_id,
-            release: self.release,
-            incoming: Incoming {
-                fingerprint: crate::ingest::fingerprint::hash(&self.fingerprint),
-                title: self.title,
-                level: self.level,
-                environment: self.environment,
-                timestamp_us: self.timestamp_us,
-                json,
-            },
+            release: summary.release.take(),
+            incoming: Incoming::new(summary, json),
         }
     }
 }
 
 fn read_event(bytes: &[u8]) -> Result<Read, EventError> {
-    thread_local! {
-        /// simd-json parses in place, so it reads a copy, kept per thread (up to the size its
-        /// own buffers are kept for) so that an event costs no allocation for it.
-        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    SCRATCH.with_borrow_mut(|scratch| {
-        scratch.clear();
-        scratch.extend_from_slice(bytes);
-        let read = Document::parse(scratch, EVENT_DEPTH_MAX)
-            .and_then(|document| read_value(document.root()).map_err(EventError::Invalid));
-        if scratch.capacity() > REUSED_BUFFERS_INPUT_BYTES_MAX {
-            *scratch = Vec::new();
-        }
-        read
+    with_copy(bytes, EVENT_DEPTH_MAX, |document| {
+        let (event_id, event) =
+            read_value(document.root(), Raw::Sent(bytes)).map_err(EventError::Invalid)?;
+        validate(&event).map_err(EventError::Invalid)?;
+        Ok(Read {
+            event_id,
+            summary: event.summary(),
+        })
     })
 }
 
@@ -152,15 +134,8 @@ impl<'t, 'a> Fields<'t, 'a> {
     }
 }
 
-/// The raised exception's fields the server reads.
-#[derive(Clone, Copy, Default)]
-struct Exception<'t, 'a> {
-    type_name: Option<&'a str>,
-    value: Option<&'a str>,
-    frames: Option<Value<'t, 'a>>,
-}
-
-fn read_value(event: Value<'_, '_>) -> Result<Read, String> {
+/// The event's id and canonical event.
+fn read_value<'a>(event: Value<'a, 'a>, raw: Raw<'a>) -> Result<(Option<Uuid>, Event<'a>), String> {
     let Some(object) = event.as_object() else {
         return Err(format!(
             "event must be a JSON object, got {}",
@@ -178,39 +153,35 @@ fn read_value(event: Value<'_, '_>) -> Result<Read, String> {
         })
         .transpose()?;
 
-    let message = message(&fields);
-    let template = fields
-        .logentry
-        .and_then(|logentry| text(last_field(logentry, "message")));
-    let exception = fields.exception.and_then(raised_exception);
+    let raised = fields.exception.and_then(raised_exception);
     // Frames tell where it happened: the exception's own, else the event's or the crashed
     // thread's.
-    let frames = exception
-        .and_then(|exception| exception.frames)
+    let frames = raised
+        .and_then(|(_, frames)| frames)
         .or_else(|| fields.stacktrace.and_then(stacktrace_frames))
         .or_else(|| fields.threads.and_then(crashed_thread_frames));
 
-    let default_key = || default_key(exception, frames, template, message);
-    let fingerprint = match fields.fingerprint.and_then(custom_parts) {
-        Some(parts) => custom_key(parts, default_key),
-        None => default_key(),
-    };
-
-    let environment = text(fields.environment)
-        .or_else(|| fields.tags.and_then(|tags| tag(tags, "environment")))
-        .map(str::to_owned);
-
-    Ok(Read {
+    Ok((
         event_id,
-        release: text(fields.release).map(str::to_owned),
-        level: level(fields.level),
-        environment,
-        timestamp_us: fields
-            .timestamp
-            .and_then(|timestamp| timestamp_us(timestamp).ok()),
-        fingerprint,
-        title: title(exception, message),
-    })
+        Event {
+            grouping: Grouping::Sentry,
+            message: message(&fields),
+            template: fields
+                .logentry
+                .and_then(|logentry| text(last_field(logentry, "message"))),
+            level: level(fields.level),
+            exception: raised.map(|(exception, _)| exception),
+            frames: Frames::new(frames, Grouping::Sentry),
+            fingerprint: fields.fingerprint.and_then(CustomFingerprint::of),
+            environment: text(fields.environment),
+            release: text(fields.release),
+            tags: Tags::new(fields.tags),
+            timestamp_us: fields
+                .timestamp
+                .and_then(|timestamp| timestamp_us(timestamp).ok()),
+            raw,
+        },
+    ))
 }
 
 /// A non-empty string.
@@ -253,8 +224,11 @@ fn message<'a>(fields: &Fields<'_, 'a>) -> Option<&'a str> {
         .or_else(|| fields.message.and_then(from_object))
 }
 
-/// The exception that was raised: the last of `exception.values` (or of `exception` as a list).
-fn raised_exception<'t, 'a>(exception: Value<'t, 'a>) -> Option<Exception<'t, 'a>> {
+/// The exception that was raised (the last of `exception.values`, or of `exception` as a list)
+/// and its frames, when it has any.
+fn raised_exception<'a>(
+    exception: Value<'a, 'a>,
+) -> Option<(Exception<'a>, Option<Value<'a, 'a>>)> {
     let values = if exception.is_array() {
         exception
     } else {
@@ -262,15 +236,17 @@ fn raised_exception<'t, 'a>(exception: Value<'t, 'a>) -> Option<Exception<'t, 'a
     };
     let raised = values.as_array()?.iter().filter(Value::is_object).last()?;
     let mut read = Exception::default();
+    let mut frames = None;
     for (name, value) in raised.as_object()?.iter() {
         match name {
             "type" => read.type_name = text(Some(value)),
             "value" => read.value = text(Some(value)),
-            "stacktrace" => read.frames = stacktrace_frames(value),
+            "module" => read.module = text(Some(value)),
+            "stacktrace" => frames = stacktrace_frames(value),
             _ => {}
         }
     }
-    Some(read)
+    Some((read, frames))
 }
 
 /// A stack trace's `frames`, when it has any.
@@ -292,179 +268,24 @@ fn crashed_thread_frames<'t, 'a>(threads: Value<'t, 'a>) -> Option<Value<'t, 'a>
     stacktrace_frames(last_field(crashed, "stacktrace")?)
 }
 
-/// A tag's value from `tags` as an object or as a list of `[key, value]` pairs.
-fn tag<'a>(tags: Value<'_, 'a>, key: &str) -> Option<&'a str> {
-    if tags.is_object() {
-        return text(last_field(tags, key));
-    }
-    tags.as_array()?
-        .iter()
-        .filter_map(|pair| {
-            let pair = pair.as_array()?;
-            if pair.len() == 2 && pair.get(0)?.as_str()? == key {
-                pair.get(1)
-            } else {
-                None
-            }
-        })
-        .last()
-        .and_then(|value| text(Some(value)))
-}
-
-/// The elements of `fingerprint` when it has any (a lone string counts as one element).
-fn custom_parts<'t, 'a>(fingerprint: Value<'t, 'a>) -> Option<Value<'t, 'a>> {
-    match fingerprint.as_array() {
-        Some(parts) if !parts.is_empty() => Some(fingerprint),
-        Some(_) => None,
-        None => fingerprint
-            .as_str()
-            .filter(|key| !key.is_empty())
-            .map(|_| fingerprint),
-    }
-}
-
-/// Rule 1: the elements joined by `\n`, each `{{ default }}` replaced by the default key
-/// (rules 2-4). Elements that are not strings count as empty.
-fn custom_key(parts: Value<'_, '_>, default_key: impl Fn() -> String) -> String {
-    let Some(parts) = parts.as_array() else {
-        // A lone string.
-        let part = parts.as_str().unwrap_or("");
-        return if is_default_placeholder(part) {
-            default_key()
-        } else {
-            part.to_owned()
-        };
-    };
-    let mut key = String::new();
-    for (index, part) in parts.iter().enumerate() {
-        if index > 0 {
-            key.push(CUSTOM_PART_SEPARATOR);
-        }
-        match part.as_str() {
-            Some(part) if is_default_placeholder(part) => key.push_str(&default_key()),
-            Some(part) => key.push_str(part),
-            None => {}
-        }
-    }
-    key
-}
-
-/// `{{ default }}`, spaces inside the braces optional, as Sentry matches it.
-fn is_default_placeholder(part: &str) -> bool {
-    part.trim()
-        .strip_prefix("{{")
-        .and_then(|inner| inner.strip_suffix("}}"))
-        .is_some_and(|inner| inner.trim() == "default")
-}
-
-/// Rules 2-4:
-/// 2. an exception with frames: `Type;module|function;...`, only the in-app frames when any
-///    frame is in-app (line numbers and the exception value never count);
-/// 3. an exception without frames: `Type:` + normalised value;
-/// 4. `msg:` + the message template (`logentry.message`), else the normalised message.
-fn default_key(
-    exception: Option<Exception<'_, '_>>,
-    frames: Option<Value<'_, '_>>,
-    template: Option<&str>,
-    message: Option<&str>,
-) -> String {
-    if let Some(exception) = exception {
-        let type_name = exception.type_name.unwrap_or("");
-        if let Some(frames) = frames.and_then(|frames| frames.as_array()) {
-            let any_in_app = frames.iter().any(|frame| frame_names(frame).in_app);
-            let mut key = String::with_capacity(type_name.len() + frames.len() * 48);
-            key.push_str(type_name);
-            for frame in frames.iter().map(frame_names) {
-                if any_in_app && !frame.in_app {
-                    continue;
-                }
-                key.push(FRAME_SEPARATOR);
-                key.push_str(frame.location);
-                key.push(FRAME_FIELD_SEPARATOR);
-                key.push_str(frame.function);
-            }
-            return key;
-        }
-        let value = exception.value.unwrap_or("");
-        let mut key = String::with_capacity(type_name.len() + 1 + value.len());
-        key.push_str(type_name);
-        key.push(':');
-        push_normalised(&mut key, value);
-        return key;
-    }
-    let mut key = String::with_capacity(MESSAGE_KEY_PREFIX.len() + message.map_or(0, str::len));
-    key.push_str(MESSAGE_KEY_PREFIX);
-    match template {
-        Some(template) => key.push_str(template),
-        None => push_normalised(&mut key, message.unwrap_or("")),
-    }
-    key
-}
-
-/// What grouping reads of a frame.
-struct FrameNames<'a> {
-    /// `module`, else `filename`, else `abs_path`.
-    location: &'a str,
-    function: &'a str,
-    in_app: bool,
-}
-
-/// A frame's names in one pass over its fields (which may hold large `vars`).
-fn frame_names<'a>(frame: Value<'_, 'a>) -> FrameNames<'a> {
-    let (mut module, mut filename, mut abs_path, mut function) = (None, None, None, None);
-    let mut in_app = false;
+/// A frame's names in one pass over its fields (which may hold large `vars`): `filename`
+/// stands for `abs_path` when missing.
+#[inline(always)]
+pub(crate) fn read_frame<'a>(frame: Value<'a, 'a>) -> Frame<'a> {
+    let (mut filename, mut abs_path) = (None, None);
+    let mut read = Frame::default();
     for (name, value) in frame.as_object().iter().flat_map(|fields| fields.iter()) {
         match name {
-            "module" => module = text(Some(value)),
+            "module" => read.module = text(Some(value)),
             "filename" => filename = text(Some(value)),
             "abs_path" => abs_path = text(Some(value)),
-            "function" => function = text(Some(value)),
-            "in_app" => in_app = value.as_bool() == Some(true),
+            "function" => read.function = text(Some(value)),
+            "in_app" => read.in_app = value.as_bool() == Some(true),
             _ => {}
         }
     }
-    FrameNames {
-        location: module.or(filename).or(abs_path).unwrap_or(""),
-        function: function.unwrap_or(""),
-        in_app,
-    }
-}
-
-/// `Type: value` for an exception, else the message; its first line, at most
-/// `TITLE_CHARS_MAX` characters; `Untitled` when there is neither.
-fn title(exception: Option<Exception<'_, '_>>, message: Option<&str>) -> String {
-    let exception = exception.unwrap_or_default();
-    let full = match (exception.type_name, exception.value, message) {
-        (Some(type_name), Some(value), _) => {
-            let mut title = String::with_capacity(type_name.len() + 2 + value.len());
-            title.push_str(type_name);
-            title.push_str(": ");
-            title.push_str(first_line(value));
-            return clip(title);
-        }
-        (Some(type_name), None, _) => type_name,
-        (None, Some(value), _) => value,
-        (None, None, Some(message)) => message,
-        (None, None, None) => UNTITLED,
-    };
-    clip(first_line(full).to_owned())
-}
-
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or("")
-}
-
-/// At most `TITLE_CHARS_MAX` characters, trailing whitespace removed; `Untitled` if nothing
-/// is left.
-fn clip(mut title: String) -> String {
-    if let Some((end, _)) = title.char_indices().nth(TITLE_CHARS_MAX) {
-        title.truncate(end);
-    }
-    title.truncate(title.trim_end().len());
-    if title.is_empty() {
-        return UNTITLED.to_owned();
-    }
-    title
+    read.filename = filename.or(abs_path);
+    read
 }
 
 #[cfg(test)]
@@ -617,8 +438,8 @@ mod tests {
 
     #[test]
     fn message_sources_in_order() {
-        let title = |json: &str| read(json).title;
-        let key = |json: &str| read(json).fingerprint;
+        let title = |json: &str| read(json).summary.title;
+        let key = |json: &str| read(json).summary.fingerprint;
         assert_eq!(
             title(r#"{"logentry":{"message":"t %s","formatted":"t 1"},"message":"m"}"#),
             "t 1"
@@ -649,7 +470,7 @@ mod tests {
 
     #[test]
     fn titles_prefer_the_exception_and_are_clipped() {
-        let title = |json: &str| read(json).title;
+        let title = |json: &str| read(json).summary.title;
         assert_eq!(
             title(r#"{"message":"m","exception":{"values":[{"type":"E","value":"v"}]}}"#),
             "E: v"
@@ -677,7 +498,7 @@ mod tests {
 
     #[test]
     fn custom_fingerprints_with_default() {
-        let key = |json: &str| read(json).fingerprint;
+        let key = |json: &str| read(json).summary.fingerprint;
         let exception = r#""exception":{"values":[{"type":"E","value":"V"}]}"#;
         assert_eq!(
             key(&format!(
@@ -753,7 +574,7 @@ mod tests {
         assert_eq!(read(r#"{"level":3}"#).level, Level::Error);
         assert_eq!(read("{}").level, Level::Error);
 
-        let environment = |json: &str| read(json).environment;
+        let environment = |json: &str| read(json).summary.environment;
         assert_eq!(
             environment(r#"{"environment":"prod","tags":{"environment":"x"}}"#).as_deref(),
             Some("prod")

@@ -4,7 +4,8 @@
 //! # Layout
 //! - `encoding`: `Content-Encoding` decoding with the decoded size capped while decoding.
 //! - `envelope`: the envelope format (items borrowed from the body) and DSN parsing.
-//! - `event`: reading and grouping one Sentry event JSON.
+//! - `event`: the wire decoder: one Sentry event JSON read into the canonical event, grouped
+//!   by the Sentry rule set of `ingest::fingerprint`.
 //!
 //! A request flows as: `ContentEncoding::from_header` -> `decode_body` (cap `STORE_BYTES_MAX`
 //! or `ENVELOPE_BYTES_MAX`) -> `decode_store_body`, or `parse_envelope` then
