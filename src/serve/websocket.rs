@@ -293,7 +293,7 @@ async fn on_text(shard: &Rc<Shard>, id: ConnId, role: &Role, text: String) {
             let answer = ingest_frame(shard, *project_id, text.into_bytes()).await;
             reply(shard, id, Bytes::from(encode_text(&answer)));
         }
-        Role::Stream { .. } => match subscribe_filters(&text) {
+        Role::Stream { .. } => match Filters::from_subscribe(&text) {
             Ok(filters) => {
                 let frame = filters_updated_frame(&filters);
                 if let Some(sub) = shard
@@ -309,20 +309,6 @@ async fn on_text(shard: &Rc<Shard>, id: ConnId, role: &Role, text: String) {
             }
             Err(message) => reply(shard, id, error_frame(&message)),
         },
-    }
-}
-
-/// The filters of a `{"type":"subscribe","filters":{...}}` message, or what is wrong with it.
-fn subscribe_filters(text: &str) -> Result<Filters, String> {
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let object = value
-        .as_object()
-        .ok_or("expected a JSON object with a type")?;
-    match object.get("type").and_then(|t| t.as_str()) {
-        Some("subscribe") => Filters::parse(object.get("filters")),
-        Some(other) => Err(format!("unknown message type: {other}")),
-        None => Err("expected a JSON object with a type".into()),
     }
 }
 

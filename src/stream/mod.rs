@@ -156,6 +156,20 @@ impl Filters {
                     .is_some_and(|env| self.environments.contains(env)))
     }
 
+    /// The filters of a client's `{"type":"subscribe","filters":{...}}` message, or what is
+    /// wrong with it (sent back as an `error` message).
+    pub fn from_subscribe(text: &str) -> Result<Filters, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let object = value
+            .as_object()
+            .ok_or("expected a JSON object with a type")?;
+        match object.get("type").and_then(|t| t.as_str()) {
+            Some("subscribe") => Filters::parse(object.get("filters")),
+            Some(other) => Err(format!("unknown message type: {other}")),
+            None => Err("expected a JSON object with a type".into()),
+        }
+    }
+
     /// Filters from a `subscribe` message's `filters` value (missing or null: match all).
     pub fn parse(value: Option<&Value>) -> Result<Filters, String> {
         let mut filters = Filters::default();
@@ -318,6 +332,23 @@ pub fn filters_updated_frame(filters: &Filters) -> Bytes {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn subscribe_messages_and_what_is_wrong_with_them() {
+        let filters =
+            Filters::from_subscribe(r#"{"type":"subscribe","filters":{"level":"error"}}"#).unwrap();
+        assert!(filters.matches(&event(Level::Error, None)));
+        assert!(!filters.matches(&event(Level::Warning, None)));
+        for (text, error) in [
+            ("{", "invalid JSON"),
+            ("[1]", "expected a JSON object with a type"),
+            (r#"{"filters":{}}"#, "expected a JSON object with a type"),
+            (r#"{"type":"ping"}"#, "unknown message type: ping"),
+        ] {
+            let refused = Filters::from_subscribe(text).unwrap_err();
+            assert!(refused.starts_with(error), "{text}: {refused}");
+        }
+    }
 
     fn event(level: Level, environment: Option<&str>) -> Published {
         event_message(
