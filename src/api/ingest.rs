@@ -18,9 +18,6 @@ use crate::shard::mesh::{owner_of, EventOutcome, IngestReply, ShardMsg};
 use crate::shard::Shard;
 use crate::store::Scope;
 
-/// Seconds a client is told to wait when storage is behind.
-const OVERLOADED_RETRY_AFTER_S: u64 = 1;
-
 pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: Vec<u8>) -> Response {
     let key = presented_key(head);
     let authorized = shard
@@ -114,10 +111,8 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
         },
         IngestReply::RateLimited { retry_after_s } => Response::error(429, "rate limited")
             .with_header("retry-after", retry_after_s.to_string()),
-        IngestReply::Overloaded => Response::error(503, "overloaded")
-            .with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string()),
-        IngestReply::StorageFailed => Response::error(503, "storage unavailable")
-            .with_header("retry-after", OVERLOADED_RETRY_AFTER_S.to_string()),
+        IngestReply::Overloaded => Response::unavailable("overloaded"),
+        IngestReply::StorageFailed => Response::unavailable("storage unavailable"),
         IngestReply::IssueLimit { index, limit } => {
             let at = if bulk {
                 format!("index {index}: ")

@@ -160,13 +160,11 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
         let rows = shard
             .timeout(STORE_READ_TIMEOUT_MS, answer)
             .await
-            .ok_or_else(|| {
-                Response::error(503, "storage unavailable").with_header("retry-after", "1")
-            })?
+            .ok_or_else(|| Response::unavailable("storage unavailable"))?
             .map_err(|_| shutting_down())?
             .map_err(|error| {
                 tracing::error!(%error, "reading events failed");
-                Response::error(503, "storage unavailable").with_header("retry-after", "1")
+                Response::unavailable("storage unavailable")
             })?;
         // Each event's JSON goes out as stored, which is as sent: read back through a JSON
         // library, numbers beyond 64 bits would lose their text.

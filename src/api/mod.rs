@@ -231,16 +231,14 @@ async fn ask<T>(
 }
 
 fn shutting_down() -> Response {
-    Response::error(503, "shutting down").with_header("retry-after", "1")
+    Response::unavailable("shutting down")
 }
 
 /// What a directory change that did not take effect answers.
 fn directory_refusal(error: DirectoryError) -> Response {
     match error {
         DirectoryError::SlugTaken => Response::error(409, "slug already taken"),
-        DirectoryError::StorageUnavailable => {
-            Response::error(503, "storage unavailable").with_header("retry-after", "1")
-        }
+        DirectoryError::StorageUnavailable => Response::unavailable("storage unavailable"),
         DirectoryError::ShuttingDown => shutting_down(),
     }
 }

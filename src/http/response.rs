@@ -56,6 +56,12 @@ impl Response {
         self
     }
 
+    /// `503 {"error": message}` asking the client to come back in a second: the server is
+    /// overloaded, shutting down, or its storage is not answering.
+    pub fn unavailable(message: &str) -> Response {
+        Response::error(503, message).with_header("retry-after", "1")
+    }
+
     pub fn not_found() -> Response {
         Response::error(404, "not found")
     }

@@ -36,7 +36,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         serve_requests(&shard, id, &stream).await
     } else {
         shard.counters.conns_refused.fetch_add(1, Relaxed);
-        let response = overloaded("too many connections");
+        let response = Response::unavailable("too many connections");
         fail(
             &shard,
             id,
@@ -97,11 +97,6 @@ async fn write(stream: &TcpStream, out: &mut Vec<u8>) -> bool {
     result.is_ok()
 }
 
-/// 503 with a hint to come back in a second.
-fn overloaded(what: &str) -> Response {
-    Response::error(503, what).with_header("retry-after", "1")
-}
-
 /// Answers an error and closes: the connection's byte stream can no longer be trusted.
 async fn fail(
     shard: &Shard,
@@ -124,8 +119,7 @@ async fn fail(
 /// side is shut (the client sees the answer, then its end) and what the client still sends is
 /// read and discarded, for a bounded time and amount, until it closes too.
 async fn linger(shard: &Shard, id: ConnId, stream: &TcpStream) {
-    // SAFETY: the connection owns the fd for as long as `stream` lives; shutdown does not close it.
-    unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+    let _ = stream.shutdown(std::net::Shutdown::Write);
     shard.set_deadline(id, Some((Deadline::Linger, LINGER_MS)));
     let mut discard: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut discarded = 0;
@@ -244,7 +238,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             Err(BodyEnd::NoRoom) => {
                 count_refusal(Rejection::Overloaded);
                 shard.counters.bodies_refused.fetch_add(1, Relaxed);
-                let response = overloaded("overloaded");
+                let response = Response::unavailable("overloaded");
                 return fail(shard, id, stream, &mut out, response, CloseReason::Refused).await;
             }
             Err(BodyEnd::StreamEnded) => {

@@ -256,7 +256,11 @@ impl Shard {
         match passed {
             Deadline::Request => self.interrupt_read(id, CloseReason::RequestTimeout),
             Deadline::Idle => self.force_close(id, CloseReason::IdleTimeout),
-            Deadline::Linger => self.end_linger(id),
+            // An answered connection stops discarding what its client still sends; it closes
+            // for the reason it already has.
+            Deadline::Linger => {
+                self.shut(id, libc::SHUT_RD, None);
+            }
         }
     }
 
@@ -339,49 +343,37 @@ impl Shard {
     /// Ends a connection from the server side: records why and shuts the socket so its tasks
     /// see the end of their pending reads and writes.
     pub fn force_close(&self, id: ConnId, reason: CloseReason) {
-        self.shut_down(id, reason);
-    }
-
-    /// `force_close`, saying whether this was the first decision to close the connection.
-    fn shut_down(&self, id: ConnId, reason: CloseReason) -> bool {
-        let mut conns = self.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else {
-            return false;
-        };
-        let first = entry.close_reason.is_none();
-        entry.close_reason.get_or_insert(reason);
-        // SAFETY: fd belongs to a live connection (the entry exists); shutdown does not close it.
-        unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
-        first
+        self.shut(id, libc::SHUT_RDWR, Some(reason));
     }
 
     /// Cuts off a client that cannot keep up. It is counted once: until it is gone it may be
     /// found slow again (a drain tick, a reply that does not fit), and one closing already
     /// decided for another reason is not counted.
     pub fn disconnect_slow(&self, id: ConnId) {
-        if self.shut_down(id, CloseReason::SlowClient) {
+        if self.shut(id, libc::SHUT_RDWR, Some(CloseReason::SlowClient)) {
             self.counters.stream_slow_disconnects.fetch_add(1, Relaxed);
         }
     }
 
     /// Ends only the read side, so the connection can still write its answer (408).
     pub fn interrupt_read(&self, id: ConnId, reason: CloseReason) {
-        let mut conns = self.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else {
-            return;
-        };
-        entry.close_reason.get_or_insert(reason);
-        // SAFETY: as in force_close.
-        unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
+        self.shut(id, libc::SHUT_RD, Some(reason));
     }
 
-    /// Ends the read side of a connection that has answered and is closing, keeping the reason
-    /// it closes for.
-    fn end_linger(&self, id: ConnId) {
-        if let Some(entry) = self.conns.borrow().get(id) {
-            // SAFETY: as in force_close.
-            unsafe { libc::shutdown(entry.fd, libc::SHUT_RD) };
+    /// Shuts the socket's `how` side(s), recording `reason` unless one was recorded before;
+    /// true if this is the first reason recorded (the first decision to close).
+    fn shut(&self, id: ConnId, how: libc::c_int, reason: Option<CloseReason>) -> bool {
+        let mut conns = self.conns.borrow_mut();
+        let Some(entry) = conns.get_mut(id) else {
+            return false;
+        };
+        let first = entry.close_reason.is_none() && reason.is_some();
+        if entry.close_reason.is_none() {
+            entry.close_reason = reason;
         }
+        // SAFETY: fd belongs to a live connection (the entry exists); shutdown does not close it.
+        unsafe { libc::shutdown(entry.fd, how) };
+        first
     }
 
     /// Queues a frame on a WebSocket connection and wakes its writer; false if the ring refused it.
@@ -420,7 +412,7 @@ impl Shard {
         if !socket.closing {
             socket.closing = true;
             if socket.ring.push(frame, Kind::Control) == Push::Overflow {
-                // SAFETY: as in force_close.
+                // SAFETY: as in `shut`.
                 unsafe { libc::shutdown(entry.fd, libc::SHUT_RDWR) };
             }
             socket.wake.notify_one();

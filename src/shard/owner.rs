@@ -193,7 +193,14 @@ impl Shard {
         } else {
             Vec::new()
         };
-        let to_store = events.len() - skipped.iter().filter(|o| o.is_some()).count();
+        let stored = |index: usize| skipped.get(index).copied().flatten().is_none();
+        let (to_store, bytes_to_store) = events
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| stored(*index))
+            .fold((0, 0), |(count, bytes), (_, event)| {
+                (count + 1, bytes + event.json.len())
+            });
         // Every issue stays in memory, so a project gets at most `--max-issues-per-project`. A
         // request with an event past it is refused whole, like one with an invalid event.
         let issue_limit = self.config.max_issues_per_project;
@@ -201,7 +208,7 @@ impl Shard {
             let grouped = events
                 .iter()
                 .enumerate()
-                .filter(|(index, _)| skipped.get(*index).copied().flatten().is_none())
+                .filter(|(index, _)| stored(*index))
                 .map(|(index, event)| (index, &event.fingerprint));
             if let Some(index) = state.first_past_limit(grouped, issue_limit) {
                 state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
@@ -212,12 +219,6 @@ impl Shard {
                 });
             }
         }
-        let bytes_to_store: usize = events
-            .iter()
-            .enumerate()
-            .filter(|(index, _)| skipped.get(*index).copied().flatten().is_none())
-            .map(|(_, event)| event.json.len())
-            .sum();
         if to_store > 0 && !self.store.has_room(to_store, bytes_to_store) {
             state.give_back_rate(project.rate_limit_per_minute, batch, received_us);
             self.counters.rejected(Rejection::Overloaded, batch);
