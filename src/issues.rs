@@ -188,18 +188,9 @@ pub struct ProjectState {
     /// Discarded issues: while there are none, no event needs the check before grouping.
     discarded: u64,
     rate: RateWindow,
-    /// Stream subscribers of this project on each shard; fan-out goes to shards with any.
-    pub subscribers_by_shard: Vec<u32>,
 }
 
 impl ProjectState {
-    pub fn new(shard_count: usize) -> ProjectState {
-        ProjectState {
-            subscribers_by_shard: vec![0; shard_count],
-            ..Default::default()
-        }
-    }
-
     pub fn restore(&mut self, issue: Issue) {
         if let Some(count) = self.count_of(issue.status) {
             *count += 1;
@@ -404,7 +395,7 @@ mod tests {
     }
 
     fn state() -> (ProjectState, Uuid) {
-        (ProjectState::new(1), Uuid::new_v4())
+        (ProjectState::default(), Uuid::new_v4())
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod http;
 pub mod ingest;
 pub mod issues;
 pub mod metrics;
+pub mod owner;
 pub mod serve;
 pub mod server;
 pub mod shard;

@@ -13,8 +13,9 @@ use crate::config::Config;
 use crate::conn::limits::{Budget, Limits};
 use crate::issues::{Issue, ProjectState};
 use crate::metrics::Metrics;
-use crate::shard::mesh::{owner_of, ShardMsg, SHARD_QUEUE_MAX};
-use crate::shard::{self, ShardInit};
+use crate::owner::{self, owner_of};
+use crate::shard::mesh::{ShardMsg, SHARD_QUEUE_MAX};
+use crate::shard::{self, Hooks, ShardInit};
 use crate::store::{self, Snapshot, Store, WriterConfig};
 use crate::IdMap;
 
@@ -80,9 +81,14 @@ pub fn run(config: Config) -> Result<(), String> {
     let mut owned = split_state(&snapshot, shard_count);
     let mut threads = Vec::new();
     for ((index, inbox), listeners) in inboxes.into_iter().enumerate().zip(listeners) {
+        let projects = std::mem::take(&mut owned[index]);
         let init = ShardInit {
             index,
-            serve: crate::serve::connection,
+            hooks: Hooks {
+                serve: crate::serve::connection,
+                issue_rows: owner::issue_rows,
+                start: Box::new(move |_| owner::install(projects)),
+            },
             config: config.clone(),
             admin_token: admin_token.clone(),
             senders: senders.clone(),
@@ -92,7 +98,6 @@ pub fn run(config: Config) -> Result<(), String> {
             metrics: metrics.clone(),
             limits: limits.clone(),
             directory: directory(&snapshot),
-            owned: std::mem::take(&mut owned[index]),
             drained: drained_tx.clone(),
         };
         let thread = std::thread::Builder::new()
@@ -232,14 +237,13 @@ fn directory(snapshot: &Snapshot) -> Directory {
 fn split_state(snapshot: &Snapshot, shard_count: usize) -> Vec<IdMap<uuid::Uuid, ProjectState>> {
     let mut owned: Vec<IdMap<_, _>> = (0..shard_count).map(|_| IdMap::default()).collect();
     for project in &snapshot.projects {
-        owned[owner_of(&project.id, shard_count)]
-            .insert(project.id, ProjectState::new(shard_count));
+        owned[owner_of(&project.id, shard_count)].insert(project.id, ProjectState::default());
     }
     for row in &snapshot.issues {
         let shard = owner_of(&row.project_id, shard_count);
         owned[shard]
             .entry(row.project_id)
-            .or_insert_with(|| ProjectState::new(shard_count))
+            .or_default()
             .restore(Issue::from_row(row));
     }
     owned

@@ -10,11 +10,11 @@ use uuid::Uuid;
 
 use super::keys::presented_key;
 use super::routes::Route;
-use super::{ask, directory_refusal, json_body, now_us};
+use super::{directory_refusal, json_body, now_us};
 use crate::auth::{generate_key, hash_key};
 use crate::http::parse::Head;
 use crate::http::response::Response;
-use crate::shard::mesh::ShardMsg;
+use crate::owner;
 use crate::shard::Shard;
 use crate::store::{Change, KeyRow, ProjectRow, Scope};
 
@@ -28,10 +28,10 @@ const RETENTION_DAYS_DEFAULT: u32 = 90;
 pub fn authorize(shard: &Shard, head: &Head) -> Result<(), Response> {
     let presented = presented_key(head).ok_or_else(|| Response::error(401, "unauthorized"))?;
     // Compare digests so the time taken does not depend on how much of the token matched.
-    if hash_key(&presented) == hash_key(&shard.admin_token) {
+    if hash_key(&presented) == hash_key(shard.admin_token()) {
         return Ok(());
     }
-    match shard.directory.borrow().key(Some(&presented)) {
+    match shard.directory().key(Some(&presented)) {
         Ok(_) => Err(Response::error(403, "forbidden")),
         Err(_) => Err(Response::error(401, "unauthorized")),
     }
@@ -62,7 +62,7 @@ fn project_json(row: &ProjectRow) -> Value {
 }
 
 fn list_projects(shard: &Shard) -> Response {
-    let directory = shard.directory.borrow();
+    let directory = shard.directory();
     let mut projects: Vec<_> = directory.projects().collect();
     projects.sort_by_key(|p| (p.created_at_us, p.id));
     let data: Vec<Value> = projects.iter().map(|p| project_json(p)).collect();
@@ -151,13 +151,9 @@ async fn create_project(shard: &Rc<Shard>, body: &[u8]) -> Result<Response, Resp
     let shown = project_json(&project);
     // Shard 0 decides slug uniqueness, so two shards can never both take a slug.
     let keys = vec![ingest_row, dashboard_row];
-    ask(shard, 0, |reply| ShardMsg::CreateProject {
-        project,
-        keys,
-        reply,
-    })
-    .await?
-    .map_err(directory_refusal)?;
+    owner::create_project(shard, project, keys)
+        .await
+        .map_err(directory_refusal)?;
     let mut shown = shown;
     shown["ingest_key"] = json!(ingest_key);
     shown["dashboard_key"] = json!(dashboard_key);
@@ -171,7 +167,7 @@ async fn update_project(
 ) -> Result<Response, Response> {
     let body = json_body(body)?;
     let mut row = {
-        let directory = shard.directory.borrow();
+        let directory = shard.directory();
         directory
             .project(project)
             .map(|p| (**p).clone())
@@ -218,12 +214,11 @@ async fn update_project(
     }
     let shown = project_json(&row);
     let retention_shortened = row.retention_days < retention_before;
-    shard
-        .publish_directory(vec![Change::Project(row)])
+    owner::change_directory(shard, vec![Change::Project(row)])
         .await
         .map_err(directory_refusal)?;
     if retention_shortened {
-        shard.store.apply_retention();
+        shard.store().apply_retention();
     }
     Ok(Response::of(200, &shown))
 }
@@ -231,8 +226,7 @@ async fn update_project(
 async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Response, Response> {
     let body = json_body(body)?;
     let project_id = shard
-        .directory
-        .borrow()
+        .directory()
         .project(project)
         .map(|p| p.id)
         .ok_or_else(Response::not_found)?;
@@ -249,8 +243,7 @@ async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Res
     let label = string_field(&body, "label")?;
     let (plain, row) = new_key(project_id, scope, label.clone());
     let id = row.id;
-    shard
-        .publish_directory(vec![Change::Key(row)])
+    owner::change_directory(shard, vec![Change::Key(row)])
         .await
         .map_err(directory_refusal)?;
     Ok(Response::of(
@@ -262,16 +255,14 @@ async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Res
 async fn revoke_key(shard: &Rc<Shard>, key_id: &str) -> Result<Response, Response> {
     let id = Uuid::parse_str(key_id).map_err(|_| Response::error(400, "malformed key id"))?;
     let row = shard
-        .directory
-        .borrow()
+        .directory()
         .key_row(&id)
         .ok_or_else(Response::not_found)?;
     let row = KeyRow {
         revoked: true,
         ..row
     };
-    shard
-        .publish_directory(vec![Change::Key(row)])
+    owner::change_directory(shard, vec![Change::Key(row)])
         .await
         .map_err(directory_refusal)?;
     Ok(Response::json(200, r#"{"status":"ok"}"#))

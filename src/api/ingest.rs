@@ -9,25 +9,24 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::keys::presented_key;
-use super::{ask, now_us, refusal};
+use super::{now_us, refusal, shutting_down};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::{decode_bulk, decode_event, decode_frame, Incoming};
 use crate::metrics::Rejection;
-use crate::shard::mesh::{owner_of, EventOutcome, IngestReply, ShardMsg};
+use crate::owner::{self, EventOutcome, IngestReply};
 use crate::shard::Shard;
 use crate::store::Scope;
 
 pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: Vec<u8>) -> Response {
     let key = presented_key(head);
     let authorized = shard
-        .directory
-        .borrow()
+        .directory()
         .authorize(key.as_deref(), Scope::Ingest, None);
     let project_id = match authorized {
         Ok(entry) => entry.project_id,
         Err(refused) => {
-            shard.counters.rejected(Rejection::Unauthorized, 1);
+            shard.counters().rejected(Rejection::Unauthorized, 1);
             return refusal(refused);
         }
     };
@@ -39,7 +38,7 @@ pub async fn handle_http(shard: &Rc<Shard>, head: &Head, bulk: bool, body: Vec<u
     match events {
         Ok(events) => submit(shard, project_id, events, bulk).await,
         Err(error) => {
-            shard.counters.rejected(Rejection::Invalid, 1);
+            shard.counters().rejected(Rejection::Invalid, 1);
             Response::error(400, &error.to_string())
         }
     }
@@ -50,30 +49,21 @@ pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, text: Vec<u8>) ->
     match decode_frame(text) {
         Ok((events, is_array)) => submit(shard, project_id, events, is_array).await.body,
         Err(error) => {
-            shard.counters.rejected(Rejection::Invalid, 1);
+            shard.counters().rejected(Rejection::Invalid, 1);
             Response::error(400, &error.to_string()).body
         }
     }
 }
 
-async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Incoming>, bulk: bool) -> Response {
-    let owner = owner_of(&project_id, shard.shard_count());
-    if owner == shard.index {
-        // The project's state lives here: no message, no task switch.
-        let reply = shard.ingest(project_id, events, now_us()).reply().await;
-        return render(reply, bulk);
-    }
-    let received_us = now_us();
-    let reply = ask(shard, owner, |reply| ShardMsg::Ingest {
-        project_id,
-        events,
-        received_us,
-        reply,
-    })
-    .await;
-    match reply {
+async fn submit(
+    shard: &Rc<Shard>,
+    project_id: Uuid,
+    events: Vec<Incoming>,
+    bulk: bool,
+) -> Response {
+    match owner::ingest(shard, project_id, events, now_us()).await {
         Ok(reply) => render(reply, bulk),
-        Err(response) => response,
+        Err(_) => shutting_down(),
     }
 }
 

@@ -6,12 +6,12 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::keys::presented_key;
-use super::{ask, project_for, refusal, shutting_down};
+use super::{project_for, refusal, shutting_down};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::event::Level;
 use crate::issues::{rfc3339, Cursor, Issue, Status};
-use crate::shard::mesh::{owner_of, ListQuery, ShardMsg};
+use crate::owner::{self, ListQuery};
 use crate::shard::Shard;
 use crate::store::Scope;
 
@@ -46,16 +46,9 @@ pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
         Ok(query) => query,
         Err(response) => return response,
     };
-    let owner = owner_of(&project_id, shard.shard_count());
-    let page = match ask(shard, owner, |reply| ShardMsg::ListIssues {
-        project_id,
-        query,
-        reply,
-    })
-    .await
-    {
+    let page = match owner::list_issues(shard, project_id, query).await {
         Ok(page) => page,
-        Err(response) => return response,
+        Err(_) => return shutting_down(),
     };
     let views: Vec<_> = page.issues.iter().map(|issue| issue.view()).collect();
     Response::of(
@@ -103,8 +96,7 @@ fn list_query(head: &Head) -> Result<ListQuery, Response> {
 fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid), Response> {
     let key = presented_key(head);
     let project_id = shard
-        .directory
-        .borrow()
+        .directory()
         .authorize(key.as_deref(), Scope::Dashboard, None)
         .map_err(refusal)?
         .project_id;
@@ -113,25 +105,18 @@ fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid
 }
 
 /// The project has no such issue: 403 if another project has it, else 404.
-async fn missing(shard: &Shard, issue_id: Uuid) -> Response {
-    for to in 0..shard.shard_count() {
-        match ask(shard, to, |reply| ShardMsg::HasIssue { issue_id, reply }).await {
-            Ok(true) => return Response::error(403, "forbidden"),
-            Ok(false) => {}
-            Err(response) => return response,
-        }
+async fn missing(shard: &Rc<Shard>, issue_id: Uuid) -> Response {
+    match owner::issue_exists(shard, issue_id).await {
+        Ok(true) => Response::error(403, "forbidden"),
+        Ok(false) => Response::not_found(),
+        Err(_) => shutting_down(),
     }
-    Response::not_found()
 }
 
-async fn issue_of(shard: &Shard, project_id: Uuid, issue_id: Uuid) -> Result<Issue, Response> {
-    let owner = owner_of(&project_id, shard.shard_count());
-    let issue = ask(shard, owner, |reply| ShardMsg::GetIssue {
-        project_id,
-        issue_id,
-        reply,
-    })
-    .await?;
+async fn issue_of(shard: &Rc<Shard>, project_id: Uuid, issue_id: Uuid) -> Result<Issue, Response> {
+    let issue = owner::issue(shard, project_id, issue_id)
+        .await
+        .map_err(|_| shutting_down())?;
     match issue {
         Some(issue) => Ok(issue),
         None => Err(missing(shard, issue_id).await),
@@ -155,7 +140,7 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
         let limit = limit_param(head)?;
         issue_of(shard, project_id, issue_id).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
-        shard.store.latest_events(issue_id, limit, reply);
+        shard.store().latest_events(issue_id, limit, reply);
         // Reads queue behind pending writes; while storage is down they would wait for it.
         let rows = shard
             .timeout(STORE_READ_TIMEOUT_MS, answer)
@@ -196,14 +181,9 @@ pub async fn action(shard: &Rc<Shard>, head: &Head, id: &str, action: &str) -> R
     let result = async {
         let status = Status::from_action(action).ok_or_else(Response::not_found)?;
         let (issue_id, project_id) = issue_and_project(shard, head, id)?;
-        let owner = owner_of(&project_id, shard.shard_count());
-        let changed = ask(shard, owner, |reply| ShardMsg::SetStatus {
-            project_id,
-            issue_id,
-            status,
-            reply,
-        })
-        .await?;
+        let changed = owner::set_status(shard, project_id, issue_id, status)
+            .await
+            .map_err(|_| shutting_down())?;
         match changed {
             Some(changed) => Ok(Response::of(
                 200,

@@ -14,7 +14,7 @@ use crate::auth::{KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::now_us;
-use crate::shard::mesh::{DirectoryError, Reply, ShardMsg, ShuttingDown};
+use crate::owner::DirectoryError;
 use crate::shard::Shard;
 use crate::store::Scope;
 use crate::ws::codec::{accept_key, is_valid_key};
@@ -46,7 +46,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
         Route::Health => health(shard),
         Route::Metrics => {
             let mut response =
-                Response::json(200, shard.metrics.render(&shard.store, &shard.limits));
+                Response::json(200, shard.metrics().render(shard.store(), shard.limits()));
             response.content_type = "text/plain; version=0.0.4";
             response
         }
@@ -95,15 +95,14 @@ pub fn admit(shard: &Shard, head: &Head, route: &Route<'_>) -> Result<(), Respon
     };
     let key = presented_key(head);
     shard
-        .directory
-        .borrow()
+        .directory()
         .authorize(key.as_deref(), scope, None)
         .map(drop)
         .map_err(refusal)
 }
 
 fn health(shard: &Shard) -> Response {
-    if shard.store.healthy() {
+    if shard.store().healthy() {
         Response::json(200, r#"{"status":"ok","storage":"ok"}"#)
     } else {
         Response::json(503, r#"{"status":"degraded","storage":"down"}"#)
@@ -125,7 +124,7 @@ pub fn project_for(
     project: &str,
     scope: Scope,
 ) -> Result<KeyEntry, Response> {
-    let directory = shard.directory.borrow();
+    let directory = shard.directory();
     let key = presented_key(head);
     let entry = *directory.key(key.as_deref()).map_err(refusal)?;
     let project_id = directory
@@ -178,8 +177,7 @@ fn upgrade(
 fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {
     let key = presented_key(head);
     let authorized = shard
-        .directory
-        .borrow()
+        .directory()
         .authorize(key.as_deref(), Scope::Ingest, None);
     match authorized {
         Ok(entry) => upgraded(
@@ -214,20 +212,6 @@ fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, 
         Ok(_) => Err(Response::error(400, "invalid JSON: expected an object")),
         Err(error) => Err(Response::error(400, &format!("invalid JSON: {error}"))),
     }
-}
-
-/// Asks shard `to` with the message `ask` builds around the reply channel; a shard that is
-/// gone (shutting down) is a 503.
-async fn ask<T>(
-    shard: &Shard,
-    to: usize,
-    ask: impl FnOnce(Reply<T>) -> ShardMsg,
-) -> Result<T, Response> {
-    shard
-        .mesh
-        .ask(to, ask)
-        .await
-        .map_err(|ShuttingDown| shutting_down())
 }
 
 fn shutting_down() -> Response {

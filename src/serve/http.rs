@@ -35,7 +35,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let end = if admitted {
         serve_requests(&shard, id, &stream).await
     } else {
-        shard.counters.conns_refused.fetch_add(1, Relaxed);
+        shard.counters().conns_refused.fetch_add(1, Relaxed);
         let response = Response::unavailable("too many connections");
         fail(
             &shard,
@@ -77,16 +77,6 @@ pub async fn read_more(
     (result, slice.into_inner())
 }
 
-fn set_busy(shard: &Shard, id: ConnId, busy: bool) {
-    if let Some(entry) = shard.conns.borrow_mut().get_mut(id) {
-        entry.busy = busy;
-    }
-}
-
-fn close_reason(shard: &Shard, id: ConnId) -> Option<CloseReason> {
-    shard.conns.borrow().get(id).and_then(|e| e.close_reason)
-}
-
 async fn write(stream: &TcpStream, out: &mut Vec<u8>) -> bool {
     if out.is_empty() {
         return true;
@@ -106,7 +96,7 @@ async fn fail(
     response: Response,
     reason: CloseReason,
 ) -> End {
-    shard.counters.responded(response.status);
+    shard.counters().responded(response.status);
     response.write_to(Persistence::Close, out);
     if write(stream, out).await {
         linger(shard, id, stream).await;
@@ -135,8 +125,8 @@ async fn linger(shard: &Shard, id: ConnId, stream: &TcpStream) {
 }
 
 async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> End {
-    let request_timeout_ms = shard.config.request_timeout_ms;
-    let keepalive_timeout_ms = shard.config.keepalive_timeout_ms;
+    let request_timeout_ms = shard.config().request_timeout_ms;
+    let keepalive_timeout_ms = shard.config().keepalive_timeout_ms;
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::new();
     let mut head_buffers = HeadBuffers::default();
@@ -151,7 +141,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             if !buf.is_empty() {
                 if !request_started {
                     request_started = true;
-                    set_busy(shard, id, true);
+                    shard.set_busy(id, true);
                     if !first_request {
                         shard.set_deadline(id, Some((Deadline::Request, request_timeout_ms)));
                     }
@@ -165,7 +155,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if !write(stream, &mut out).await {
                     return End::Closed(CloseReason::IoError);
                 }
-                if shard.draining.get() {
+                if shard.is_draining() {
                     return End::Closed(CloseReason::Shutdown);
                 }
                 if !first_request {
@@ -193,7 +183,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         let carries_events = matches!(route, Ok(Route::Event | Route::Bulk));
         let count_refusal = |why: Rejection| {
             if carries_events {
-                shard.counters.rejected(why, 1);
+                shard.counters().rejected(why, 1);
             }
         };
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
@@ -237,7 +227,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             }
             Err(BodyEnd::NoRoom) => {
                 count_refusal(Rejection::Overloaded);
-                shard.counters.bodies_refused.fetch_add(1, Relaxed);
+                shard.counters().bodies_refused.fetch_add(1, Relaxed);
                 let response = Response::unavailable("overloaded");
                 return fail(shard, id, stream, &mut out, response, CloseReason::Refused).await;
             }
@@ -248,7 +238,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         let body = decoder.take_body();
         shard.set_deadline(id, None);
 
-        let keep_alive = head.keep_alive && !shard.draining.get();
+        let keep_alive = head.keep_alive && !shard.is_draining();
         // 404 and 405 end like any other response, so `Connection: close` holds for them too.
         let handled = match route {
             Ok(route) => api::handle(shard, &head, route, body).await,
@@ -262,7 +252,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         };
         match handled {
             Handled::Respond(response) => {
-                shard.counters.responded(response.status);
+                shard.counters().responded(response.status);
                 let persistence = Persistence::new(keep_alive, head.http10);
                 if head.method == "HEAD" {
                     response.write_head_to(persistence, &mut out);
@@ -275,7 +265,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 accept,
                 key_id,
             } => {
-                shard.counters.responded(101);
+                shard.counters().responded(101);
                 out.extend_from_slice(
                     format!(
                         "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
@@ -289,7 +279,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             }
         }
         head_buffers = head.into_buffers();
-        set_busy(shard, id, false);
+        shard.set_busy(id, false);
         if !keep_alive {
             write(stream, &mut out).await;
             return End::Closed(CloseReason::Normal);
@@ -323,7 +313,7 @@ async fn read_body(
     buf: &mut Vec<u8>,
     mut used: usize,
 ) -> Result<(), BodyEnd> {
-    let mut pending = Share::new(&shard.limits.pending_body_bytes);
+    let mut pending = Share::new(&shard.limits().pending_body_bytes);
     loop {
         used += decoder.feed(&buf[used..]).map_err(BodyEnd::Invalid)?;
         buf.drain(..used);
@@ -372,7 +362,7 @@ async fn ended_while_reading(
     out: &mut Vec<u8>,
     request_started: bool,
 ) -> End {
-    match close_reason(shard, id) {
+    match shard.close_reason(id) {
         Some(CloseReason::RequestTimeout) if request_started => {
             fail(
                 shard,

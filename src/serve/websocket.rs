@@ -12,11 +12,11 @@ use tokio_uring::net::TcpStream;
 use super::http::read_more;
 use crate::api::{ingest_frame, Role};
 use crate::conn::registry::ConnId;
-use crate::conn::ring::{Kind, Ring};
+use crate::conn::ring::Kind;
 use crate::metrics::{CloseReason, ConnKind, Rejection};
-use crate::shard::mesh::{owner_of, ShardMsg};
-use crate::shard::{Shard, Socket, Subscription, Timer, CLOSE_GRACE_MS};
-use crate::stream::{dropped_frame, error_frame, filters_updated_frame, Filters};
+use crate::owner;
+use crate::shard::{Shard, Socket, Timer, CLOSE_GRACE_MS};
+use crate::stream::{self, dropped_frame, error_frame, filters_updated_frame, Filters};
 use crate::ws::codec::{
     encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_MESSAGE_TOO_BIG,
     MESSAGE_BYTES_MAX,
@@ -34,8 +34,6 @@ const BUFFER_KEPT_CHUNKS_MAX: usize = 16;
 const INGEST_READ_CHUNK_BYTES: usize = 4096;
 /// Frames gathered into one vectored write; well under the kernel's 1024 iovec limit.
 const WRITE_BATCH_MAX: usize = 256;
-/// First byte of a server close frame (FIN, opcode 0x8).
-const CLOSE_FRAME_FIRST_BYTE: u8 = 0x88;
 
 pub async fn run(
     shard: Rc<Shard>,
@@ -50,54 +48,22 @@ pub async fn run(
         Role::Stream { .. } => ConnKind::Stream,
         Role::Ingest { .. } => ConnKind::IngestSocket,
     };
-    let ping = shard.schedule(shard.config.ping_interval_ms, Timer::Ping(id));
-    let old_timer = {
-        let mut conns = shard.conns.borrow_mut();
-        let Some(entry) = conns.get_mut(id) else {
-            return;
-        };
-        shard.counters.changed_kind(entry.kind, kind);
-        entry.kind = kind;
-        entry.busy = false;
-        entry.socket = Some(Socket {
-            ring: Ring::new(shard.config.stream_buffer as usize),
-            wake: wake.clone(),
-            writing: false,
-            closing: false,
-            last_progress_tick: shard.now_tick(),
-            send_queue_seen: None,
-            pong_timer: None,
-            key_id,
-            subscription: match role {
-                Role::Stream { project_id } => Some(Subscription {
-                    project_id,
-                    filters: Filters::default(),
-                    welcomed: false,
-                    welcome: None,
-                }),
-                Role::Ingest { .. } => None,
-            },
-        });
-        entry.timer.replace(ping)
-    };
-    shard.cancel(old_timer);
-    if shard.draining.get() {
+    let is_stream = matches!(role, Role::Stream { .. });
+    let capacity = shard.config().stream_buffer as usize;
+    let socket = Socket::new(capacity, wake.clone(), key_id, is_stream);
+    if !shard.open_socket(id, kind, socket) {
+        return;
+    }
+    shard.start_pings(id);
+    if shard.is_draining() {
         // Shutdown began while the 101 was being written, before this was a socket: it gets
         // the 1001 every other socket got.
         shard.close_for_shutdown(id);
     }
     if let Role::Stream { project_id } = role {
         limit_send_buffer(&stream);
-        shard.counters.stream_subscriptions.fetch_add(1, Relaxed);
-        let owner = owner_of(&project_id, shard.shard_count());
-        shard.mesh.send(
-            owner,
-            ShardMsg::Watch {
-                project_id,
-                shard: shard.index,
-                conn: id,
-            },
-        );
+        stream::join(&shard, id, project_id);
+        owner::watch(&shard, project_id, id);
     }
     let written = Rc::new(Notify::new());
     let writer = tokio_uring::spawn(write_loop(
@@ -112,16 +78,14 @@ pub async fn run(
     drop(leftover);
     let reason = read_loop(&shard, id, &stream, buf, &role, &written).await;
     // Let the writer send what waits (a close frame, maybe) and stop.
-    if let Some(socket) = shard
-        .conns
-        .borrow_mut()
-        .get_mut(id)
-        .and_then(|e| e.socket.as_mut())
-    {
+    shard.with_socket(id, |socket| {
         socket.closing = true;
         socket.wake.notify_one();
-    }
+    });
     let _ = writer.await;
+    if let Some(project_id) = stream::leave(&shard, id) {
+        owner::unwatch(&shard, project_id);
+    }
     shard.unregister(id, reason);
 }
 
@@ -140,7 +104,7 @@ async fn read_loop(
             // Once the server has decided to close (too slow, stalled, a protocol error, key
             // revoked, shutdown), nothing more from this client is decoded or acted on, however
             // much of its input is already read.
-            if let Some(reason) = closed_reason(shard, id) {
+            if let Some(reason) = shard.close_reason(id) {
                 return reason;
             }
             match decoder.decode(&buf[start..]) {
@@ -159,15 +123,7 @@ async fn read_loop(
                         Message::Ping(payload) => {
                             shard.enqueue(id, Bytes::from(encode_pong(&payload)), Kind::Control);
                         }
-                        Message::Pong(_) => {
-                            let key = shard
-                                .conns
-                                .borrow_mut()
-                                .get_mut(id)
-                                .and_then(|e| e.socket.as_mut())
-                                .and_then(|s| s.pong_timer.take());
-                            shard.cancel(key);
-                        }
+                        Message::Pong(_) => shard.pong_received(id),
                         Message::Close(code) => {
                             let code = code.map_or(1000, |(code, _)| code);
                             shard.close_socket(
@@ -183,7 +139,7 @@ async fn read_loop(
                 Err(error) => {
                     if error.code == CLOSE_MESSAGE_TOO_BIG && matches!(role, Role::Ingest { .. }) {
                         // An oversized ingest message is an event refused, like a 413.
-                        shard.counters.rejected(Rejection::TooLarge, 1);
+                        shard.counters().rejected(Rejection::TooLarge, 1);
                     }
                     // Every decoder error is the peer's protocol fault (1002, 1007, 1009).
                     let reason = CloseReason::ProtocolError;
@@ -205,8 +161,8 @@ async fn read_loop(
         buf = returned;
         match result {
             Ok(n) if n > 0 => {}
-            Ok(_) => return closed_reason(shard, id).unwrap_or(CloseReason::Normal),
-            Err(_) => return closed_reason(shard, id).unwrap_or(CloseReason::IoError),
+            Ok(_) => return shard.close_reason(id).unwrap_or(CloseReason::Normal),
+            Err(_) => return shard.close_reason(id).unwrap_or(CloseReason::IoError),
         }
     }
 }
@@ -219,12 +175,9 @@ async fn read_loop(
 async fn answers_go_out(shard: &Shard, id: ConnId, written: &Notify) {
     loop {
         let piled_up = shard
-            .conns
-            .borrow()
-            .get(id)
-            .and_then(|e| e.socket.as_ref())
-            .is_some_and(|s| !s.closing && s.ring.len() * 2 >= s.ring.capacity());
-        if !piled_up || closed_reason(shard, id).is_some() {
+            .with_socket(id, |s| !s.closing && s.ring.len() * 2 >= s.ring.capacity())
+            .unwrap_or(false);
+        if !piled_up || shard.close_reason(id).is_some() {
             return;
         }
         written.notified().await;
@@ -264,10 +217,6 @@ fn read_chunk_bytes(role: &Role) -> usize {
     }
 }
 
-fn closed_reason(shard: &Shard, id: ConnId) -> Option<CloseReason> {
-    shard.conns.borrow().get(id).and_then(|e| e.close_reason)
-}
-
 fn reply_error(shard: &Shard, id: ConnId, role: &Role, message: &str) {
     let frame = match role {
         Role::Stream { .. } => error_frame(message),
@@ -296,15 +245,7 @@ async fn on_text(shard: &Rc<Shard>, id: ConnId, role: &Role, text: String) {
         Role::Stream { .. } => match Filters::from_subscribe(&text) {
             Ok(filters) => {
                 let frame = filters_updated_frame(&filters);
-                if let Some(sub) = shard
-                    .conns
-                    .borrow_mut()
-                    .get_mut(id)
-                    .and_then(|e| e.socket.as_mut())
-                    .and_then(|s| s.subscription.as_mut())
-                {
-                    sub.filters = filters;
-                }
+                stream::set_filters(id, filters);
                 reply(shard, id, frame);
             }
             Err(message) => reply(shard, id, error_frame(&message)),
@@ -322,27 +263,19 @@ async fn write_loop(
     let _wake_reader = WakeOnDrop(written.clone());
     let mut batch: Vec<Bytes> = Vec::new();
     loop {
-        let finished = {
-            let mut conns = shard.conns.borrow_mut();
-            let Some(socket) = conns.get_mut(id).and_then(|e| e.socket.as_mut()) else {
-                return;
-            };
-            if socket.held() {
-                // The first message must be the issue count: replies and pongs wait behind it.
-                // Closing before it came, only the close frame goes out.
-                if socket.closing {
-                    socket.ring.drain_into(&mut batch, usize::MAX);
-                    batch.retain(|frame| frame.first() == Some(&CLOSE_FRAME_FIRST_BYTE));
-                }
-            } else {
-                if let Some(welcome) = socket.subscription.as_mut().and_then(|s| s.welcome.take()) {
-                    batch.push(welcome);
-                }
+        let finished = shard.with_socket(id, |socket| {
+            if !socket.held {
+                // The first message (a stream's issue count) goes out before all else.
+                batch.extend(socket.first.take());
                 let dropped = socket.ring.take_dropped();
                 if dropped > 0 {
                     batch.push(dropped_frame(dropped));
                 }
                 socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
+            }
+            // The close frame comes last; a stream still held sends nothing before it.
+            if socket.closing && (socket.held || socket.ring.is_empty()) {
+                batch.extend(socket.close_frame.take());
             }
             if batch.is_empty() {
                 socket.writing = false;
@@ -356,6 +289,9 @@ async fn write_loop(
                 }
                 false
             }
+        });
+        let Some(finished) = finished else {
+            return;
         };
         if finished {
             let _ = stream.shutdown(std::net::Shutdown::Write);
@@ -372,7 +308,7 @@ async fn write_loop(
             return;
         }
         shard
-            .counters
+            .counters()
             .stream_messages_sent
             .fetch_add(frames, Relaxed);
         written.notify_one();
@@ -381,16 +317,12 @@ async fn write_loop(
 
 /// The socket took bytes: the stall clock restarts.
 fn made_progress(shard: &Shard, id: ConnId) {
-    if let Some(socket) = shard
-        .conns
-        .borrow_mut()
-        .get_mut(id)
-        .and_then(|e| e.socket.as_mut())
-    {
-        socket.last_progress_tick = shard.now_tick();
+    let now = shard.now_tick();
+    shard.with_socket(id, |socket| {
+        socket.last_progress_tick = now;
         // The write added to the kernel's queue: an earlier reading of it says nothing now.
         socket.send_queue_seen = None;
-    }
+    });
 }
 
 /// Writes every frame, resuming after partial writes; false if the socket failed. Every write

@@ -1,7 +1,8 @@
 //! Cross-shard messaging: one bounded queue into each shard, FIFO per sender and destination.
 //!
 //! Senders never block the reactor: a message that finds its destination queue full waits in a
-//! local backlog that a forwarding task pushes on, in order, as room appears.
+//! local backlog that a forwarding task pushes on, in order, as room appears. The runtime names
+//! only what it handles itself (the directory, shutdown); the layers above send `Run` tasks.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -9,17 +10,11 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Notify};
-use uuid::Uuid;
 
-use crate::conn::registry::ConnId;
-use crate::ingest::event::Level;
-use crate::ingest::Incoming;
-use crate::issues::{Cursor, Issue, Status};
+use super::Shard;
 use crate::metrics::ShardMetrics;
 use crate::store::{KeyRow, ProjectRow};
-use crate::stream::Published;
 
 /// Messages one shard's queue holds before senders fall back to their backlog; large enough
 /// to absorb bursts of fan-out without the backlog path.
@@ -27,117 +22,16 @@ pub const SHARD_QUEUE_MAX: usize = 8192;
 
 pub type Reply<T> = oneshot::Sender<T>;
 
-/// The owner's answer to an ingest request.
-#[derive(Debug)]
-pub enum IngestReply {
-    /// One outcome per event, in order.
-    Done(Vec<EventOutcome>),
-    RateLimited {
-        retry_after_s: u64,
-    },
-    Overloaded,
-    /// The event at `index` would open an issue past `--max-issues-per-project` (`limit`);
-    /// nothing of the request was taken.
-    IssueLimit {
-        index: usize,
-        limit: usize,
-    },
-    /// The owner no longer knows the project (should not happen: projects are never deleted).
-    UnknownProject,
-    /// Waiting for the storage commit failed (`--ack durable`).
-    StorageFailed,
-}
-
-#[derive(Debug, Clone, Copy)]
-pub enum EventOutcome {
-    Accepted { event_id: Uuid, issue_id: Uuid },
-    Sampled,
-    Discarded,
-}
-
-pub struct ListQuery {
-    pub status: Option<Status>,
-    pub level: Option<Level>,
-    pub limit: usize,
-    pub cursor: Option<Cursor>,
-}
-
-/// A page of issues, newest `last_seen` first, as the owner holds them.
-pub struct IssuePage {
-    pub issues: Vec<Issue>,
-    pub has_more: bool,
-    /// Where the next page starts, when there is one.
-    pub next_cursor: Option<Cursor>,
-}
-
-/// Why a change of the project and key directory did not take effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DirectoryError {
-    /// Another project has the slug.
-    SlugTaken,
-    /// Storage did not commit the change.
-    StorageUnavailable,
-    /// The server is shutting down.
-    ShuttingDown,
-}
+/// Work for another shard, run on its thread in queue order.
+pub type Task = Box<dyn FnOnce(&Rc<Shard>) + Send>;
 
 pub enum ShardMsg {
     /// A project created or changed; applied to the shard's directory, then acknowledged.
     Project(ProjectRow, Option<Reply<()>>),
     /// A key created or revoked; applied to the shard's directory, then acknowledged.
     Key(KeyRow, Option<Reply<()>>),
-    /// Create a project (handled by shard 0, which alone decides whether a slug is free).
-    CreateProject {
-        project: ProjectRow,
-        keys: Vec<KeyRow>,
-        reply: Reply<Result<(), DirectoryError>>,
-    },
-    /// Events of a project this shard owns, already validated by the accepting shard.
-    Ingest {
-        project_id: Uuid,
-        events: Vec<Incoming>,
-        received_us: i64,
-        reply: Reply<IngestReply>,
-    },
-    /// Change an issue's status; the answer is None when the project has no such issue.
-    SetStatus {
-        project_id: Uuid,
-        issue_id: Uuid,
-        status: Status,
-        reply: Reply<Option<bool>>,
-    },
-    /// The issue, if this project has it.
-    GetIssue {
-        project_id: Uuid,
-        issue_id: Uuid,
-        reply: Reply<Option<Issue>>,
-    },
-    /// Whether any project owned by this shard has the issue (to tell 403 from 404).
-    HasIssue { issue_id: Uuid, reply: Reply<bool> },
-    ListIssues {
-        project_id: Uuid,
-        query: ListQuery,
-        reply: Reply<IssuePage>,
-    },
-    /// A subscriber on `shard` joins the project; the owner answers with `Welcome`.
-    Watch {
-        project_id: Uuid,
-        shard: usize,
-        conn: ConnId,
-    },
-    /// A subscriber on `shard` left the project.
-    Unwatch { project_id: Uuid, shard: usize },
-    /// The first message for a new subscriber; it receives fan-out from here on.
-    Welcome {
-        conn: ConnId,
-        project_id: Uuid,
-        frame: Bytes,
-    },
-    /// Messages of a project for this shard's subscribers, in the order the owner made them.
-    Publish {
-        project_id: Uuid,
-        items: Arc<[Published]>,
-    },
+    /// Work of a layer above the runtime (an owner request, a stream delivery).
+    Run(Task),
     /// Stop accepting, close WebSockets with 1001, finish in-flight requests.
     Drain,
     /// Every shard is drained: leave the reactor.
@@ -147,12 +41,6 @@ pub enum ShardMsg {
 /// The shard that should have answered is gone: the server is shutting down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShuttingDown;
-
-/// The owner shard of a project: its state lives there and nowhere else.
-pub fn owner_of(project_id: &Uuid, shard_count: usize) -> usize {
-    // The low 64 bits are random in both v4 and v7 UUIDs.
-    (project_id.as_u64_pair().1 % shard_count as u64) as usize
-}
 
 pub struct Mesh {
     senders: Vec<mpsc::Sender<ShardMsg>>,
@@ -201,6 +89,25 @@ impl Mesh {
         let (reply, answer) = oneshot::channel();
         self.send(to, ask(reply));
         answer.await.map_err(|_| ShuttingDown)
+    }
+
+    /// Runs `task` on shard `to`, behind what is already queued for it.
+    pub fn run(&self, to: usize, task: impl FnOnce(&Rc<Shard>) + Send + 'static) {
+        self.send(to, ShardMsg::Run(Box::new(task)));
+    }
+
+    /// Runs `work` on shard `to` and waits for what it returns.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        to: usize,
+        work: impl FnOnce(&Rc<Shard>) -> T + Send + 'static,
+    ) -> Result<T, ShuttingDown> {
+        self.ask(to, |reply| {
+            ShardMsg::Run(Box::new(move |shard| {
+                let _ = reply.send(work(shard));
+            }))
+        })
+        .await
     }
 
     /// Moves backlogged messages into their queues as room appears; runs for the shard's life.

@@ -1,4 +1,5 @@
-//! Live project streams: the messages, the per-connection filters, and fan-out on one shard.
+//! Live project streams: the messages, the per-connection filters, the subscribers of each
+//! shard (`registry`) and fan-out into their rings.
 //!
 //! The owner shard encodes each message once as a complete WebSocket frame (`Published`); every
 //! shard with subscribers receives the same reference-counted frames and pushes a clone of the
@@ -16,6 +17,9 @@ use crate::conn::ring::{Kind, Push, Ring};
 use crate::ingest::event::Level;
 use crate::issues::IssueView;
 use crate::ws::codec::encode_text;
+
+mod registry;
+pub use registry::{join, leave, publish, set_filters, welcome, Watchers};
 
 /// One message as every subscriber receives it.
 #[derive(Clone, Debug)]

@@ -1,0 +1,221 @@
+//! The owner interface: everything a handler asks of a project's owner, as typed requests and
+//! typed replies made of domain types.
+//!
+//! Every project has one owner shard (`owner_of`), the only one that groups its events, counts
+//! its issues, limits its rate and makes its stream messages. A request runs there: as a direct
+//! call when the owner is the asking shard, through the owner's mesh queue otherwise. Handlers
+//! only call the functions here, so how the owner is reached can change without them.
+
+mod projects;
+
+use std::rc::Rc;
+
+use uuid::Uuid;
+
+use crate::conn::registry::ConnId;
+use crate::ingest::event::Level;
+use crate::ingest::Incoming;
+use crate::issues::{Cursor, Issue, Status};
+use crate::shard::Shard;
+use crate::store::{Change, KeyRow, ProjectRow};
+use crate::stream;
+
+pub use crate::shard::mesh::ShuttingDown;
+pub use crate::shard::DirectoryError;
+pub use projects::{install, issue_rows, Ingested};
+
+/// The owner shard of a project: its state lives there and nowhere else.
+pub fn owner_of(project_id: &Uuid, shard_count: usize) -> usize {
+    // The low 64 bits are random in both v4 and v7 UUIDs.
+    (project_id.as_u64_pair().1 % shard_count as u64) as usize
+}
+
+/// The owner's answer to an ingest request.
+#[derive(Debug)]
+pub enum IngestReply {
+    /// One outcome per event, in order.
+    Done(Vec<EventOutcome>),
+    RateLimited {
+        retry_after_s: u64,
+    },
+    Overloaded,
+    /// The event at `index` would open an issue past `--max-issues-per-project` (`limit`);
+    /// nothing of the request was taken.
+    IssueLimit {
+        index: usize,
+        limit: usize,
+    },
+    /// The owner no longer knows the project (should not happen: projects are never deleted).
+    UnknownProject,
+    /// Waiting for the storage commit failed (`--ack durable`).
+    StorageFailed,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum EventOutcome {
+    Accepted { event_id: Uuid, issue_id: Uuid },
+    Sampled,
+    Discarded,
+}
+
+pub struct ListQuery {
+    pub status: Option<Status>,
+    pub level: Option<Level>,
+    pub limit: usize,
+    pub cursor: Option<Cursor>,
+}
+
+/// A page of issues, newest `last_seen` first, as the owner holds them.
+pub struct IssuePage {
+    pub issues: Vec<Issue>,
+    pub has_more: bool,
+    /// Where the next page starts, when there is one.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Runs `work` on shard `to`: directly when it is this one, else through its queue.
+async fn on_shard<T: Send + 'static>(
+    shard: &Rc<Shard>,
+    to: usize,
+    work: impl FnOnce(&Rc<Shard>) -> T + Send + 'static,
+) -> Result<T, ShuttingDown> {
+    if to == shard.index() {
+        Ok(work(shard))
+    } else {
+        shard.mesh().call(to, work).await
+    }
+}
+
+fn owner_shard(shard: &Shard, project_id: &Uuid) -> usize {
+    owner_of(project_id, shard.shard_count())
+}
+
+/// Groups, streams and stores validated events of a project; one outcome per event.
+pub async fn ingest(
+    shard: &Rc<Shard>,
+    project_id: Uuid,
+    events: Vec<Incoming>,
+    received_us: i64,
+) -> Result<IngestReply, ShuttingDown> {
+    let to = owner_shard(shard, &project_id);
+    if to == shard.index() {
+        return Ok(projects::ingest(shard, project_id, events, received_us)
+            .reply()
+            .await);
+    }
+    shard
+        .mesh()
+        .ask(to, move |reply| {
+            crate::shard::mesh::ShardMsg::Run(Box::new(move |shard| {
+                match projects::ingest(shard, project_id, events, received_us) {
+                    Ingested::Reply(answer) => {
+                        let _ = reply.send(answer);
+                    }
+                    later => {
+                        tokio_uring::spawn(async move {
+                            let _ = reply.send(later.reply().await);
+                        });
+                    }
+                }
+            }))
+        })
+        .await
+}
+
+/// Changes an issue's status: None when the project has no such issue, else whether it changed.
+pub async fn set_status(
+    shard: &Rc<Shard>,
+    project_id: Uuid,
+    issue_id: Uuid,
+    status: Status,
+) -> Result<Option<bool>, ShuttingDown> {
+    let to = owner_shard(shard, &project_id);
+    on_shard(shard, to, move |shard| {
+        projects::set_status(shard, project_id, issue_id, status)
+    })
+    .await
+}
+
+/// The issue, if the project has it.
+pub async fn issue(
+    shard: &Rc<Shard>,
+    project_id: Uuid,
+    issue_id: Uuid,
+) -> Result<Option<Issue>, ShuttingDown> {
+    let to = owner_shard(shard, &project_id);
+    on_shard(shard, to, move |_| projects::issue(project_id, issue_id)).await
+}
+
+/// Whether any project has the issue (to tell 403 from 404).
+pub async fn issue_exists(shard: &Rc<Shard>, issue_id: Uuid) -> Result<bool, ShuttingDown> {
+    for to in 0..shard.shard_count() {
+        if on_shard(shard, to, move |_| projects::has_issue(issue_id)).await? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+pub async fn list_issues(
+    shard: &Rc<Shard>,
+    project_id: Uuid,
+    query: ListQuery,
+) -> Result<IssuePage, ShuttingDown> {
+    let to = owner_shard(shard, &project_id);
+    on_shard(shard, to, move |_| projects::list_issues(project_id, query)).await
+}
+
+/// A stream subscriber `conn` of this shard joins the project. Its first message (the
+/// unresolved count) comes from the owner, and fan-out reaches it from then on.
+pub fn watch(shard: &Rc<Shard>, project_id: Uuid, conn: ConnId) {
+    let to = owner_shard(shard, &project_id);
+    let from = shard.index();
+    let welcome = move |shard: &Rc<Shard>| {
+        let frame = projects::watch(project_id, from);
+        if from == shard.index() {
+            stream::welcome(shard, conn, project_id, frame);
+        } else {
+            shard.mesh().run(from, move |shard| {
+                stream::welcome(shard, conn, project_id, frame)
+            });
+        }
+    };
+    if to == shard.index() {
+        welcome(shard);
+    } else {
+        shard.mesh().run(to, welcome);
+    }
+}
+
+/// A stream subscriber of this shard left the project.
+pub fn unwatch(shard: &Rc<Shard>, project_id: Uuid) {
+    let to = owner_shard(shard, &project_id);
+    let from = shard.index();
+    if to == shard.index() {
+        projects::unwatch(project_id, from);
+    } else {
+        shard
+            .mesh()
+            .run(to, move |_| projects::unwatch(project_id, from));
+    }
+}
+
+/// Creates a project and its first keys. Shard 0 alone decides whether a slug is free.
+pub async fn create_project(
+    shard: &Rc<Shard>,
+    project: ProjectRow,
+    keys: Vec<KeyRow>,
+) -> Result<(), DirectoryError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    on_shard(shard, 0, move |shard| {
+        projects::create_project(shard, project, keys, reply)
+    })
+    .await
+    .map_err(|ShuttingDown| DirectoryError::ShuttingDown)?;
+    answer.await.unwrap_or(Err(DirectoryError::ShuttingDown))
+}
+
+/// Changes projects or keys (settings, a new key, a revocation) everywhere.
+pub async fn change_directory(shard: &Shard, changes: Vec<Change>) -> Result<(), DirectoryError> {
+    shard.publish_directory(changes).await
+}

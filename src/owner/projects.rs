@@ -1,0 +1,376 @@
+//! The owner side: the only writer of its projects' issue state.
+//!
+//! Ingest, status changes and subscriptions of a project all run on its owner's thread, in
+//! order, so grouping needs no lock and stream messages leave in the order they were made. The
+//! state is the shard thread's own (set up by `install` when the shard starts).
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{DirectoryError, EventOutcome, IngestReply, IssuePage, ListQuery};
+use crate::config::AckMode;
+use crate::ingest::Incoming;
+use crate::issues::{Cursor, Grouped, Issue, ProjectState, Status};
+use crate::metrics::Rejection;
+use crate::shard::Shard;
+use crate::store::{Change, EventRow, KeyRow, ProjectRow, StoreError};
+use crate::stream::{self, Attributes, Watchers};
+use crate::IdMap;
+
+/// A project as its owner holds it: its issues and who watches its stream.
+#[derive(Default)]
+struct Project {
+    state: ProjectState,
+    watchers: Watchers,
+}
+
+#[derive(Default)]
+struct Owned {
+    projects: IdMap<Uuid, Project>,
+    /// Slugs of projects being created (shard 0 only).
+    pending_slugs: HashSet<String>,
+}
+
+thread_local! {
+    static OWNED: RefCell<Owned> = RefCell::default();
+}
+
+/// Sets up the projects this shard owns, as loaded from the store.
+pub fn install(projects: IdMap<Uuid, ProjectState>) {
+    OWNED.with_borrow_mut(|owned| {
+        owned.projects = projects
+            .into_iter()
+            .map(|(id, state)| {
+                let project = Project {
+                    state,
+                    watchers: Watchers::default(),
+                };
+                (id, project)
+            })
+            .collect();
+    });
+}
+
+/// The store rows of touched issues, from their newest state (see `shard::IssueRows`).
+pub fn issue_rows(touched: &[(Uuid, Uuid)], changes: &mut Vec<Change>) {
+    OWNED.with_borrow(|owned| {
+        changes.extend(
+            touched
+                .iter()
+                .filter_map(|(project_id, issue_id)| {
+                    owned.projects.get(project_id)?.state.issue(issue_id)
+                })
+                .map(|issue| Change::Issue(issue.row())),
+        )
+    });
+}
+
+fn with_project<T>(project_id: Uuid, f: impl FnOnce(&mut Project) -> T) -> T {
+    OWNED.with_borrow_mut(|owned| f(owned.projects.entry(project_id).or_default()))
+}
+
+/// What the owner made of an ingest request.
+pub enum Ingested {
+    Reply(IngestReply),
+    /// `--ack durable`: the events are accepted, and answered once the commit that holds
+    /// them is made.
+    AfterCommit {
+        outcomes: Vec<EventOutcome>,
+        committed: oneshot::Receiver<Result<(), StoreError>>,
+    },
+}
+
+impl Ingested {
+    pub async fn reply(self) -> IngestReply {
+        match self {
+            Ingested::Reply(reply) => reply,
+            Ingested::AfterCommit {
+                outcomes,
+                committed,
+            } => match committed.await {
+                Ok(Ok(())) => IngestReply::Done(outcomes),
+                _ => IngestReply::StorageFailed,
+            },
+        }
+    }
+}
+
+/// Groups, streams and queues a project's events (this shard owns the project).
+pub(super) fn ingest(
+    shard: &Shard,
+    project_id: Uuid,
+    events: Vec<Incoming>,
+    received_us: i64,
+) -> Ingested {
+    let Some(settings) = shard.directory().project_by_id(&project_id).cloned() else {
+        return Ingested::Reply(IngestReply::UnknownProject);
+    };
+    let counters = shard.counters();
+    let batch = events.len() as u64;
+    let accepted = with_project(project_id, |project| {
+        let Project { state, watchers } = project;
+        if let Err(retry_after_s) =
+            state.take_rate(settings.rate_limit_per_minute, batch, received_us)
+        {
+            counters.rejected(Rejection::RateLimited, batch);
+            return Err(IngestReply::RateLimited { retry_after_s });
+        }
+        // Sampled-out and discarded events are answered without storage, so only the rest
+        // need room in the queue; when it has none the request is refused whole (503) before
+        // any state changes, and gives its share of the rate limit back. Empty when the project
+        // samples nothing out and discards nothing.
+        let samples = settings.sample_rate < 1.0;
+        let skipped: Vec<Option<EventOutcome>> = if samples || state.has_discarded() {
+            events
+                .iter()
+                .map(|event| {
+                    if samples && rand::random::<f64>() >= settings.sample_rate {
+                        Some(EventOutcome::Sampled)
+                    } else if state.is_discarded(&event.fingerprint) {
+                        Some(EventOutcome::Discarded)
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let stored = |index: usize| skipped.get(index).copied().flatten().is_none();
+        let (to_store, bytes_to_store) = events
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| stored(*index))
+            .fold((0, 0), |(count, bytes), (_, event)| {
+                (count + 1, bytes + event.json.len())
+            });
+        // Every issue stays in memory, so a project gets at most `--max-issues-per-project`. A
+        // request with an event past it is refused whole, like one with an invalid event.
+        let issue_limit = shard.config().max_issues_per_project;
+        if state.issue_count() + to_store > issue_limit {
+            let grouped = events
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| stored(*index))
+                .map(|(index, event)| (index, &event.fingerprint));
+            if let Some(index) = state.first_past_limit(grouped, issue_limit) {
+                state.give_back_rate(settings.rate_limit_per_minute, batch, received_us);
+                counters.rejected(Rejection::IssueLimit, batch);
+                return Err(IngestReply::IssueLimit {
+                    index,
+                    limit: issue_limit,
+                });
+            }
+        }
+        if to_store > 0 && !shard.store().has_room(to_store, bytes_to_store) {
+            state.give_back_rate(settings.rate_limit_per_minute, batch, received_us);
+            counters.rejected(Rejection::Overloaded, batch);
+            return Err(IngestReply::Overloaded);
+        }
+        let mut outcomes = Vec::with_capacity(events.len());
+        let mut turn = shard.store_turn();
+        // Stream messages are built only when someone watches the project.
+        let watched = watchers.any();
+        let mut items = Vec::new();
+        for (index, event) in events.into_iter().enumerate() {
+            if let Some(outcome) = skipped.get(index).copied().flatten() {
+                let reason = match outcome {
+                    EventOutcome::Sampled => Rejection::Sampled,
+                    _ => Rejection::Discarded,
+                };
+                counters.rejected(reason, 1);
+                outcomes.push(outcome);
+                continue;
+            }
+            let count_before = state.unresolved_count();
+            let (grouped, issue) = state.group(
+                project_id,
+                &event.fingerprint,
+                &event.title,
+                event.level,
+                event.occurred_us(received_us),
+            );
+            let event_id = crate::issues::new_id();
+            let issue_id = issue.id;
+            turn.touch(project_id, issue_id);
+            if watched {
+                let attributes = Attributes {
+                    level: event.level,
+                    environment: event.environment.as_deref().map(Arc::from),
+                };
+                let action = match grouped {
+                    Grouped::Created => Some("created"),
+                    Grouped::Regressed => Some("regressed"),
+                    Grouped::Counted | Grouped::Discarded => None,
+                };
+                if let Some(action) = action {
+                    items.push(stream::issue_opened_message(
+                        action,
+                        &issue.view(),
+                        attributes.clone(),
+                    ));
+                }
+                items.push(stream::event_message(
+                    event_id,
+                    issue_id,
+                    event.json.as_bytes(),
+                    attributes,
+                ));
+                if state.unresolved_count() != count_before {
+                    items.push(stream::issue_count_message(
+                        project_id,
+                        state.unresolved_count(),
+                    ));
+                }
+            }
+            turn.event(EventRow {
+                id: event_id,
+                project_id,
+                issue_id,
+                level: event.level.as_str().into(),
+                received_at_us: received_us,
+                payload: event.json,
+            });
+            outcomes.push(EventOutcome::Accepted { event_id, issue_id });
+        }
+        drop(turn);
+        stream::publish(shard, project_id, watchers, items);
+        Ok(outcomes)
+    });
+    let outcomes = match accepted {
+        Ok(outcomes) => outcomes,
+        Err(refused) => return Ingested::Reply(refused),
+    };
+    let accepted = outcomes
+        .iter()
+        .filter(|o| matches!(o, EventOutcome::Accepted { .. }))
+        .count();
+    counters.events_accepted.fetch_add(accepted as u64, Relaxed);
+    // Room was checked above; another shard may have filled the queue since, by at most a
+    // batch each, which `submit` absorbs rather than lose what was grouped and streamed.
+    if accepted > 0 && shard.config().ack == AckMode::Durable {
+        let (ack, committed) = oneshot::channel();
+        shard.flush_store(Some(ack));
+        Ingested::AfterCommit {
+            outcomes,
+            committed,
+        }
+    } else {
+        Ingested::Reply(IngestReply::Done(outcomes))
+    }
+}
+
+pub(super) fn set_status(
+    shard: &Shard,
+    project_id: Uuid,
+    issue_id: Uuid,
+    status: Status,
+) -> Option<bool> {
+    OWNED.with_borrow_mut(|owned| {
+        let Project { state, watchers } = owned.projects.get_mut(&project_id)?;
+        let count_before = state.unresolved_count();
+        let (changed, _) = state.set_status(&issue_id, status)?;
+        if !changed {
+            return Some(false);
+        }
+        shard.store_turn().touch(project_id, issue_id);
+        let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
+        if state.unresolved_count() != count_before {
+            items.push(stream::issue_count_message(
+                project_id,
+                state.unresolved_count(),
+            ));
+        }
+        stream::publish(shard, project_id, watchers, items);
+        Some(true)
+    })
+}
+
+pub(super) fn issue(project_id: Uuid, issue_id: Uuid) -> Option<Issue> {
+    OWNED.with_borrow(|owned| {
+        owned
+            .projects
+            .get(&project_id)?
+            .state
+            .issue(&issue_id)
+            .cloned()
+    })
+}
+
+pub(super) fn has_issue(issue_id: Uuid) -> bool {
+    OWNED.with_borrow(|owned| {
+        owned
+            .projects
+            .values()
+            .any(|project| project.state.issue(&issue_id).is_some())
+    })
+}
+
+pub(super) fn list_issues(project_id: Uuid, query: ListQuery) -> IssuePage {
+    OWNED.with_borrow(|owned| {
+        let Some(project) = owned.projects.get(&project_id) else {
+            return IssuePage {
+                issues: Vec::new(),
+                has_more: false,
+                next_cursor: None,
+            };
+        };
+        let (issues, has_more) =
+            project
+                .state
+                .list(query.status, query.level, query.limit, query.cursor);
+        let next_cursor = issues.last().filter(|_| has_more).map(|last| Cursor {
+            last_seen_us: last.last_seen_us,
+            id: last.id,
+        });
+        IssuePage {
+            issues: issues.into_iter().cloned().collect(),
+            has_more,
+            next_cursor,
+        }
+    })
+}
+
+/// A subscriber on shard `from` joins: counted, and welcomed with the unresolved count.
+pub(super) fn watch(project_id: Uuid, from: usize) -> Bytes {
+    with_project(project_id, |project| {
+        project.watchers.add(from);
+        stream::issue_count_message(project_id, project.state.unresolved_count()).frame
+    })
+}
+
+pub(super) fn unwatch(project_id: Uuid, from: usize) {
+    with_project(project_id, |project| project.watchers.remove(from));
+}
+
+/// Runs on shard 0 only, so a slug is checked and taken in one place.
+pub(super) fn create_project(
+    shard: &Rc<Shard>,
+    project: ProjectRow,
+    keys: Vec<KeyRow>,
+    reply: oneshot::Sender<Result<(), DirectoryError>>,
+) {
+    debug_assert_eq!(shard.index(), 0);
+    let taken = shard.directory().slug_taken(&project.slug)
+        || !OWNED.with_borrow_mut(|owned| owned.pending_slugs.insert(project.slug.clone()));
+    if taken {
+        let _ = reply.send(Err(DirectoryError::SlugTaken));
+        return;
+    }
+    let shard = shard.clone();
+    tokio_uring::spawn(async move {
+        let slug = project.slug.clone();
+        let mut changes = vec![Change::Project(project)];
+        changes.extend(keys.into_iter().map(Change::Key));
+        let result = shard.publish_directory(changes).await;
+        OWNED.with_borrow_mut(|owned| owned.pending_slugs.remove(&slug));
+        let _ = reply.send(result);
+    });
+}
