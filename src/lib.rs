@@ -9,12 +9,18 @@
 //! - `serve`: the connection loops: an HTTP/1.1 connection, and a WebSocket session after an
 //!   upgrade (reader and writer over the connection's ring).
 //! - `api`: the handlers and the route table: management, ingest, issues, stream upgrades.
-//! - `shard`: the runtime: one io_uring reactor per core; `mesh` carries messages between
-//!   shards, `owner` holds the issue state of the projects a shard owns, `wheel` drives every
-//!   timeout. It runs what it is handed at start and never names the layers above.
-//! - `stream`: stream messages, filters and local fan-out.
+//! - `owner`: the owner interface: what a handler asks of a project's owner (ingest, change a
+//!   status, list, watch, create), as typed requests and replies, run on the owner shard
+//!   directly or through its queue; and the owner side, the only writer of a project's issues,
+//!   rate limit and stream messages.
+//! - `stream`: stream messages, filters, each shard's subscriber registry and fan-out into
+//!   subscribers' rings.
 //! - `issues`: grouping and the issue lifecycle of one project.
 //! - `ingest`: event decoding (Mesher JSON, Sentry), validation and fingerprinting.
+//! - `shard`: the runtime: one io_uring reactor per core with its connections, `mesh` queues
+//!   between shards (carrying `Run` tasks of the layers above), the timer `wheel` behind every
+//!   timeout, the store turn. It runs what it is handed at start (`Hooks`) and never names the
+//!   layers above.
 //! - `store`: the storage trait, its SQLite and PostgreSQL backends and the batch writer.
 //! - `config`, `auth` (keys and each shard's directory), `metrics` (per-shard counters summed
 //!   for `/metrics`), `conn` (the slab of connections, each socket's `ring` of frames, shared
