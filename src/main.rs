@@ -1,3 +1,6 @@
+//! The `mesher` command: parses the command line, sets up logging and the allocator, and runs
+//! the server (`mesher serve`).
+
 use clap::Parser;
 use mesher::config::{Cli, Command};
 
