@@ -62,17 +62,25 @@ pub fn publish(shard: &Shard, project_id: Uuid, watchers: &Watchers, items: Vec<
     }
 }
 
+/// A welcomed subscriber, as fan-out reads it.
 struct Subscriber {
-    project_id: Uuid,
+    conn: ConnId,
     filters: Filters,
+}
+
+struct Session {
+    project_id: Uuid,
+    /// The filters of a subscriber not welcomed yet; None once it is in `by_project`.
+    waiting: Option<Filters>,
 }
 
 /// A shard's stream subscribers.
 #[derive(Default)]
 struct Registry {
-    subscribers: IdMap<ConnId, Subscriber>,
-    /// Welcomed subscribers of each project: fan-out reaches them.
-    by_project: IdMap<Uuid, Vec<ConnId>>,
+    sessions: IdMap<ConnId, Session>,
+    /// Welcomed subscribers of each project: fan-out reaches them, reading their filters here
+    /// without another lookup.
+    by_project: IdMap<Uuid, Vec<Subscriber>>,
 }
 
 thread_local! {
@@ -84,36 +92,58 @@ thread_local! {
 pub fn join(shard: &Shard, conn: ConnId, project_id: Uuid) {
     shard.counters().stream_subscriptions.fetch_add(1, Relaxed);
     REGISTRY.with_borrow_mut(|registry| {
-        let subscriber = Subscriber {
+        let session = Session {
             project_id,
-            filters: Filters::default(),
+            waiting: Some(Filters::default()),
         };
-        registry.subscribers.insert(conn, subscriber);
+        registry.sessions.insert(conn, session);
     });
 }
 
 /// The subscriber's filters from now on; false if it is not subscribed.
 pub fn set_filters(conn: ConnId, filters: Filters) -> bool {
-    REGISTRY.with_borrow_mut(|registry| match registry.subscribers.get_mut(&conn) {
-        Some(subscriber) => {
-            subscriber.filters = filters;
-            true
+    REGISTRY.with_borrow_mut(|registry| {
+        let Some(session) = registry.sessions.get_mut(&conn) else {
+            return false;
+        };
+        if let Some(waiting) = &mut session.waiting {
+            *waiting = filters;
+            return true;
         }
-        None => false,
+        let subscriber = registry
+            .by_project
+            .get_mut(&session.project_id)
+            .and_then(|list| list.iter_mut().find(|s| s.conn == conn));
+        match subscriber {
+            Some(subscriber) => {
+                subscriber.filters = filters;
+                true
+            }
+            None => false,
+        }
     })
 }
 
 /// The owner's first message for a subscriber (the unresolved count): it goes out before
 /// anything else, and fan-out reaches the subscriber from now on.
 pub fn welcome(shard: &Shard, conn: ConnId, project_id: Uuid, frame: Bytes) {
-    let subscribed = REGISTRY.with_borrow(|r| r.subscribers.contains_key(&conn));
-    if subscribed && shard.release(conn, frame) {
+    let waiting =
+        REGISTRY.with_borrow(|r| r.sessions.get(&conn).is_some_and(|s| s.waiting.is_some()));
+    if waiting && shard.release(conn, frame) {
         REGISTRY.with_borrow_mut(|registry| {
+            let Some(filters) = registry
+                .sessions
+                .get_mut(&conn)
+                .and_then(|s| s.waiting.take())
+            else {
+                return;
+            };
+            let subscriber = Subscriber { conn, filters };
             registry
                 .by_project
                 .entry(project_id)
                 .or_default()
-                .push(conn)
+                .push(subscriber);
         });
     }
 }
@@ -121,10 +151,10 @@ pub fn welcome(shard: &Shard, conn: ConnId, project_id: Uuid, frame: Bytes) {
 /// The subscriber's session ended; the project it watched, for the owner to be told.
 pub fn leave(shard: &Shard, conn: ConnId) -> Option<Uuid> {
     let project_id = REGISTRY.with_borrow_mut(|registry| {
-        let subscriber = registry.subscribers.remove(&conn)?;
-        let project_id = subscriber.project_id;
+        let session = registry.sessions.remove(&conn)?;
+        let project_id = session.project_id;
         if let Some(list) = registry.by_project.get_mut(&project_id) {
-            list.retain(|c| *c != conn);
+            list.retain(|s| s.conn != conn);
             if list.is_empty() {
                 registry.by_project.remove(&project_id);
             }
@@ -143,19 +173,16 @@ fn deliver(shard: &Rc<Shard>, project_id: &Uuid, items: &[Published]) {
         let Some(list) = registry.by_project.get(project_id) else {
             return;
         };
-        for conn in list {
-            let Some(subscriber) = registry.subscribers.get(conn) else {
-                continue;
-            };
-            let Some(delivery) =
-                shard.with_ring(*conn, |ring| deliver_to(ring, &subscriber.filters, items))
-            else {
+        for subscriber in list {
+            let Some(delivery) = shard.with_ring(subscriber.conn, |ring| {
+                deliver_to(ring, &subscriber.filters, items)
+            }) else {
                 // Closing: nothing may follow its close frame.
                 continue;
             };
             dropped += delivery.dropped;
             if delivery.overflowed {
-                overflowed.push(*conn);
+                overflowed.push(subscriber.conn);
             }
         }
     });
