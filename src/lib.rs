@@ -35,6 +35,7 @@ pub mod ingest;
 pub mod issues;
 pub mod metrics;
 pub mod owner;
+pub mod page;
 pub mod serve;
 pub mod server;
 pub mod shard;

@@ -58,6 +58,7 @@ pub fn run(config: Config) -> Result<(), String> {
         let address = address.local_addr().map_err(|e| e.to_string())?;
         tracing::info!("listening on {address}");
         eprintln!("mesher listening on http://{address}");
+        eprintln!("mesher live page: http://{address}/");
     }
 
     let metrics = Metrics::new(shard_count);

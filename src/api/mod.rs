@@ -44,6 +44,7 @@ pub enum Handled {
 pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<u8>) -> Handled {
     let response = match route {
         Route::Health => health(shard),
+        Route::Page(asset) => crate::page::respond(head, asset),
         Route::Metrics => {
             let mut response =
                 Response::json(200, shard.metrics().render(shard.store(), shard.limits()));
@@ -80,7 +81,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
 /// Which project the key may touch is left to the handler.
 pub fn admit(shard: &Shard, head: &Head, route: &Route<'_>) -> Result<(), Response> {
     let scope = match route {
-        Route::Health | Route::Metrics => return Ok(()),
+        Route::Health | Route::Metrics | Route::Page(_) => return Ok(()),
         Route::CreateProject
         | Route::ListProjects
         | Route::UpdateProject(_)

@@ -34,6 +34,8 @@ pub enum Route<'a> {
     IssueEvents(Param<'a>),
     IssueAction(Param<'a>, &'a str),
     Stream(Param<'a>),
+    /// A file of the live page.
+    Page(&'static crate::page::Asset),
 }
 
 impl Route<'_> {
@@ -80,6 +82,10 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
     let param = |raw: &'a str| decode_path(raw).map_err(|_| NoRoute::BadPath);
     // (allowed methods, route for the request's method)
     let (allow, found): (&'static str, Option<Route<'a>>) = match &segments[..count] {
+        [name] if crate::page::asset_named(name).is_some() => {
+            let asset = crate::page::asset_named(name).expect("matched above");
+            ("GET", get(method, Route::Page(asset)))
+        }
         ["health"] => ("GET", get(method, Route::Health)),
         ["metrics"] => ("GET", get(method, Route::Metrics)),
         ["ingest"] => ("GET", get(method, Route::IngestSocket)),

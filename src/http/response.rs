@@ -81,15 +81,18 @@ impl Response {
                 out.extend_from_slice(format!("HTTP/1.1 {} Unknown\r\n", self.status).as_bytes())
             }
         }
-        let mut length = itoa::Buffer::new();
-        for part in [
-            "content-type: ",
-            self.content_type,
-            "\r\ncontent-length: ",
-            length.format(self.body.len()),
-            "\r\n",
-        ] {
-            out.extend_from_slice(part.as_bytes());
+        // A 304 has no body, and no length of one (the client keeps what it has).
+        if self.status != 304 {
+            let mut length = itoa::Buffer::new();
+            for part in [
+                "content-type: ",
+                self.content_type,
+                "\r\ncontent-length: ",
+                length.format(self.body.len()),
+                "\r\n",
+            ] {
+                out.extend_from_slice(part.as_bytes());
+            }
         }
         for (name, value) in &self.headers {
             for part in [*name, ": ", value, "\r\n"] {
@@ -111,6 +114,7 @@ fn status_line(status: u16) -> Option<&'static str> {
         200 => "HTTP/1.1 200 OK\r\n",
         201 => "HTTP/1.1 201 Created\r\n",
         202 => "HTTP/1.1 202 Accepted\r\n",
+        304 => "HTTP/1.1 304 Not Modified\r\n",
         400 => "HTTP/1.1 400 Bad Request\r\n",
         401 => "HTTP/1.1 401 Unauthorized\r\n",
         403 => "HTTP/1.1 403 Forbidden\r\n",
