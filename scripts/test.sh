@@ -9,6 +9,8 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # shellcheck source=scripts/test-postgres.sh
 source scripts/test-postgres.sh
 echo "tests use PostgreSQL at ${DATABASE_URL}"
+# shellcheck source=scripts/browser.sh
+source scripts/browser.sh
 # The benchmark harness keeps working: every scenario, small, against Mesher and both peers.
 if [ "${MESHER_SKIP_BENCH:-0}" != 1 ]; then
     scripts/bench.sh --quick

@@ -148,6 +148,15 @@ impl Server {
         Server::spawn(data_dir, url, args, "127.0.0.1:0".parse().unwrap())
     }
 
+    /// Starts again on the same store once the server has been stopped (a new port).
+    pub fn restart_stopped(self) -> Server {
+        let data_dir = self.data_dir.clone();
+        let url = self.database_url.clone();
+        let args = self.args.clone();
+        std::mem::forget(self);
+        Server::spawn(data_dir, url, args, "127.0.0.1:0".parse().unwrap())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
