@@ -30,6 +30,8 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod conn;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod http;
 pub mod ingest;
 pub mod issues;
