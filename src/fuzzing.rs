@@ -14,8 +14,11 @@ use crate::ingest::{decode_bulk, decode_event};
 use crate::stream::Filters;
 use crate::ws::codec::{Decoder, Message};
 
+/// A property check over one input; panics when the property fails.
+pub type Check = fn(&[u8]);
+
 /// The fuzz targets, by the name of their corpus folder, with their checks.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("http_head", http_head),
     ("http_body", http_body),
     ("ws_frames", ws_frames),
