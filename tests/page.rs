@@ -175,6 +175,14 @@ fn events_issues_status_and_filters_show_live() {
         SHOWN_WITHIN,
         "return document.getElementById('count').textContent === '4';",
     );
+    let event_count = format!("#issues li[data-issue-id=\"{issue_id}\"] .event-count");
+    assert_eq!(text_of(&browser, &event_count), "1 event");
+    let form_hidden = "return document.getElementById('login').offsetParent === null;";
+    assert_eq!(
+        browser.run(form_hidden, json!([])),
+        json!(true),
+        "no form once a project is open"
+    );
 
     // Resolve from the page: the issue shows resolved, the count drops, the API agrees.
     browser.click(&format!(

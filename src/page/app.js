@@ -97,7 +97,7 @@ function renderIssues() {
     row.append(el("div", "title", issue.title));
     const meta = el("div", "meta");
     meta.append(el("span", "level level-" + issue.level, issue.level), el("span", "status", issue.status),
-      el("span", "event-count", issue.event_count + " events"),
+      el("span", "event-count", issue.event_count + (issue.event_count === 1 ? " event" : " events")),
       el("span", "last-seen", "last seen " + new Date(issue.last_seen).toLocaleTimeString()));
     row.append(meta);
     const actions = el("div", "actions");
@@ -187,6 +187,7 @@ function flushRows() {
   const rows = waitingRows.splice(0, waitingRows.length).slice(-EVENTS_KEPT).reverse();
   view.events.prepend(...rows);
   while (view.events.childElementCount > EVENTS_KEPT) view.events.lastElementChild.remove();
+  drawRate();
 }
 
 // ---- events per second ----
@@ -290,7 +291,9 @@ function onMessage(message) {
     case "event": {
       addEvent(message);
       const issue = state.issues.get(message.issue_id);
-      if (issue) {
+      if (issue && issue.countsNextEvent) {
+        issue.countsNextEvent = false;
+      } else if (issue) {
         issue.event_count += 1;
         issue.last_seen = new Date().toISOString();
         scheduleIssues();
@@ -299,6 +302,8 @@ function onMessage(message) {
     }
     case "issue":
       if (message.issue) {
+        // An issue the next event opened or reopened already counts that event.
+        message.issue.countsNextEvent = message.action === "created" || message.action === "regressed";
         state.issues.set(message.issue_id, message.issue);
       } else if (state.issues.has(message.issue_id)) {
         state.issues.get(message.issue_id).status = STATUS_OF_ACTION[message.action] || "unresolved";
