@@ -133,8 +133,11 @@ fn now_us() -> i64 {
 }
 
 fn project(slug: &str) -> ProjectRow {
+    // Numbers as the database would give them: distinct within the test process.
+    static NEXT_NUMBER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
     ProjectRow {
         id: Uuid::now_v7(),
+        number: NEXT_NUMBER.fetch_add(1, Ordering::Relaxed),
         name: format!("Project {slug}"),
         slug: slug.to_string(),
         created_at_us: BASE_US,
@@ -802,6 +805,40 @@ fn retention_deletes_old_events_of_that_project_only(db: &dyn TestDb) {
     assert_eq!(backend.count_events(None).unwrap(), 8);
 }
 
+/// Numbers come from the database, increase, survive a new connection and are never given out
+/// twice; one taken twice in rows is refused.
+fn project_numbers_are_unique_and_never_reused(db: &dyn TestDb) {
+    let mut backend = migrated(db);
+    let first = backend.next_project_number().expect("first number");
+    let second = backend.next_project_number().expect("second number");
+    assert!(first >= 1 && second > first, "{first}, {second}");
+    let mut shop = project("numbered-shop");
+    shop.number = second;
+    backend.commit(&[Change::Project(shop.clone())]).unwrap();
+    drop(backend);
+    let mut again = migrated(db);
+    let third = again.next_project_number().expect("number after reopening");
+    assert!(third > second, "{third} after {second}");
+    let loaded = again.load().unwrap().projects;
+    assert_eq!(
+        loaded.iter().find(|p| p.id == shop.id).unwrap().number,
+        second
+    );
+    let mut taken = project("numbered-twice");
+    taken.number = second;
+    let error = again.commit(&[Change::Project(taken)]).unwrap_err();
+    assert!(error.is_conflict(), "{error}");
+    // An update of the project keeps its number.
+    let mut renamed = shop.clone();
+    renamed.name = "Renamed".into();
+    again.commit(&[Change::Project(renamed)]).unwrap();
+    let loaded = again.load().unwrap().projects;
+    assert_eq!(
+        loaded.iter().find(|p| p.id == shop.id).unwrap().number,
+        second
+    );
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),* $(,)?) => {
         mod on_sqlite {
@@ -837,6 +874,7 @@ behaviour_suite!(
     store_retries_failed_commits_without_loss,
     store_rejects_only_the_refused_submission,
     retention_deletes_old_events_of_that_project_only,
+    project_numbers_are_unique_and_never_reused,
 );
 
 // ---------------------------------------------------------------------------------------------

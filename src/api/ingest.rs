@@ -57,24 +57,32 @@ pub async fn ingest_frame(shard: &Rc<Shard>, project_id: Uuid, text: Vec<u8>) ->
 }
 
 async fn submit(shard: &Shard, project_id: Uuid, events: Vec<Incoming>, bulk: bool) -> Response {
+    match ask_owner(shard, project_id, events).await {
+        Ok(reply) => render(reply, bulk),
+        Err(response) => response,
+    }
+}
+
+/// Hands validated events to the project's owner shard and waits for what became of them:
+/// the one path of every event into a project, whatever wire format it came in.
+pub(super) async fn ask_owner(
+    shard: &Shard,
+    project_id: Uuid,
+    events: Vec<Incoming>,
+) -> Result<IngestReply, Response> {
     let owner = owner_of(&project_id, shard.shard_count());
     if owner == shard.index {
         // The project's state lives here: no message, no task switch.
-        let reply = shard.ingest(project_id, events, now_us()).reply().await;
-        return render(reply, bulk);
+        return Ok(shard.ingest(project_id, events, now_us()).reply().await);
     }
     let received_us = now_us();
-    let reply = ask(shard, owner, |reply| ShardMsg::Ingest {
+    ask(shard, owner, |reply| ShardMsg::Ingest {
         project_id,
         events,
         received_us,
         reply,
     })
-    .await;
-    match reply {
-        Ok(reply) => render(reply, bulk),
-        Err(response) => response,
-    }
+    .await
 }
 
 fn outcome_json(outcome: &EventOutcome) -> Value {
@@ -84,6 +92,9 @@ fn outcome_json(outcome: &EventOutcome) -> Value {
         }
         EventOutcome::Sampled => json!({ "status": "sampled" }),
         EventOutcome::Discarded => json!({ "status": "discarded" }),
+        EventOutcome::Duplicate { event_id } => {
+            json!({ "status": "duplicate", "event_id": event_id })
+        }
     }
 }
 
@@ -107,6 +118,9 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
             }
             Some(EventOutcome::Sampled) => Response::json(202, r#"{"status":"sampled"}"#),
             Some(EventOutcome::Discarded) => Response::json(202, r#"{"status":"discarded"}"#),
+            Some(outcome @ EventOutcome::Duplicate { .. }) => {
+                Response::of(202, &outcome_json(outcome))
+            }
             None => Response::error(500, "no outcome for the event"),
         },
         IngestReply::RateLimited { retry_after_s } => Response::error(429, "rate limited")

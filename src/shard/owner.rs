@@ -166,6 +166,22 @@ impl Shard {
         let state = owned
             .entry(project_id)
             .or_insert_with(|| ProjectState::new(shards));
+        // SDKs send an event again when unsure it arrived: a request whose events all carry
+        // ids taken within the dedupe window is answered without counting them again.
+        let seen = |state: &mut ProjectState, event: &Incoming| {
+            event
+                .event_id
+                .is_some_and(|id| state.recent_event_ids.contains(&id, received_us))
+        };
+        if !events.is_empty() && events.iter().all(|event| seen(state, event)) {
+            self.counters.rejected(Rejection::Duplicate, batch);
+            let outcomes = events
+                .iter()
+                .filter_map(|event| event.event_id)
+                .map(|event_id| EventOutcome::Duplicate { event_id })
+                .collect();
+            return Ingested::Reply(IngestReply::Done(outcomes));
+        }
         if let Err(retry_after_s) =
             state.take_rate(project.rate_limit_per_minute, batch, received_us)
         {
@@ -236,9 +252,19 @@ impl Shard {
                     _ => Rejection::Discarded,
                 };
                 self.counters.rejected(reason, 1);
+                if let Some(id) = event.event_id {
+                    state.recent_event_ids.insert(id, received_us);
+                }
                 outcomes.push(outcome);
                 continue;
             }
+            let event_id = match event.event_id {
+                Some(id) => {
+                    state.recent_event_ids.insert(id, received_us);
+                    id
+                }
+                None => crate::issues::new_id(),
+            };
             let count_before = state.unresolved_count();
             let (grouped, issue) = state.group(
                 project_id,
@@ -247,7 +273,6 @@ impl Shard {
                 event.level,
                 event.occurred_us(received_us),
             );
-            let event_id = crate::issues::new_id();
             let issue_id = issue.id;
             turn.touch(project_id, issue_id);
             if watched {
