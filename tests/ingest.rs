@@ -135,6 +135,8 @@ fn management_projects_keys_and_settings(backend: Backend) {
         slug: "my-shop".into(),
         ingest_key: shop["ingest_key"].as_str().unwrap().into(),
         dashboard_key: shop["dashboard_key"].as_str().unwrap().into(),
+        number: shop["number"].as_i64().unwrap(),
+        dsn: shop["dsn"].as_str().unwrap().into(),
     };
 
     // The admin token is required: missing or wrong is 401; a valid project key lacks the
