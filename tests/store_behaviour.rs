@@ -503,6 +503,9 @@ impl Backend for Gated {
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
         self.inner.count_events(project_id)
     }
+    fn next_project_number(&mut self) -> Result<i64, StoreError> {
+        self.inner.next_project_number()
+    }
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
         self.inner.maintain(now_us)
     }
@@ -662,6 +665,9 @@ impl Backend for Flaky {
     }
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
         self.inner.count_events(project_id)
+    }
+    fn next_project_number(&mut self) -> Result<i64, StoreError> {
+        self.inner.next_project_number()
     }
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
         self.inner.maintain(now_us)
@@ -1019,6 +1025,47 @@ fn postgres_creates_the_search_path_schema() {
         .unwrap()
         .get(0);
     assert_eq!(projects, 1);
+}
+
+/// A schema from before project numbers: its projects are numbered in creation order, and
+/// the sequence goes on after them.
+#[test]
+fn postgres_numbers_the_projects_of_an_older_schema() {
+    let db = PgDb::new();
+    drop(migrated(&db));
+    let mut admin = db.admin();
+    admin
+        .batch_execute(
+            "ALTER TABLE projects DROP COLUMN number;
+             DELETE FROM schema_migrations WHERE version = 3;
+             INSERT INTO projects (id, name, slug, created_at, rate_limit_per_minute, sample_rate,
+                 retention_days)
+             VALUES ('00000000-0000-0000-0000-000000000002', 'Newer', 'newer',
+                     '2024-02-01T00:00:00Z', 0, 1, 90),
+                    ('00000000-0000-0000-0000-000000000001', 'Older', 'older',
+                     '2024-01-01T00:00:00Z', 0, 1, 90);",
+        )
+        .expect("a schema without project numbers");
+    let mut backend = migrated(&db);
+    let numbers: Vec<(String, i64)> = backend
+        .load()
+        .unwrap()
+        .projects
+        .iter()
+        .map(|project| (project.slug.clone(), project.number))
+        .collect();
+    assert_eq!(
+        numbers,
+        [("older".to_string(), 1), ("newer".to_string(), 2)]
+    );
+    assert_eq!(backend.next_project_number().unwrap(), 3);
+    // Two servers sharing the database never get the same number.
+    let mut second = db.open();
+    let (a, b) = (
+        backend.next_project_number().unwrap(),
+        second.next_project_number().unwrap(),
+    );
+    assert!(a != b && a > 3 && b > 3, "{a}, {b}");
 }
 
 #[test]

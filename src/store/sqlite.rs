@@ -992,6 +992,49 @@ mod tests {
     }
 
     #[test]
+    fn a_version_3_file_numbers_its_projects_in_creation_order() {
+        let data_dir =
+            std::env::temp_dir().join(format!("mesher-sqlite-v3-{}", Uuid::new_v4().simple()));
+        let mut backend = SqliteBackend::open(&data_dir).unwrap();
+        let (older, newer) = (Uuid::now_v7(), Uuid::now_v7());
+        backend
+            .connection
+            .execute_batch(&format!(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY NOT NULL,
+                    name TEXT NOT NULL, applied_at_us INTEGER NOT NULL) STRICT;
+                 {}{}
+                 ALTER TABLE issues ADD COLUMN fingerprint_hash BLOB;
+                 {}
+                 INSERT INTO schema_migrations VALUES (1, 'a', 0), (2, 'b', 0), (3, 'c', 0);",
+                MIGRATIONS[0].sql, MIGRATIONS[1].sql, MIGRATIONS[2].sql
+            ))
+            .unwrap();
+        // Inserted newest first: numbers follow creation, not insertion.
+        for (id, slug, created_at_us) in [(newer, "newer", 20), (older, "older", 10)] {
+            backend
+                .connection
+                .execute(
+                    "INSERT INTO projects VALUES (?1, ?2, ?2, ?3, 0, 1.0, 90)",
+                    rusqlite::params![id.as_bytes(), slug, created_at_us],
+                )
+                .unwrap();
+        }
+        backend.migrate().unwrap();
+        let numbers: Vec<(Uuid, i64)> = backend
+            .load()
+            .unwrap()
+            .projects
+            .iter()
+            .map(|project| (project.id, project.number))
+            .collect();
+        assert_eq!(numbers, [(older, 1), (newer, 2)]);
+        assert_eq!(backend.next_project_number().unwrap(), 3);
+        assert_eq!(backend.next_project_number().unwrap(), 4);
+        drop(backend);
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+
+    #[test]
     fn a_version_1_file_is_upgraded_and_keeps_its_events() {
         let data_dir =
             std::env::temp_dir().join(format!("mesher-sqlite-v1-{}", Uuid::new_v4().simple()));
