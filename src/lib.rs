@@ -8,7 +8,8 @@
 //!   the runtime the connection loop to run.
 //! - `serve`: the connection loops: an HTTP/1.1 connection, and a WebSocket session after an
 //!   upgrade (reader and writer over the connection's ring).
-//! - `api`: the handlers and the route table: management, ingest, issues, stream upgrades.
+//! - `api`: the handlers and the route table: management, ingest (Mesher and Sentry endpoints),
+//!   issues, stream upgrades.
 //! - `shard`: the runtime: one io_uring reactor per core; `mesh` carries messages between
 //!   shards, `owner` holds the issue state of the projects a shard owns, `wheel` drives every
 //!   timeout. It runs what it is handed at start and never names the layers above.

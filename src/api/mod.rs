@@ -1,4 +1,5 @@
-//! Request handlers: management, ingest, issues, stream upgrades, health and metrics.
+//! Request handlers: management, ingest (Mesher and Sentry-compatible), issues, stream upgrades,
+//! health and metrics.
 
 mod admin;
 mod ingest;
