@@ -42,6 +42,7 @@ fn main() {
 
     let project = ProjectRow {
         id: Uuid::now_v7(),
+        number: backend.next_project_number().expect("project number"),
         name: "store rate".into(),
         slug: format!("store-rate-{}", Uuid::new_v4().simple()),
         created_at_us: now_us(),

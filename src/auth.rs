@@ -66,6 +66,7 @@ pub enum Refusal {
 pub struct Directory {
     projects: IdMap<Uuid, Arc<ProjectRow>>,
     slugs: HashMap<String, Uuid>,
+    numbers: HashMap<i64, Uuid>,
     keys_by_hash: IdMap<String, KeyEntry>,
     key_rows: IdMap<Uuid, KeyRow>,
     /// Hashes of plain keys already seen to be known, so a busy SDK's key is hashed once per
@@ -82,6 +83,7 @@ impl Directory {
             }
         }
         self.slugs.insert(row.slug.clone(), row.id);
+        self.numbers.insert(row.number, row.id);
         self.projects.insert(row.id, Arc::new(row));
     }
 
@@ -96,12 +98,26 @@ impl Directory {
         self.key_rows.insert(row.id, row.clone());
     }
 
-    /// A project by UUID or slug.
-    pub fn project(&self, id_or_slug: &str) -> Option<&Arc<ProjectRow>> {
-        let id = Uuid::parse_str(id_or_slug)
+    /// A project by UUID, number or slug (PROTOCOL 3). New slugs are never all digits; one
+    /// stored before numbers existed is still found when no project has it as its number.
+    pub fn project(&self, reference: &str) -> Option<&Arc<ProjectRow>> {
+        let id = Uuid::parse_str(reference)
             .ok()
-            .or_else(|| self.slugs.get(id_or_slug).copied())?;
+            .or_else(|| self.number_of(reference).copied())
+            .or_else(|| self.slugs.get(reference).copied())?;
         self.projects.get(&id)
+    }
+
+    /// A project by its number (PROTOCOL 8).
+    pub fn project_by_number(&self, number: i64) -> Option<&Arc<ProjectRow>> {
+        self.projects.get(self.numbers.get(&number)?)
+    }
+
+    fn number_of(&self, reference: &str) -> Option<&Uuid> {
+        if reference.is_empty() || !reference.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        self.numbers.get(&reference.parse::<i64>().ok()?)
     }
 
     pub fn project_by_id(&self, id: &Uuid) -> Option<&Arc<ProjectRow>> {

@@ -180,6 +180,68 @@ struct RateWindow {
     used: u64,
 }
 
+/// How long a project remembers the id of an event it took (PROTOCOL 8): SDKs send an event
+/// again when they are not sure it arrived, and the copy must not count twice.
+pub const RECENT_EVENT_IDS_TTL_US: i64 = 5 * 60 * 1_000_000;
+/// Most event ids one project remembers: about 40 bytes each, so at most ~700 KiB for a
+/// project that sends ids, nothing for one that does not. Past it the oldest id is forgotten
+/// first, so at more than ~55 events per second the window is shorter than five minutes;
+/// retries come within seconds.
+pub const RECENT_EVENT_IDS_MAX: usize = 16_384;
+
+/// The event ids a project took within the last `RECENT_EVENT_IDS_TTL_US`, oldest first.
+#[derive(Default)]
+pub struct RecentEventIds {
+    order: std::collections::VecDeque<(i64, Uuid)>,
+    ids: crate::IdSet<Uuid>,
+}
+
+impl RecentEventIds {
+    pub fn contains(&mut self, id: &Uuid, now_us: i64) -> bool {
+        self.expire(now_us);
+        self.ids.contains(id)
+    }
+
+    pub fn insert(&mut self, id: Uuid, now_us: i64) {
+        self.expire(now_us);
+        if !self.ids.insert(id) {
+            return;
+        }
+        if self.order.len() == RECENT_EVENT_IDS_MAX {
+            if let Some((_, oldest)) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+        self.order.push_back((now_us, id));
+        debug_assert_eq!(self.order.len(), self.ids.len());
+        debug_assert!(self.order.len() <= RECENT_EVENT_IDS_MAX);
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn expire(&mut self, now_us: i64) {
+        let cutoff_us = now_us.saturating_sub(RECENT_EVENT_IDS_TTL_US);
+        while let Some(&(seen_us, id)) = self.order.front() {
+            if seen_us > cutoff_us {
+                break;
+            }
+            self.order.pop_front();
+            self.ids.remove(&id);
+        }
+        // A burst's memory goes back once its ids have expired.
+        if self.order.is_empty() && self.order.capacity() > 1024 {
+            self.order = Default::default();
+            self.ids = Default::default();
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct ProjectState {
     issues: IdMap<Uuid, Issue>,
@@ -188,6 +250,8 @@ pub struct ProjectState {
     /// Discarded issues: while there are none, no event needs the check before grouping.
     discarded: u64,
     rate: RateWindow,
+    /// Ids of events taken lately, for dedupe of SDK retries.
+    pub recent_event_ids: RecentEventIds,
 }
 
 impl ProjectState {
@@ -503,5 +567,27 @@ mod tests {
             vec![2, 1, 0]
         );
         assert_eq!(Cursor::decode("garbage"), None);
+    }
+
+    #[test]
+    fn recent_event_ids_expire_after_the_window_and_stay_bounded() {
+        let mut recent = RecentEventIds::default();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        recent.insert(a, 0);
+        recent.insert(b, 1_000_000);
+        assert!(recent.contains(&a, RECENT_EVENT_IDS_TTL_US - 1));
+        // `a` was seen five minutes ago: forgotten; `b` a second later: still known.
+        assert!(!recent.contains(&a, RECENT_EVENT_IDS_TTL_US));
+        assert!(recent.contains(&b, RECENT_EVENT_IDS_TTL_US));
+        assert_eq!(recent.len(), 1);
+        for n in 0..(RECENT_EVENT_IDS_MAX as u128 + 10) {
+            recent.insert(Uuid::from_u128(1000 + n), 2_000_000);
+        }
+        assert_eq!(recent.len(), RECENT_EVENT_IDS_MAX);
+        assert!(!recent.contains(&b, 2_000_000), "the oldest goes first");
+        assert!(recent.contains(&Uuid::from_u128(1000 + 10), 2_000_000));
+        assert!(!recent.contains(&Uuid::from_u128(1000 + 9), 2_000_000));
+        assert!(!recent.contains(&Uuid::from_u128(1000), 2_000_000 + RECENT_EVENT_IDS_TTL_US));
+        assert!(recent.is_empty());
     }
 }

@@ -8,7 +8,8 @@
 //!   the runtime the connection loop to run.
 //! - `serve`: the connection loops: an HTTP/1.1 connection, and a WebSocket session after an
 //!   upgrade (reader and writer over the connection's ring).
-//! - `api`: the handlers and the route table: management, ingest, issues, stream upgrades.
+//! - `api`: the handlers and the route table: management, ingest (Mesher and Sentry endpoints),
+//!   issues, stream upgrades.
 //! - `owner`: the owner interface: what a handler asks of a project's owner (ingest, change a
 //!   status, list, watch, create), as typed requests and replies, run on the owner shard
 //!   directly or through its queue; and the owner side, the only writer of a project's issues,

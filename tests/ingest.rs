@@ -135,6 +135,8 @@ fn management_projects_keys_and_settings(backend: Backend) {
         slug: "my-shop".into(),
         ingest_key: shop["ingest_key"].as_str().unwrap().into(),
         dashboard_key: shop["dashboard_key"].as_str().unwrap().into(),
+        number: shop["number"].as_i64().unwrap(),
+        dsn: shop["dsn"].as_str().unwrap().into(),
     };
 
     // The admin token is required: missing or wrong is 401; a valid project key lacks the
@@ -194,10 +196,20 @@ fn management_projects_keys_and_settings(backend: Backend) {
         &json!({"scope": "ingest", "label": "ci"}),
     );
     assert_eq!(status, 201, "{ingest}");
+    // An ingest key's answer also carries the Sentry DSN that holds it (PROTOCOL 8).
     assert_eq!(
         keys_of(&ingest),
-        names(&["id", "key", "scope", "label"]),
+        names(&["id", "key", "scope", "label", "dsn"]),
         "{ingest}"
+    );
+    assert_eq!(
+        ingest["dsn"],
+        format!(
+            "http://{}@{}/{}",
+            ingest["key"].as_str().unwrap(),
+            server.addr,
+            shop["number"]
+        )
     );
     assert!(is_uuid(&ingest["id"]));
     assert!(has_key_format(&ingest["key"], "mshr_"), "{ingest}");

@@ -133,8 +133,11 @@ fn now_us() -> i64 {
 }
 
 fn project(slug: &str) -> ProjectRow {
+    // Numbers as the database would give them: distinct within the test process.
+    static NEXT_NUMBER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
     ProjectRow {
         id: Uuid::now_v7(),
+        number: NEXT_NUMBER.fetch_add(1, Ordering::Relaxed),
         name: format!("Project {slug}"),
         slug: slug.to_string(),
         created_at_us: BASE_US,
@@ -500,6 +503,9 @@ impl Backend for Gated {
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
         self.inner.count_events(project_id)
     }
+    fn next_project_number(&mut self) -> Result<i64, StoreError> {
+        self.inner.next_project_number()
+    }
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
         self.inner.maintain(now_us)
     }
@@ -660,6 +666,9 @@ impl Backend for Flaky {
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
         self.inner.count_events(project_id)
     }
+    fn next_project_number(&mut self) -> Result<i64, StoreError> {
+        self.inner.next_project_number()
+    }
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
         self.inner.maintain(now_us)
     }
@@ -802,6 +811,40 @@ fn retention_deletes_old_events_of_that_project_only(db: &dyn TestDb) {
     assert_eq!(backend.count_events(None).unwrap(), 8);
 }
 
+/// Numbers come from the database, increase, survive a new connection and are never given out
+/// twice; one taken twice in rows is refused.
+fn project_numbers_are_unique_and_never_reused(db: &dyn TestDb) {
+    let mut backend = migrated(db);
+    let first = backend.next_project_number().expect("first number");
+    let second = backend.next_project_number().expect("second number");
+    assert!(first >= 1 && second > first, "{first}, {second}");
+    let mut shop = project("numbered-shop");
+    shop.number = second;
+    backend.commit(&[Change::Project(shop.clone())]).unwrap();
+    drop(backend);
+    let mut again = migrated(db);
+    let third = again.next_project_number().expect("number after reopening");
+    assert!(third > second, "{third} after {second}");
+    let loaded = again.load().unwrap().projects;
+    assert_eq!(
+        loaded.iter().find(|p| p.id == shop.id).unwrap().number,
+        second
+    );
+    let mut taken = project("numbered-twice");
+    taken.number = second;
+    let error = again.commit(&[Change::Project(taken)]).unwrap_err();
+    assert!(error.is_conflict(), "{error}");
+    // An update of the project keeps its number.
+    let mut renamed = shop.clone();
+    renamed.name = "Renamed".into();
+    again.commit(&[Change::Project(renamed)]).unwrap();
+    let loaded = again.load().unwrap().projects;
+    assert_eq!(
+        loaded.iter().find(|p| p.id == shop.id).unwrap().number,
+        second
+    );
+}
+
 macro_rules! behaviour_suite {
     ($($check:ident),* $(,)?) => {
         mod on_sqlite {
@@ -837,6 +880,7 @@ behaviour_suite!(
     store_retries_failed_commits_without_loss,
     store_rejects_only_the_refused_submission,
     retention_deletes_old_events_of_that_project_only,
+    project_numbers_are_unique_and_never_reused,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -981,6 +1025,47 @@ fn postgres_creates_the_search_path_schema() {
         .unwrap()
         .get(0);
     assert_eq!(projects, 1);
+}
+
+/// A schema from before project numbers: its projects are numbered in creation order, and
+/// the sequence goes on after them.
+#[test]
+fn postgres_numbers_the_projects_of_an_older_schema() {
+    let db = PgDb::new();
+    drop(migrated(&db));
+    let mut admin = db.admin();
+    admin
+        .batch_execute(
+            "ALTER TABLE projects DROP COLUMN number;
+             DELETE FROM schema_migrations WHERE version = 3;
+             INSERT INTO projects (id, name, slug, created_at, rate_limit_per_minute, sample_rate,
+                 retention_days)
+             VALUES ('00000000-0000-0000-0000-000000000002', 'Newer', 'newer',
+                     '2024-02-01T00:00:00Z', 0, 1, 90),
+                    ('00000000-0000-0000-0000-000000000001', 'Older', 'older',
+                     '2024-01-01T00:00:00Z', 0, 1, 90);",
+        )
+        .expect("a schema without project numbers");
+    let mut backend = migrated(&db);
+    let numbers: Vec<(String, i64)> = backend
+        .load()
+        .unwrap()
+        .projects
+        .iter()
+        .map(|project| (project.slug.clone(), project.number))
+        .collect();
+    assert_eq!(
+        numbers,
+        [("older".to_string(), 1), ("newer".to_string(), 2)]
+    );
+    assert_eq!(backend.next_project_number().unwrap(), 3);
+    // Two servers sharing the database never get the same number.
+    let mut second = db.open();
+    let (a, b) = (
+        backend.next_project_number().unwrap(),
+        second.next_project_number().unwrap(),
+    );
+    assert!(a != b && a > 3 && b > 3, "{a}, {b}");
 }
 
 #[test]

@@ -10,11 +10,12 @@ use uuid::Uuid;
 
 use super::keys::presented_key;
 use super::routes::Route;
+use super::sentry::dsn;
 use super::{directory_refusal, json_body, now_us};
 use crate::auth::{generate_key, hash_key};
 use crate::http::parse::Head;
 use crate::http::response::Response;
-use crate::owner;
+use crate::owner::{self, DirectoryError};
 use crate::shard::Shard;
 use crate::store::{Change, KeyRow, ProjectRow, Scope};
 
@@ -37,12 +38,12 @@ pub fn authorize(shard: &Shard, head: &Head) -> Result<(), Response> {
     }
 }
 
-pub async fn handle(shard: &Rc<Shard>, route: Route<'_>, body: &[u8]) -> Response {
+pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: &[u8]) -> Response {
     let result = match route {
         Route::ListProjects => Ok(list_projects(shard)),
-        Route::CreateProject => create_project(shard, body).await,
+        Route::CreateProject => create_project(shard, head, body).await,
         Route::UpdateProject(project) => update_project(shard, &project, body).await,
-        Route::CreateKey(project) => create_key(shard, &project, body).await,
+        Route::CreateKey(project) => create_key(shard, head, &project, body).await,
         Route::RevokeKey(key_id) => revoke_key(shard, &key_id).await,
         _ => unreachable!("only management routes come here"),
     };
@@ -52,6 +53,7 @@ pub async fn handle(shard: &Rc<Shard>, route: Route<'_>, body: &[u8]) -> Respons
 fn project_json(row: &ProjectRow) -> Value {
     json!({
         "id": row.id,
+        "number": row.number,
         "name": row.name,
         "slug": row.slug,
         "created_at": crate::issues::rfc3339(row.created_at_us),
@@ -82,12 +84,22 @@ pub fn slugify(name: &str) -> String {
     slug.trim_end_matches('-').to_string()
 }
 
+/// A slug from a name, never all digits: those read as a project number (PROTOCOL 3).
+fn slug_from_name(name: &str) -> String {
+    let slug = slugify(name);
+    if !slug.is_empty() && slug.bytes().all(|b| b.is_ascii_digit()) {
+        return format!("project-{slug}");
+    }
+    slug
+}
+
 fn valid_slug(slug: &str) -> bool {
     !slug.is_empty()
         && slug.len() <= NAME_CHARS_MAX
         && slug
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !slug.bytes().all(|b| b.is_ascii_digit())
         && Uuid::parse_str(slug).is_err()
 }
 
@@ -122,22 +134,28 @@ fn new_key(project_id: Uuid, scope: Scope, label: Option<String>) -> (String, Ke
     (plain, row)
 }
 
-async fn create_project(shard: &Rc<Shard>, body: &[u8]) -> Result<Response, Response> {
+async fn create_project(shard: &Rc<Shard>, head: &Head, body: &[u8]) -> Result<Response, Response> {
     let body = json_body(body)?;
     let name = string_field(&body, "name")?.filter(|n| !n.is_empty());
     let name = name.ok_or_else(|| Response::error(400, "name is required"))?;
     let slug = match string_field(&body, "slug")? {
         Some(slug) if !slug.is_empty() => slug,
-        _ => slugify(&name),
+        _ => slug_from_name(&name),
     };
     if !valid_slug(&slug) {
         return Err(Response::error(
             400,
-            "slug must be lowercase letters, digits and dashes, and not a UUID",
+            "slug must be lowercase letters, digits and dashes, not all digits (that is a \
+             project number), and not a UUID",
         ));
     }
+    if shard.directory().slug_taken(&slug) {
+        return Err(directory_refusal(DirectoryError::SlugTaken));
+    }
+    let number = next_project_number(shard).await?;
     let project = ProjectRow {
         id: Uuid::now_v7(),
+        number,
         name,
         slug,
         created_at_us: now_us(),
@@ -155,9 +173,24 @@ async fn create_project(shard: &Rc<Shard>, body: &[u8]) -> Result<Response, Resp
         .await
         .map_err(directory_refusal)?;
     let mut shown = shown;
+    shown["dsn"] = json!(dsn(head, &ingest_key, number));
     shown["ingest_key"] = json!(ingest_key);
     shown["dashboard_key"] = json!(dashboard_key);
     Ok(Response::of(201, &shown))
+}
+
+/// A number from the database for a new project.
+async fn next_project_number(shard: &Shard) -> Result<i64, Response> {
+    let (reply, number) = tokio::sync::oneshot::channel();
+    shard.store().next_project_number(reply);
+    match number.await {
+        Ok(Ok(number)) => Ok(number),
+        Ok(Err(error)) => {
+            tracing::error!(%error, "taking a project number failed");
+            Err(directory_refusal(DirectoryError::StorageUnavailable))
+        }
+        Err(_) => Err(directory_refusal(DirectoryError::ShuttingDown)),
+    }
 }
 
 async fn update_project(
@@ -223,12 +256,17 @@ async fn update_project(
     Ok(Response::of(200, &shown))
 }
 
-async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Response, Response> {
+async fn create_key(
+    shard: &Rc<Shard>,
+    head: &Head,
+    project: &str,
+    body: &[u8],
+) -> Result<Response, Response> {
     let body = json_body(body)?;
-    let project_id = shard
+    let (project_id, number) = shard
         .directory()
         .project(project)
-        .map(|p| p.id)
+        .map(|p| (p.id, p.number))
         .ok_or_else(Response::not_found)?;
     let scope = match body.get("scope").and_then(Value::as_str) {
         Some("ingest") => Scope::Ingest,
@@ -246,10 +284,12 @@ async fn create_key(shard: &Rc<Shard>, project: &str, body: &[u8]) -> Result<Res
     owner::change_directory(shard, vec![Change::Key(row)])
         .await
         .map_err(directory_refusal)?;
-    Ok(Response::of(
-        201,
-        &json!({ "id": id, "key": plain, "scope": scope.as_str(), "label": label }),
-    ))
+    let mut shown = json!({ "id": id, "key": plain, "scope": scope.as_str(), "label": label });
+    if scope == Scope::Ingest {
+        // The plain key is shown only now, so the DSN that holds it is too.
+        shown["dsn"] = json!(dsn(head, &plain, number));
+    }
+    Ok(Response::of(201, &shown))
 }
 
 async fn revoke_key(shard: &Rc<Shard>, key_id: &str) -> Result<Response, Response> {
@@ -280,5 +320,9 @@ mod tests {
         assert!(!valid_slug("Shop"));
         assert!(!valid_slug(""));
         assert!(!valid_slug("0195b7a0-0000-7000-8000-000000000000"));
+        assert!(!valid_slug("2024"));
+        assert!(valid_slug("2024-shop"));
+        assert_eq!(slug_from_name("2024"), "project-2024");
+        assert_eq!(slug_from_name("Shop 2024"), "shop-2024");
     }
 }

@@ -61,10 +61,22 @@ async fn submit(
     events: Vec<Incoming>,
     bulk: bool,
 ) -> Response {
-    match owner::ingest(shard, project_id, events, now_us()).await {
+    match ask_owner(shard, project_id, events).await {
         Ok(reply) => render(reply, bulk),
-        Err(_) => shutting_down(),
+        Err(response) => response,
     }
+}
+
+/// Hands validated events to the project's owner and waits for what became of them: the one
+/// path of every event into a project, whatever wire format it came in.
+pub(super) async fn ask_owner(
+    shard: &Rc<Shard>,
+    project_id: Uuid,
+    events: Vec<Incoming>,
+) -> Result<IngestReply, Response> {
+    owner::ingest(shard, project_id, events, now_us())
+        .await
+        .map_err(|_| shutting_down())
 }
 
 fn outcome_json(outcome: &EventOutcome) -> Value {
@@ -74,6 +86,9 @@ fn outcome_json(outcome: &EventOutcome) -> Value {
         }
         EventOutcome::Sampled => json!({ "status": "sampled" }),
         EventOutcome::Discarded => json!({ "status": "discarded" }),
+        EventOutcome::Duplicate { event_id } => {
+            json!({ "status": "duplicate", "event_id": event_id })
+        }
     }
 }
 
@@ -97,6 +112,9 @@ fn render(reply: IngestReply, bulk: bool) -> Response {
             }
             Some(EventOutcome::Sampled) => Response::json(202, r#"{"status":"sampled"}"#),
             Some(EventOutcome::Discarded) => Response::json(202, r#"{"status":"discarded"}"#),
+            Some(outcome @ EventOutcome::Duplicate { .. }) => {
+                Response::of(202, &outcome_json(outcome))
+            }
             None => Response::error(500, "no outcome for the event"),
         },
         IngestReply::RateLimited { retry_after_s } => Response::error(429, "rate limited")

@@ -1,10 +1,12 @@
-//! Request handlers: management, ingest, issues, stream upgrades, health and metrics.
+//! Request handlers: management, ingest (Mesher and Sentry-compatible), issues, stream upgrades,
+//! health and metrics.
 
 mod admin;
 mod ingest;
 mod issues;
 mod keys;
 pub mod routes;
+mod sentry;
 
 use std::rc::Rc;
 
@@ -63,7 +65,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
         | Route::CreateKey(_)
         | Route::RevokeKey(_) => match admin::authorize(shard, head) {
             Err(response) => response,
-            Ok(()) => admin::handle(shard, route, &body).await,
+            Ok(()) => admin::handle(shard, head, route, &body).await,
         },
         Route::Event | Route::Bulk => {
             ingest::handle_http(shard, head, route == Route::Bulk, body).await
@@ -72,6 +74,9 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
         Route::GetIssue(id) => issues::get(shard, head, &id).await,
         Route::IssueEvents(id) => issues::events(shard, head, &id).await,
         Route::IssueAction(id, action) => issues::action(shard, head, &id, action).await,
+        Route::SentryEnvelope(_) | Route::SentryStore(_) | Route::SentryPreflight(_) => {
+            sentry::handle(shard, head, route, body).await
+        }
     };
     Handled::Respond(response)
 }
@@ -93,6 +98,9 @@ pub fn admit(shard: &Shard, head: &Head, route: &Route<'_>) -> Result<(), Respon
         | Route::IssueEvents(_)
         | Route::IssueAction(..)
         | Route::Stream(_) => Scope::Dashboard,
+        Route::SentryEnvelope(_) | Route::SentryStore(_) | Route::SentryPreflight(_) => {
+            return sentry::admit(shard, head, route)
+        }
     };
     let key = presented_key(head);
     shard
@@ -205,6 +213,7 @@ fn upgraded(head: &Head, role: Role, key: KeyEntry) -> Handled {
 }
 
 pub use ingest::ingest_frame;
+pub use sentry::decorate;
 
 /// Parses a JSON request body of a management or status request.
 fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, Response> {

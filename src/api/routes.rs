@@ -13,6 +13,8 @@ pub const CONTROL_BODY_BYTES_MAX: usize = 64 * 1024;
 pub const EVENT_BODY_BYTES_MAX: usize = 1024 * 1024;
 /// PROTOCOL section 4: a bulk request of up to 100 events.
 pub const BULK_BODY_BYTES_MAX: usize = 5 * 1024 * 1024;
+/// PROTOCOL section 8: a Sentry body as sent (compressed or not), like a whole envelope.
+pub const SENTRY_BODY_BYTES_MAX: usize = crate::ingest::sentry::ENVELOPE_BYTES_MAX;
 
 /// A percent-decoded path segment (borrowed unless it had escapes).
 pub type Param<'a> = Cow<'a, str>;
@@ -36,6 +38,12 @@ pub enum Route<'a> {
     Stream(Param<'a>),
     /// A file of the live page.
     Page(&'static crate::page::Asset),
+    /// `POST /api/:number/envelope/` (PROTOCOL 8); the parameter is the project number.
+    SentryEnvelope(&'a str),
+    /// `POST /api/:number/store/`.
+    SentryStore(&'a str),
+    /// `OPTIONS` on either, a browser's CORS preflight.
+    SentryPreflight(&'a str),
 }
 
 impl Route<'_> {
@@ -43,8 +51,18 @@ impl Route<'_> {
         match self {
             Route::Event => EVENT_BODY_BYTES_MAX,
             Route::Bulk => BULK_BODY_BYTES_MAX,
+            // The compressed body; what it decodes to is capped again while decoding.
+            Route::SentryEnvelope(_) | Route::SentryStore(_) => SENTRY_BODY_BYTES_MAX,
             _ => CONTROL_BODY_BYTES_MAX,
         }
+    }
+
+    /// A route of the Sentry-compatible endpoints, whose every answer carries the CORS headers.
+    pub fn is_sentry(&self) -> bool {
+        matches!(
+            self,
+            Route::SentryEnvelope(_) | Route::SentryStore(_) | Route::SentryPreflight(_)
+        )
     }
 }
 
@@ -92,6 +110,19 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
         ["stream", "projects", p] | ["ws", "stream", "projects", p] if !p.is_empty() => {
             ("GET", get(method, Route::Stream(param(p)?)))
         }
+        // Sentry SDKs post to `/api/NUMBER/envelope/` (the trailing slash is optional).
+        ["api", number, kind @ ("envelope" | "store")]
+        | ["api", number, kind @ ("envelope" | "store"), ""]
+            if is_project_number(number) =>
+        {
+            let found = match (method, *kind) {
+                ("POST", "envelope") => Some(Route::SentryEnvelope(number)),
+                ("POST", _) => Some(Route::SentryStore(number)),
+                ("OPTIONS", _) => Some(Route::SentryPreflight(number)),
+                _ => None,
+            };
+            ("POST, OPTIONS", found)
+        }
         ["api", "v1", rest @ ..] => match rest {
             ["projects"] => (
                 "GET, POST",
@@ -132,6 +163,11 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
     found.ok_or(NoRoute::MethodNotAllowed(allow))
 }
 
+/// A project number as a path segment: digits only, as Sentry SDKs write it.
+fn is_project_number(segment: &str) -> bool {
+    !segment.is_empty() && segment.len() <= 18 && segment.bytes().all(|b| b.is_ascii_digit())
+}
+
 fn get<'a>(method: &str, route: Route<'a>) -> Option<Route<'a>> {
     (method == "GET" || method == "HEAD").then_some(route)
 }
@@ -160,6 +196,32 @@ mod tests {
             Ok(Route::IssueAction("abc".into(), "resolve"))
         );
         assert_eq!(route("POST", "/api/v1/events/bulk"), Ok(Route::Bulk));
+    }
+
+    #[test]
+    fn sentry_routes_with_and_without_the_trailing_slash() {
+        assert_eq!(
+            route("POST", "/api/12/envelope/"),
+            Ok(Route::SentryEnvelope("12"))
+        );
+        assert_eq!(
+            route("POST", "/api/12/envelope"),
+            Ok(Route::SentryEnvelope("12"))
+        );
+        assert_eq!(route("POST", "/api/3/store/"), Ok(Route::SentryStore("3")));
+        assert_eq!(
+            route("OPTIONS", "/api/3/store"),
+            Ok(Route::SentryPreflight("3"))
+        );
+        assert_eq!(
+            route("GET", "/api/3/envelope/"),
+            Err(NoRoute::MethodNotAllowed("POST, OPTIONS"))
+        );
+        assert_eq!(route("POST", "/api/x3/envelope/"), Err(NoRoute::NotFound));
+        assert_eq!(route("POST", "/api//envelope/"), Err(NoRoute::NotFound));
+        assert_eq!(route("POST", "/api/3/envelope//"), Err(NoRoute::NotFound));
+        assert_eq!(route("POST", "/api/v1/envelope/"), Err(NoRoute::NotFound));
+        assert!(route("POST", "/api/3/envelope/").unwrap().is_sentry());
     }
 
     #[test]

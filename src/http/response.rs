@@ -81,8 +81,8 @@ impl Response {
                 out.extend_from_slice(format!("HTTP/1.1 {} Unknown\r\n", self.status).as_bytes())
             }
         }
-        // A 304 has no body, and no length of one (the client keeps what it has).
-        if self.status != 304 {
+        // A 204 or a 304 has no body, and says nothing of one (RFC 9110 8.6, 15.4.5).
+        if self.status != 204 && self.status != 304 {
             let mut length = itoa::Buffer::new();
             for part in [
                 "content-type: ",
@@ -114,6 +114,7 @@ fn status_line(status: u16) -> Option<&'static str> {
         200 => "HTTP/1.1 200 OK\r\n",
         201 => "HTTP/1.1 201 Created\r\n",
         202 => "HTTP/1.1 202 Accepted\r\n",
+        204 => "HTTP/1.1 204 No Content\r\n",
         304 => "HTTP/1.1 304 Not Modified\r\n",
         400 => "HTTP/1.1 400 Bad Request\r\n",
         401 => "HTTP/1.1 401 Unauthorized\r\n",
@@ -123,6 +124,7 @@ fn status_line(status: u16) -> Option<&'static str> {
         408 => "HTTP/1.1 408 Request Timeout\r\n",
         409 => "HTTP/1.1 409 Conflict\r\n",
         413 => "HTTP/1.1 413 Payload Too Large\r\n",
+        415 => "HTTP/1.1 415 Unsupported Media Type\r\n",
         422 => "HTTP/1.1 422 Unprocessable Content\r\n",
         429 => "HTTP/1.1 429 Too Many Requests\r\n",
         431 => "HTTP/1.1 431 Request Header Fields Too Large\r\n",

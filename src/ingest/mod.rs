@@ -41,6 +41,9 @@ pub struct Incoming {
     /// The event as sent: the request bytes themselves for a single event, re-encoded for
     /// the elements of an array.
     pub json: String,
+    /// The id the client gave the event (Sentry's `event_id`), which the event is stored under
+    /// and which dedupes the client's retries; `None`: the owner makes one.
+    pub event_id: Option<uuid::Uuid>,
 }
 
 /// How far ahead of the receive time an event's `timestamp` may be (clock skew).
@@ -58,6 +61,7 @@ impl Incoming {
             environment: event.environment,
             timestamp_us: event.timestamp_us,
             json,
+            event_id: None,
         }
     }
 

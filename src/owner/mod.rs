@@ -53,9 +53,16 @@ pub enum IngestReply {
 
 #[derive(Debug, Clone, Copy)]
 pub enum EventOutcome {
-    Accepted { event_id: Uuid, issue_id: Uuid },
+    Accepted {
+        event_id: Uuid,
+        issue_id: Uuid,
+    },
     Sampled,
     Discarded,
+    /// The project took an event with this id within the dedupe window: not counted again.
+    Duplicate {
+        event_id: Uuid,
+    },
 }
 
 pub struct ListQuery {

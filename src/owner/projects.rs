@@ -116,6 +116,22 @@ pub(super) fn ingest(
     let batch = events.len() as u64;
     let accepted = with_project(project_id, |project| {
         let Project { state, watchers } = project;
+        // SDKs send an event again when unsure it arrived: a request whose events all carry
+        // ids taken within the dedupe window is answered without counting them again.
+        let seen = |state: &mut ProjectState, event: &Incoming| {
+            event
+                .event_id
+                .is_some_and(|id| state.recent_event_ids.contains(&id, received_us))
+        };
+        if !events.is_empty() && events.iter().all(|event| seen(state, event)) {
+            counters.rejected(Rejection::Duplicate, batch);
+            let outcomes = events
+                .iter()
+                .filter_map(|event| event.event_id)
+                .map(|event_id| EventOutcome::Duplicate { event_id })
+                .collect();
+            return Ok(outcomes);
+        }
         if let Err(retry_after_s) =
             state.take_rate(settings.rate_limit_per_minute, batch, received_us)
         {
@@ -186,9 +202,19 @@ pub(super) fn ingest(
                     _ => Rejection::Discarded,
                 };
                 counters.rejected(reason, 1);
+                if let Some(id) = event.event_id {
+                    state.recent_event_ids.insert(id, received_us);
+                }
                 outcomes.push(outcome);
                 continue;
             }
+            let event_id = match event.event_id {
+                Some(id) => {
+                    state.recent_event_ids.insert(id, received_us);
+                    id
+                }
+                None => crate::issues::new_id(),
+            };
             let count_before = state.unresolved_count();
             let (grouped, issue) = state.group(
                 project_id,
@@ -197,7 +223,6 @@ pub(super) fn ingest(
                 event.level,
                 event.occurred_us(received_us),
             );
-            let event_id = crate::issues::new_id();
             let issue_id = issue.id;
             turn.touch(project_id, issue_id);
             if watched {

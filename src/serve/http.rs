@@ -16,7 +16,7 @@ use crate::http::parse::{
     parse_head, parse_head_reusing, BodyDecoder, BodyKind, HeadBuffers, HttpError,
 };
 use crate::http::response::{Persistence, Response};
-use crate::metrics::{CloseReason, Rejection};
+use crate::metrics::{CloseReason, Rejection, SentryRejection};
 use crate::shard::{Deadline, Shard};
 
 /// Bytes asked of the kernel per read; a request head usually fits in one.
@@ -180,17 +180,35 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
             .as_ref()
             .map_or(CONTROL_BODY_BYTES_MAX, |r| r.body_bytes_max());
         // An ingest request refused here is counted as the handler counts its refusals.
-        let carries_events = matches!(route, Ok(Route::Event | Route::Bulk));
+        let sentry = route.as_ref().is_ok_and(Route::is_sentry);
+        let carries_events = sentry || matches!(route, Ok(Route::Event | Route::Bulk));
         let count_refusal = |why: Rejection| {
             if carries_events {
                 shard.counters().rejected(why, 1);
             }
+            match why {
+                Rejection::TooLarge if sentry => {
+                    shard.counters().sentry.rejected(SentryRejection::TooLarge)
+                }
+                Rejection::Overloaded if sentry => shard
+                    .counters()
+                    .sentry
+                    .rejected(SentryRejection::Overloaded),
+                _ => {}
+            }
+        };
+        // Answers of the Sentry routes carry CORS headers, refusals made here included.
+        let decorate = |response: Response| match &route {
+            Ok(route) => api::decorate(route, response),
+            Err(_) => response,
         };
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
             Ok(decoder) => decoder,
             Err(error) => {
                 count_refusal(Rejection::TooLarge);
-                return reject(shard, id, stream, &mut out, &error).await;
+                let response = decorate(Response::error(error.status(), &error.message()));
+                let reason = CloseReason::BadRequest;
+                return fail(shard, id, stream, &mut out, response, reason).await;
             }
         };
         // A body still to come is waited for only when the request's key could be accepted.
@@ -199,7 +217,10 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 .as_ref()
                 .map_or(Ok(()), |r| api::admit(shard, &head, r))
             {
-                count_refusal(Rejection::Unauthorized);
+                if !sentry {
+                    // The Sentry admission counts its own refusals, by reason.
+                    count_refusal(Rejection::Unauthorized);
+                }
                 return fail(
                     shard,
                     id,
@@ -223,12 +244,14 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
                 if error == HttpError::PayloadTooLarge {
                     count_refusal(Rejection::TooLarge);
                 }
-                return reject(shard, id, stream, &mut out, &error).await;
+                let response = decorate(Response::error(error.status(), &error.message()));
+                let reason = CloseReason::BadRequest;
+                return fail(shard, id, stream, &mut out, response, reason).await;
             }
             Err(BodyEnd::NoRoom) => {
                 count_refusal(Rejection::Overloaded);
                 shard.counters().bodies_refused.fetch_add(1, Relaxed);
-                let response = Response::unavailable("overloaded");
+                let response = decorate(Response::unavailable("overloaded"));
                 return fail(shard, id, stream, &mut out, response, CloseReason::Refused).await;
             }
             Err(BodyEnd::StreamEnded) => {

@@ -38,6 +38,9 @@ const MICROS_PER_DAY: i64 = 86_400_000_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProjectRow {
     pub id: Uuid,
+    /// PROTOCOL 8: a positive integer the database assigned at creation
+    /// (`Backend::next_project_number`), never reused; Sentry DSNs name the project by it.
+    pub number: i64,
     pub name: String,
     pub slug: String,
     pub created_at_us: i64,
@@ -224,6 +227,9 @@ pub trait Backend: Send + 'static {
     /// The newest `limit` events of an issue, newest first.
     fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError>;
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError>;
+    /// A project number never handed out before (nor after), taken from the database's own
+    /// sequence: unique across every server sharing the database, gaps allowed.
+    fn next_project_number(&mut self) -> Result<i64, StoreError>;
     /// Housekeeping: day partitions ahead (PostgreSQL) and per-project retention.
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError>;
     fn ping(&mut self) -> Result<(), StoreError>;

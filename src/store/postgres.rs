@@ -133,18 +133,38 @@ ALTER TABLE issues DROP COLUMN fingerprint;
 CREATE UNIQUE INDEX issues_project_id_fingerprint_hash ON issues (project_id, fingerprint_hash);
 ",
     },
+    Migration {
+        version: 3,
+        name: "project numbers",
+        // Projects from before get numbers in creation order; new ones take theirs from the
+        // sequence (`next_project_number`), which never hands a number out twice, whichever
+        // server asks.
+        sql: "
+CREATE SEQUENCE project_numbers AS bigint;
+ALTER TABLE projects ADD COLUMN number bigint;
+UPDATE projects SET number = ordered.number
+FROM (SELECT id, row_number() OVER (ORDER BY created_at, id) AS number FROM projects) AS ordered
+WHERE projects.id = ordered.id;
+SELECT setval('project_numbers', max(number)) FROM projects HAVING count(*) > 0;
+ALTER TABLE projects ALTER COLUMN number SET NOT NULL,
+    ALTER COLUMN number SET DEFAULT nextval('project_numbers'),
+    ADD CONSTRAINT projects_number_positive CHECK (number > 0),
+    ADD CONSTRAINT projects_number_key UNIQUE (number);
+ALTER SEQUENCE project_numbers OWNED BY projects.number;
+",
+    },
 ];
 
 const UPSERT_PROJECTS: &str = concat!(
     "INSERT INTO projects (id, name, slug, created_at, rate_limit_per_minute, sample_rate,
-        retention_days)
+        retention_days, number)
     SELECT r.id::uuid, r.name, r.slug, ",
     ts_from_us!("r.created_at_us"),
-    ", r.rate_limit_per_minute, r.sample_rate, r.retention_days
+    ", r.rate_limit_per_minute, r.sample_rate, r.retention_days, r.number
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::float8[],
-        $7::int8[]) WITH ORDINALITY
+        $7::int8[], $8::int8[]) WITH ORDINALITY
         AS r (id, name, slug, created_at_us, rate_limit_per_minute, sample_rate, retention_days,
-            position)
+            number, position)
     ORDER BY r.position
     ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, slug = EXCLUDED.slug,
         created_at = EXCLUDED.created_at, rate_limit_per_minute = EXCLUDED.rate_limit_per_minute,
@@ -198,7 +218,8 @@ const COPY_EVENTS: &str = "COPY events (id, project_id, issue_id, level, receive
 const SELECT_PROJECTS: &str = concat!(
     "SELECT id::text, name, slug, ",
     us_from_ts!("created_at"),
-    ", rate_limit_per_minute, sample_rate, retention_days FROM projects ORDER BY created_at, id"
+    ", rate_limit_per_minute, sample_rate, retention_days, number FROM projects
+    ORDER BY created_at, id"
 );
 
 const SELECT_KEYS: &str = concat!(
@@ -533,6 +554,7 @@ impl Backend for PostgresBackend {
                 rate_limit_per_minute: to_u32(row.get(4), operation)?,
                 sample_rate: row.get(5),
                 retention_days: to_u32(row.get(6), operation)?,
+                number: row.get(7),
             });
         }
         for row in query(&mut self.client, SELECT_KEYS)? {
@@ -622,6 +644,13 @@ impl Backend for PostgresBackend {
         Ok(u64::try_from(count).unwrap_or(0))
     }
 
+    fn next_project_number(&mut self) -> Result<i64, StoreError> {
+        self.client
+            .query_one("SELECT nextval('project_numbers')", &[])
+            .map(|row| row.get(0))
+            .map_err(|error| pg_error("next project number", error))
+    }
+
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
         self.create_partitions(now_us)?;
         self.apply_retention(now_us)
@@ -692,6 +721,7 @@ fn write_batch(
             .iter()
             .map(|row| i64::from(row.retention_days))
             .collect();
+        let numbers: Vec<i64> = projects.iter().map(|row| row.number).collect();
         transaction
             .execute(
                 &statements.upsert_projects,
@@ -703,6 +733,7 @@ fn write_batch(
                     &rate_limits,
                     &sample_rates,
                     &retention,
+                    &numbers,
                 ],
             )
             .map_err(|error| pg_error("upsert projects", error))?;

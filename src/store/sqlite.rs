@@ -126,6 +126,24 @@ DROP TABLE issues;
 ALTER TABLE issues_by_hash RENAME TO issues;
 ",
     },
+    Migration {
+        version: 4,
+        name: "project numbers",
+        // Projects from before get numbers in creation order. `project_numbers` is the
+        // sequence: AUTOINCREMENT never hands out a number again, even once its row is gone,
+        // and it starts after the numbers given here.
+        sql: "
+ALTER TABLE projects ADD COLUMN number INTEGER CHECK (number > 0);
+UPDATE projects SET number = (
+    SELECT count(*) FROM projects AS earlier
+    WHERE earlier.created_at_us < projects.created_at_us
+        OR (earlier.created_at_us = projects.created_at_us AND earlier.id <= projects.id)
+);
+CREATE UNIQUE INDEX projects_number ON projects (number);
+CREATE TABLE project_numbers (number INTEGER PRIMARY KEY AUTOINCREMENT) STRICT;
+INSERT INTO project_numbers (number) SELECT max(number) FROM projects HAVING count(*) > 0;
+",
+    },
 ];
 
 /// The version that replaces an issue's grouping key by its hash (`ingest::fingerprint::hash`).
@@ -150,10 +168,11 @@ fn add_fingerprint_hashes(transaction: &rusqlite::Transaction<'_>) -> rusqlite::
     Ok(())
 }
 
+/// A project's number is fixed when it is created; an update leaves it be.
 const UPSERT_PROJECT: &str = "
 INSERT INTO projects (id, name, slug, created_at_us, rate_limit_per_minute, sample_rate,
-    retention_days)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    retention_days, number)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
 ON CONFLICT (id) DO UPDATE SET name = excluded.name, slug = excluded.slug,
     created_at_us = excluded.created_at_us,
     rate_limit_per_minute = excluded.rate_limit_per_minute,
@@ -402,7 +421,7 @@ impl Backend for SqliteBackend {
             let mut snapshot = Snapshot::default();
             let mut statement = self.connection.prepare(
                 "SELECT id, name, slug, created_at_us, rate_limit_per_minute, sample_rate,
-                    retention_days
+                    retention_days, number
                  FROM projects ORDER BY created_at_us, id",
             )?;
             let mut rows = statement.query([])?;
@@ -415,6 +434,7 @@ impl Backend for SqliteBackend {
                     rate_limit_per_minute: row.get(4)?,
                     sample_rate: row.get(5)?,
                     retention_days: row.get(6)?,
+                    number: row.get(7)?,
                 });
             }
             let mut statement = self.connection.prepare(
@@ -492,6 +512,7 @@ impl Backend for SqliteBackend {
                         project.rate_limit_per_minute,
                         project.sample_rate,
                         project.retention_days,
+                        project.number,
                     ])
                     .map_err(|error| sqlite_error("upsert projects", error))?;
             }
@@ -586,6 +607,31 @@ impl Backend for SqliteBackend {
         };
         let count = count.map_err(|error| sqlite_error("count events", error))?;
         Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    fn next_project_number(&mut self) -> Result<i64, StoreError> {
+        let operation = "next project number";
+        let transaction = self
+            .connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|error| sqlite_error(operation, error))?;
+        // Only the newest row is kept: AUTOINCREMENT remembers the largest number given in
+        // `sqlite_sequence`, so the table stays one row long and nothing is handed out twice.
+        let number = transaction
+            .query_row(
+                "INSERT INTO project_numbers DEFAULT VALUES RETURNING number",
+                [],
+                |row| row.get::<_, i64>(0),
+            )
+            .and_then(|number| {
+                transaction.execute("DELETE FROM project_numbers WHERE number < ?1", [number])?;
+                Ok(number)
+            })
+            .map_err(|error| sqlite_error(operation, error))?;
+        transaction
+            .commit()
+            .map_err(|error| sqlite_error(operation, error))?;
+        Ok(number)
     }
 
     fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
@@ -941,6 +987,49 @@ mod tests {
         duplicate.id = Uuid::now_v7();
         let error = backend.commit(&[Change::Issue(duplicate)]).unwrap_err();
         assert!(error.is_conflict(), "{error}");
+        drop(backend);
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+
+    #[test]
+    fn a_version_3_file_numbers_its_projects_in_creation_order() {
+        let data_dir =
+            std::env::temp_dir().join(format!("mesher-sqlite-v3-{}", Uuid::new_v4().simple()));
+        let mut backend = SqliteBackend::open(&data_dir).unwrap();
+        let (older, newer) = (Uuid::now_v7(), Uuid::now_v7());
+        backend
+            .connection
+            .execute_batch(&format!(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY NOT NULL,
+                    name TEXT NOT NULL, applied_at_us INTEGER NOT NULL) STRICT;
+                 {}{}
+                 ALTER TABLE issues ADD COLUMN fingerprint_hash BLOB;
+                 {}
+                 INSERT INTO schema_migrations VALUES (1, 'a', 0), (2, 'b', 0), (3, 'c', 0);",
+                MIGRATIONS[0].sql, MIGRATIONS[1].sql, MIGRATIONS[2].sql
+            ))
+            .unwrap();
+        // Inserted newest first: numbers follow creation, not insertion.
+        for (id, slug, created_at_us) in [(newer, "newer", 20), (older, "older", 10)] {
+            backend
+                .connection
+                .execute(
+                    "INSERT INTO projects VALUES (?1, ?2, ?2, ?3, 0, 1.0, 90)",
+                    rusqlite::params![id.as_bytes(), slug, created_at_us],
+                )
+                .unwrap();
+        }
+        backend.migrate().unwrap();
+        let numbers: Vec<(Uuid, i64)> = backend
+            .load()
+            .unwrap()
+            .projects
+            .iter()
+            .map(|project| (project.id, project.number))
+            .collect();
+        assert_eq!(numbers, [(older, 1), (newer, 2)]);
+        assert_eq!(backend.next_project_number().unwrap(), 3);
+        assert_eq!(backend.next_project_number().unwrap(), 4);
         drop(backend);
         let _ = std::fs::remove_dir_all(&data_dir);
     }

@@ -125,6 +125,9 @@ enum Command {
         project_id: Option<Uuid>,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    NextProjectNumber {
+        reply: oneshot::Sender<Result<i64, StoreError>>,
+    },
     /// Run the retention pass after this take's commit instead of at the next hourly one.
     ApplyRetention,
     Shutdown,
@@ -334,6 +337,14 @@ impl Store {
         let command = Command::CountEvents { project_id, reply };
         if let Err(Command::CountEvents { reply, .. }) = self.inner.commands.send(command) {
             let _ = reply.send(Err(self.closed_error("count events")));
+        }
+    }
+
+    /// A new project number from the database (`Backend::next_project_number`).
+    pub fn next_project_number(&self, reply: oneshot::Sender<Result<i64, StoreError>>) {
+        let command = Command::NextProjectNumber { reply };
+        if let Err(Command::NextProjectNumber { reply }) = self.inner.commands.send(command) {
+            let _ = reply.send(Err(self.closed_error("next project number")));
         }
     }
 
@@ -635,6 +646,10 @@ impl Writer {
                 let result = self.query(|backend| backend.count_events(project_id));
                 let _ = reply.send(result);
             }
+            Command::NextProjectNumber { reply } => {
+                let result = self.query(|backend| backend.next_project_number());
+                let _ = reply.send(result);
+            }
             Command::ApplyRetention => self.next_maintain_at = Instant::now(),
             Command::Shutdown => unreachable!("shutdown is handled by the loop"),
         }
@@ -821,6 +836,9 @@ mod tests {
         }
         fn count_events(&mut self, _: Option<Uuid>) -> Result<u64, StoreError> {
             Ok(self.events)
+        }
+        fn next_project_number(&mut self) -> Result<i64, StoreError> {
+            Ok(1)
         }
         fn maintain(&mut self, _: i64) -> Result<(), StoreError> {
             Ok(())

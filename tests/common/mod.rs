@@ -204,6 +204,8 @@ impl Server {
             slug: body["slug"].as_str().unwrap().to_string(),
             ingest_key: body["ingest_key"].as_str().unwrap().to_string(),
             dashboard_key: body["dashboard_key"].as_str().unwrap().to_string(),
+            number: body["number"].as_i64().expect("project number"),
+            dsn: body["dsn"].as_str().expect("project DSN").to_string(),
         }
     }
 
@@ -377,6 +379,9 @@ pub struct Project {
     pub slug: String,
     pub ingest_key: String,
     pub dashboard_key: String,
+    /// PROTOCOL 8: the project's number and the Sentry DSN shown at creation.
+    pub number: i64,
+    pub dsn: String,
 }
 
 pub struct HttpReply {

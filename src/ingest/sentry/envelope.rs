@@ -22,25 +22,12 @@ pub const STORE_BYTES_MAX: usize = ITEM_BYTES_MAX;
 /// 20 MiB envelope of empty items from reaching millions of entries.
 pub const ENVELOPE_ITEMS_MAX: usize = 1000;
 
-/// Item types whose counts are reported by name; every other type is counted as `other`, so
-/// that clients cannot grow the metric's label set without bound.
-const KNOWN_ITEM_TYPES: [&str; 15] = [
-    "event",
-    "transaction",
-    "session",
-    "sessions",
-    "client_report",
-    "attachment",
-    "user_report",
-    "check_in",
-    "profile",
-    "profile_chunk",
-    "replay_event",
-    "replay_recording",
-    "span",
-    "log",
-    "statsd",
-];
+/// Item types whose counts are reported by name (`metrics::SENTRY_ITEM_TYPES`, whose last
+/// entry, `other`, counts every other type so that clients cannot grow the label set).
+const KNOWN_ITEM_TYPES: &[&str] = crate::metrics::SENTRY_ITEM_TYPES
+    .split_last()
+    .expect("not empty")
+    .1;
 
 /// A parsed envelope, borrowing the decoded body.
 #[derive(Debug, PartialEq)]

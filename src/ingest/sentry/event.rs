@@ -70,10 +70,13 @@ impl Deref for Read {
 impl Read {
     fn into_event(self, json: String) -> SentryEvent {
         let mut summary = self.summary;
+        let release = summary.release.take();
+        let mut incoming = Incoming::new(summary, json);
+        incoming.event_id = self.event_id;
         SentryEvent {
             event_id: self.event_id,
-            release: summary.release.take(),
-            incoming: Incoming::new(summary, json),
+            release,
+            incoming,
         }
     }
 }
