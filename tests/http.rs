@@ -520,7 +520,9 @@ fn unknown_path_is_404_and_wrong_method_is_405() {
         "/api/v1/nothing",
         "/api/v2/events",
         "/healthz",
-        "/",
+        // "/" is the live page (PROTOCOL section 11); nothing else is served beside its files.
+        "/favicon.ico",
+        "/app.jsx",
     ] {
         let reply = server.request("GET", path, None, None);
         assert_eq!(reply.status, 404, "{path}");
@@ -536,6 +538,7 @@ fn unknown_path_is_404_and_wrong_method_is_405() {
         ("POST", "/health", "GET"),
         ("PUT", "/metrics", "GET"),
         ("POST", "/api/v1/issues/abc", "GET"),
+        ("POST", "/", "GET"),
     ] {
         let reply = server.request(method, path, None, None);
         assert_eq!(reply.status, 405, "{method} {path}");
