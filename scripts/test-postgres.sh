@@ -122,16 +122,24 @@ mesher_test_pg_start_throwaway() {
         mesher_test_pg_stop
         return 1
     fi
-    # Durability is pointless for a cluster deleted after the run.
-    if ! mesher_test_pg_as_owner "$bin_dir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
+    # Durability is pointless for a cluster deleted after the run. Another test may take the
+    # port between the check above and the start: then the next free port is tried.
+    local starts=0
+    until mesher_test_pg_as_owner "$bin_dir/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w \
         -t "$MESHER_TEST_PG_START_TIMEOUT_S" \
         -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off -c max_connections=200" \
-        start >/dev/null; then
-        mesher_test_pg_log "the server did not start:"
-        cat "$dir/server.log" >&2
-        mesher_test_pg_stop
-        return 1
-    fi
+        start >/dev/null; do
+        starts=$((starts + 1))
+        if [ "$starts" -ge 3 ]; then
+            mesher_test_pg_log "the server did not start:"
+            cat "$dir/server.log" >&2
+            mesher_test_pg_stop
+            return 1
+        fi
+        port=$((port + 1))
+        while ! mesher_test_pg_port_free "$port"; do port=$((port + 1)); done
+        mesher_test_pg_log "retrying on 127.0.0.1:$port"
+    done
     if ! mesher_test_pg_psql "postgres://postgres@127.0.0.1:$port/postgres" -X -qc \
         'CREATE DATABASE test' >/dev/null; then
         mesher_test_pg_stop
