@@ -21,7 +21,7 @@ fn push_pop(c: &mut Criterion) {
     group.bench_function("push_pop_one", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         b.iter(|| {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
             black_box(ring.pop())
         });
     });
@@ -32,7 +32,7 @@ fn push_pop(c: &mut Criterion) {
         let mut out = Vec::with_capacity(STREAM_BUFFER);
         b.iter(|| {
             for _ in 0..STREAM_BUFFER {
-                ring.push(frame.clone(), Kind::Event);
+                ring.push(frame.clone(), Kind::Event, 1);
             }
             ring.drain_into(&mut out, STREAM_BUFFER);
             black_box(&out);
@@ -50,10 +50,10 @@ fn push_full(c: &mut Criterion) {
     group.bench_function("drop_oldest_event_at_head", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         for _ in 0..STREAM_BUFFER {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
         }
         b.iter(|| {
-            let outcome = ring.push(frame.clone(), Kind::Event);
+            let outcome = ring.push(frame.clone(), Kind::Event, 1);
             debug_assert_eq!(outcome, Push::DroppedOldest);
             black_box(outcome)
         });
@@ -63,13 +63,13 @@ fn push_full(c: &mut Criterion) {
     group.bench_function("drop_oldest_event_behind_control", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         for _ in 0..STREAM_BUFFER / 2 {
-            ring.push(frame.clone(), Kind::Control);
+            ring.push(frame.clone(), Kind::Control, 0);
         }
         for _ in STREAM_BUFFER / 2..STREAM_BUFFER {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
         }
         b.iter(|| {
-            let outcome = ring.push(frame.clone(), Kind::Event);
+            let outcome = ring.push(frame.clone(), Kind::Event, 1);
             debug_assert_eq!(outcome, Push::DroppedOldest);
             black_box(outcome)
         });
@@ -78,9 +78,9 @@ fn push_full(c: &mut Criterion) {
     group.bench_function("replace_count", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         for _ in 0..STREAM_BUFFER - 1 {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
         }
-        b.iter(|| black_box(ring.push(frame.clone(), Kind::Count)));
+        b.iter(|| black_box(ring.push(frame.clone(), Kind::Count, 1)));
     });
     group.finish();
 }
