@@ -19,7 +19,7 @@ use crate::ingest::Incoming;
 use crate::issues::{Cursor, Grouped, Issue, ProjectState, Status};
 use crate::metrics::Rejection;
 use crate::shard::Shard;
-use crate::store::{Change, EventRow, KeyRow, ProjectRow, StoreError};
+use crate::store::{Change, EventRow, KeyRow, Payload, ProjectRow, StoreError};
 use crate::stream::{self, Attributes, HistoryLimits, ProjectStream, Resumption, Since, Watchers};
 use crate::IdMap;
 
@@ -265,6 +265,7 @@ pub(super) fn ingest(
                 Grouped::Regressed => Some("regressed"),
                 Grouped::Counted | Grouped::Discarded => None,
             };
+            let mut payload = Payload::default();
             if builds {
                 let attributes = Attributes {
                     level: event.level,
@@ -278,13 +279,17 @@ pub(super) fn ingest(
                         Some(attributes.clone()),
                     ));
                 }
-                items.push(stream::event_message(
+                let message = stream::event_message(
                     stream.next_offset(),
                     event_id,
                     issue_id,
                     event.json.as_bytes(),
                     attributes,
-                ));
+                );
+                // The store takes the event's JSON from the frame: held once, not twice.
+                let embedded = stream::event_json_in(&message.frame, event.json.len());
+                payload = Payload::shared_or_copied(embedded, &event.json);
+                items.push(message);
                 if state.unresolved_count() != count_before {
                     items.push(stream::issue_count_message(
                         stream.next_offset(),
@@ -303,7 +308,11 @@ pub(super) fn ingest(
                 issue_id,
                 level: event.level.as_str().into(),
                 received_at_us: received_us,
-                payload: event.json,
+                payload: if builds {
+                    payload
+                } else {
+                    Payload::from(event.json)
+                },
             });
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }

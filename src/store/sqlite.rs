@@ -565,7 +565,7 @@ impl Backend for SqliteBackend {
                         issue_id: Uuid::from_bytes(row.get(2)?),
                         level: Cow::Owned(row.get(3)?),
                         received_at_us: row.get(4)?,
-                        payload: row.get(5)?,
+                        payload: row.get::<_, String>(5)?.into(),
                     })
                 })?;
             rows.collect()

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::conn::ring::{Dropped, Kind, Push, Ring};
 use crate::ingest::event::Level;
 use crate::issues::IssueView;
-use crate::ws::codec::encode_text;
+use crate::ws::codec::{encode_text, encode_text_parts};
 
 mod history;
 mod registry;
@@ -49,7 +49,8 @@ fn text_frame(message: &impl Serialize) -> Bytes {
 }
 
 /// `{"type":"event","offset":N,...,"data":<the event as sent>}`; `event_json` is already valid
-/// JSON.
+/// JSON. The frame is written in one allocation, the event's JSON verbatim at its end (see
+/// `event_json_in`).
 pub fn event_message(
     offset: u64,
     event_id: Uuid,
@@ -57,32 +58,37 @@ pub fn event_message(
     event_json: &[u8],
     attributes: Attributes,
 ) -> Published {
-    let mut payload = Vec::with_capacity(event_json.len() + 140);
-    payload.extend_from_slice(b"{\"type\":\"event\",\"offset\":");
-    payload.extend_from_slice(offset.to_string().as_bytes());
-    payload.extend_from_slice(b",\"event_id\":\"");
-    payload.extend_from_slice(
+    let mut head = Vec::with_capacity(140);
+    head.extend_from_slice(b"{\"type\":\"event\",\"offset\":");
+    head.extend_from_slice(offset.to_string().as_bytes());
+    head.extend_from_slice(b",\"event_id\":\"");
+    head.extend_from_slice(
         event_id
             .hyphenated()
             .encode_lower(&mut Uuid::encode_buffer())
             .as_bytes(),
     );
-    payload.extend_from_slice(b"\",\"issue_id\":\"");
-    payload.extend_from_slice(
+    head.extend_from_slice(b"\",\"issue_id\":\"");
+    head.extend_from_slice(
         issue_id
             .hyphenated()
             .encode_lower(&mut Uuid::encode_buffer())
             .as_bytes(),
     );
-    payload.extend_from_slice(b"\",\"data\":");
-    payload.extend_from_slice(event_json);
-    payload.push(b'}');
+    head.extend_from_slice(b"\",\"data\":");
     Published {
-        frame: Bytes::from(encode_text(&payload)),
+        frame: Bytes::from(encode_text_parts(&[&head, event_json, b"}"])),
         kind: Kind::Event,
         offset,
         attributes: Some(attributes),
     }
+}
+
+/// The event's JSON inside an event message's frame (its last bytes but the closing brace):
+/// the same bytes, shared, not copied.
+pub fn event_json_in(frame: &Bytes, json_len: usize) -> Bytes {
+    let end = frame.len() - 1;
+    frame.slice(end - json_len..end)
 }
 
 /// `{"type":"issue","offset":N,"action":...,"issue_id":...,"issue":{...}}`: the whole issue in
@@ -612,6 +618,8 @@ mod tests {
         assert_eq!(value["data"], json!({"message": "x", "odd": [1]}));
         assert_eq!(value["type"], "event");
         assert_eq!(value["offset"], 42);
+        let json = br#"{"message":"x","odd":[1]}"#;
+        assert_eq!(&event_json_in(&message.frame, json.len())[..], json);
     }
 
     #[test]

@@ -420,6 +420,11 @@ pub fn encode_text(payload: &[u8]) -> Vec<u8> {
     encode_frame(OpCode::Data(Data::Text), payload)
 }
 
+/// A text frame of the parts in order, written in one allocation; together they must be UTF-8.
+pub fn encode_text_parts(parts: &[&[u8]]) -> Vec<u8> {
+    encode_frame_parts(OpCode::Data(Data::Text), parts)
+}
+
 /// A close frame; the reason is cut (at a character boundary) to fit a control frame.
 pub fn encode_close(code: u16, reason: &str) -> Vec<u8> {
     let mut reason_len = reason.len().min(CONTROL_PAYLOAD_BYTES_MAX - 2);
