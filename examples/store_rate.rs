@@ -78,7 +78,7 @@ fn main() {
                 issue_id: issue.id,
                 level: "error".into(),
                 received_at_us: now_us(),
-                payload: payload.clone(),
+                payload: payload.clone().into(),
             })
             .collect()
     };
@@ -138,7 +138,7 @@ fn raw_copy(client: &mut postgres::Client, rows: &[EventRow]) -> Duration {
             row.issue_id,
             row.level,
             rfc3339(row.received_at_us),
-            row.payload
+            row.payload.as_str()
         )
         .unwrap();
     }

@@ -12,7 +12,8 @@
 //! - `shard`: the runtime: one io_uring reactor per core; `mesh` carries messages between
 //!   shards, `owner` holds the issue state of the projects a shard owns, `wheel` drives every
 //!   timeout. It runs what it is handed at start and never names the layers above.
-//! - `stream`: stream messages, filters and local fan-out.
+//! - `stream`: stream messages, filters, local fan-out, and each project's offsets and history
+//!   of sent frames that reconnecting clients resume from.
 //! - `issues`: grouping and the issue lifecycle of one project.
 //! - `ingest`: event decoding (Mesher JSON, Sentry), validation and fingerprinting.
 //! - `store`: the storage trait, its SQLite and PostgreSQL backends and the batch writer.

@@ -731,10 +731,9 @@ mod tests {
                 dropped_pending: None,
                 dropped_total: 0,
             };
-            let mut offset = 0;
             for step in 0..400u64 {
                 let item = round * 1_000 + step;
-                offset += 1;
+                let offset = step + 1;
                 let kind = match rng.random_range(0..100) {
                     0..=34 => Some(Kind::Event),
                     35..=44 => Some(Kind::Count),

@@ -265,7 +265,8 @@ pub(super) fn ingest(
                 Grouped::Regressed => Some("regressed"),
                 Grouped::Counted | Grouped::Discarded => None,
             };
-            let mut payload = Payload::default();
+            // The store takes the event's JSON from its frame when there is one: held once.
+            let mut payload = None;
             if builds {
                 let attributes = Attributes {
                     level: event.level,
@@ -286,9 +287,8 @@ pub(super) fn ingest(
                     event.json.as_bytes(),
                     attributes,
                 );
-                // The store takes the event's JSON from the frame: held once, not twice.
                 let embedded = stream::event_json_in(&message.frame, event.json.len());
-                payload = Payload::shared_or_copied(embedded, &event.json);
+                payload = Some(Payload::shared_or_copied(embedded, &event.json));
                 items.push(message);
                 if state.unresolved_count() != count_before {
                     items.push(stream::issue_count_message(
@@ -308,11 +308,7 @@ pub(super) fn ingest(
                 issue_id,
                 level: event.level.as_str().into(),
                 received_at_us: received_us,
-                payload: if builds {
-                    payload
-                } else {
-                    Payload::from(event.json)
-                },
+                payload: payload.unwrap_or_else(|| Payload::from(event.json)),
             });
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }

@@ -113,7 +113,7 @@ pub struct EventRow {
 /// An event's JSON text as stored: its own string, or, while the event is streamed, the bytes of
 /// its stream frame that embed it verbatim. Then the text is held once, in the frame that the
 /// subscribers' rings, the project's history and the store queue share.
-#[derive(Clone, Default, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Payload(bytes::Bytes);
 
 impl Payload {

@@ -844,7 +844,7 @@ mod tests {
             issue_id: Uuid::now_v7(),
             level: "error".into(),
             received_at_us: 7,
-            payload: payload.into(),
+            payload: payload.to_owned().into(),
         };
         insert.execute(&[&row("{}")]).unwrap();
         let refused = insert.execute(&[&row("{\"long\":1}")]).unwrap_err();
