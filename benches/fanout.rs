@@ -20,6 +20,7 @@ fn fanout(c: &mut Criterion) {
         environment: Some(Arc::from("production")),
     };
     let message = event_message(
+        1,
         Uuid::now_v7(),
         Uuid::now_v7(),
         payload.as_bytes(),

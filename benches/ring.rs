@@ -21,7 +21,7 @@ fn push_pop(c: &mut Criterion) {
     group.bench_function("push_pop_one", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         b.iter(|| {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
             black_box(ring.pop())
         });
     });
@@ -32,7 +32,7 @@ fn push_pop(c: &mut Criterion) {
         let mut out = Vec::with_capacity(STREAM_BUFFER);
         b.iter(|| {
             for _ in 0..STREAM_BUFFER {
-                ring.push(frame.clone(), Kind::Event);
+                ring.push(frame.clone(), Kind::Event, 1);
             }
             ring.drain_into(&mut out, STREAM_BUFFER);
             black_box(&out);
@@ -50,26 +50,26 @@ fn push_full(c: &mut Criterion) {
     group.bench_function("drop_oldest_event_at_head", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         for _ in 0..STREAM_BUFFER {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
         }
         b.iter(|| {
-            let outcome = ring.push(frame.clone(), Kind::Event);
+            let outcome = ring.push(frame.clone(), Kind::Event, 1);
             debug_assert_eq!(outcome, Push::DroppedOldest);
             black_box(outcome)
         });
     });
 
-    // Worst realistic case: half the ring is undroppable, so the oldest event sits mid-ring.
+    // Replies wait ahead of the events, so the oldest event is not at the head.
     group.bench_function("drop_oldest_event_behind_control", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         for _ in 0..STREAM_BUFFER / 2 {
-            ring.push(frame.clone(), Kind::Control);
+            ring.push(frame.clone(), Kind::Control, 0);
         }
-        for _ in STREAM_BUFFER / 2..STREAM_BUFFER {
-            ring.push(frame.clone(), Kind::Event);
+        for _ in 0..STREAM_BUFFER {
+            ring.push(frame.clone(), Kind::Event, 1);
         }
         b.iter(|| {
-            let outcome = ring.push(frame.clone(), Kind::Event);
+            let outcome = ring.push(frame.clone(), Kind::Event, 1);
             debug_assert_eq!(outcome, Push::DroppedOldest);
             black_box(outcome)
         });
@@ -78,9 +78,23 @@ fn push_full(c: &mut Criterion) {
     group.bench_function("replace_count", |b| {
         let mut ring = Ring::new(STREAM_BUFFER);
         for _ in 0..STREAM_BUFFER - 1 {
-            ring.push(frame.clone(), Kind::Event);
+            ring.push(frame.clone(), Kind::Event, 1);
         }
-        b.iter(|| black_box(ring.push(frame.clone(), Kind::Count)));
+        b.iter(|| black_box(ring.push(frame.clone(), Kind::Count, 1)));
+    });
+
+    // A client that is behind with thousands of issues waiting: each new state of one of them
+    // replaces the waiting one.
+    group.bench_function("replace_issue_among_5000", |b| {
+        let mut ring = Ring::new(STREAM_BUFFER);
+        for issue in 0..5_000u128 {
+            ring.push(frame.clone(), Kind::Issue(issue), 1);
+        }
+        let mut issue = 0u128;
+        b.iter(|| {
+            issue = (issue + 1) % 5_000;
+            black_box(ring.push(frame.clone(), Kind::Issue(issue), 1))
+        });
     });
     group.finish();
 }

@@ -79,7 +79,7 @@ fn main() {
                 issue_id: issue.id,
                 level: "error".into(),
                 received_at_us: now_us(),
-                payload: payload.clone(),
+                payload: payload.clone().into(),
             })
             .collect()
     };
@@ -139,7 +139,7 @@ fn raw_copy(client: &mut postgres::Client, rows: &[EventRow]) -> Duration {
             row.issue_id,
             row.level,
             rfc3339(row.received_at_us),
-            row.payload
+            row.payload.as_str()
         )
         .unwrap();
     }

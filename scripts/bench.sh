@@ -2,6 +2,7 @@
 # Benchmarks Mesher against its peers (Nchan, Sockudo) on loopback with mesher-load.
 #
 #   scripts/bench.sh [--quick] [--runs N] [--scenarios a,b] [--targets mesher,nchan,sockudo]
+#   (the resume scenario runs against Mesher only: Nchan and Sockudo have no resume)
 #                    [--load-args "--inflight 8 ..."]
 #
 # Installs what is missing (nginx + nchan from Debian, sockudo from crates.io), builds mesher and
@@ -19,7 +20,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QUICK=0
 RUNS=1
-SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns"
+SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns,resume"
 TARGETS="mesher,nchan,sockudo"
 LOAD_ARGS=""
 PORT_BASE="${BENCH_PORT_BASE:-18080}"
@@ -31,7 +32,7 @@ SERVER_CPU=0
 LOAD_CPU=1
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -291,6 +292,7 @@ quick_args() {
     ingest) echo "--connections 16 --duration 2" ;;
     e2e) echo "--subscribers 200 --rate 500 --duration 2" ;;
     conns) echo "--subscribers 1000 --duration 1" ;;
+    resume) echo "--subscribers 200 --duration 3" ;;
     *) echo "" ;;
     esac
 }
@@ -301,6 +303,10 @@ IFS=',' read -r -a scenario_list <<<"$SCENARIOS"
 IFS=',' read -r -a target_list <<<"$TARGETS"
 for scenario in "${scenario_list[@]}"; do
     for target in "${target_list[@]}"; do
+        if [ "$scenario" = resume ] && [ "$target" != mesher ]; then
+            log "resume / $target: skipped, $target has no resume (Mesher only)"
+            continue
+        fi
         for run in $(seq "$RUNS"); do
             log "$scenario / $target (run $run of $RUNS)"
             if ! "start_$target"; then
@@ -350,6 +356,8 @@ for name in sorted(os.listdir(results_dir)):
     cells.setdefault((scenario, target), []).append(row)
 
 def key_figure(row):
+    if row["scenario"] == "resume":
+        return row.get("resumes_per_server_cpu_s") or 0
     if row["scenario"] == "conns":
         return row.get("upgrades_per_server_cpu_s") or row.get("upgrades_per_s") or 0
     return row.get("deliveries_per_server_cpu_s") or row.get("deliveries_per_s") or 0
@@ -370,6 +378,9 @@ for scenario in scenarios:
     mesher_figure = key_figure(median_row(mesher)) if mesher else None
     for target in targets:
         rows = cells.get((scenario, target))
+        if scenario == "resume" and target != "mesher":
+            print(f"| {scenario} | {target} | 0 | | | | | | | | | | | | | not run: {target} has no resume |")
+            continue
         if not rows:
             print(f"| {scenario} | {target} | 0 | | | | | | | | | | | | | no result |")
             continue
@@ -384,6 +395,16 @@ for scenario in scenarios:
                      f"{fmt(r.get('rss_per_conn_bytes'))} B/conn, idle CPU {fmt(r.get('idle_cpu_pct'), 2)}%")
             print(f"| {scenario} | {target} | {len(rows)} | {r.get('subscribers_ready')} conns | - | - | {ratio} "
                   f"| - | - | - | - | - | - | {fmt((rss or 0) / 1024, 1)} | {r.get('errors')} | {notes} |")
+            continue
+        if scenario == "resume":
+            notes = (f"{fmt(r.get('resumes'))} resumes ({fmt(r.get('recovered'))} recovered, "
+                     f"{fmt(r.get('replayed'))} messages replayed) at {fmt(r.get('resume_rate'))}/s, "
+                     f"{fmt(r.get('resumes_per_server_cpu_s'))} resumes per server CPU-s; "
+                     f"latency = new connection to `resumed`")
+            print(f"| {scenario} | {target} | {len(rows)} | {fmt(r.get('sent'))} | - "
+                  f"| {fmt(r.get('resumes_per_server_cpu_s'))} resumes | - | {fmt(r.get('p50_us'))} "
+                  f"| {fmt(r.get('p99_us'))} | {fmt(r.get('p999_us'))} | - | - "
+                  f"| {fmt(r.get('missing'))} | {fmt((rss or 0) / 1024, 1)} | {r.get('errors')} | {notes} |")
             continue
         notes = [f"inflight {r.get('inflight')}"]
         if r.get("rate_offered"):

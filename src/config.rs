@@ -57,6 +57,15 @@ fn s_to_ms(seconds: u64) -> u64 {
     seconds * MS_PER_S
 }
 
+/// Most messages `--stream-history` may keep per project.
+pub const STREAM_HISTORY_MAX: usize = 1_000_000;
+/// `--stream-history` default: a few minutes of a busy project's stream.
+pub const STREAM_HISTORY_DEFAULT: usize = 1_000;
+/// `--stream-history-bytes` default: 4 MiB per project.
+pub const STREAM_HISTORY_BYTES_DEFAULT: usize = 4 * 1024 * 1024;
+/// A history older than a day helps no dashboard: it reloads over the API.
+pub const STREAM_HISTORY_TTL_S_MAX: u64 = 86_400;
+
 /// 256 MiB: room for ~250 one-MiB events or ~50 full bulk requests arriving at once, a small
 /// share of a server's memory.
 pub const PENDING_BODY_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
@@ -100,6 +109,19 @@ pub struct Config {
     /// up to a multiple of the 10 ms timer tick).
     #[arg(long, env = "MESHER_DRAIN_INTERVAL_MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(DRAIN_INTERVAL_MS_MIN..=DRAIN_INTERVAL_MS_MAX))]
     pub drain_interval_ms: u64,
+
+    /// Stream messages each project keeps for clients that resume after a reconnect (0: none).
+    #[arg(long, env = "MESHER_STREAM_HISTORY", default_value_t = STREAM_HISTORY_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=STREAM_HISTORY_MAX as u64))]
+    pub stream_history: usize,
+
+    /// Seconds a stream message is kept for resumes.
+    #[arg(long = "stream-history-ttl", env = "MESHER_STREAM_HISTORY_TTL", value_name = "STREAM_HISTORY_TTL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=STREAM_HISTORY_TTL_S_MAX).map(s_to_ms))]
+    // Held in milliseconds (`s_to_ms`).
+    pub stream_history_ttl_ms: u64,
+
+    /// Bytes of stream frames each project keeps for resumes.
+    #[arg(long, env = "MESHER_STREAM_HISTORY_BYTES", default_value_t = STREAM_HISTORY_BYTES_DEFAULT, value_parser = clap::builder::RangedU64ValueParser::<usize>::new())]
+    pub stream_history_bytes: usize,
 
     /// Seconds a stream client may take nothing while messages wait before it is disconnected.
     #[arg(long = "stall-timeout", env = "MESHER_STALL_TIMEOUT", value_name = "STALL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(TIMEOUT_S_MIN..=TIMEOUT_S_MAX).map(s_to_ms))]
@@ -187,6 +209,9 @@ mod tests {
         assert_eq!(defaults.pong_timeout_ms, 10_000);
         assert_eq!(defaults.request_timeout_ms, 10_000);
         assert_eq!(defaults.keepalive_timeout_ms, 75_000);
+        assert_eq!(defaults.stream_history_ttl_ms, 300_000);
+        assert_eq!(defaults.stream_history, 1_000);
+        assert_eq!(defaults.stream_history_bytes, 4 * 1024 * 1024);
         let set = serve(&["--stall-timeout", "2", "--keepalive-timeout", "86400"]);
         assert_eq!(set.stall_timeout_ms, 2_000);
         assert_eq!(set.keepalive_timeout_ms, 86_400_000);

@@ -11,7 +11,7 @@ use crate::http::parse::{parse_head, BodyDecoder, BodyKind, Head};
 use crate::ingest::sentry::encoding::{decode_body, BodyError, ContentEncoding};
 use crate::ingest::sentry::envelope::parse_envelope;
 use crate::ingest::{decode_bulk, decode_event};
-use crate::stream::Filters;
+use crate::stream::Subscribe;
 use crate::ws::codec::{Decoder, Message};
 
 /// A property check over one input; panics when the property fails.
@@ -172,17 +172,23 @@ pub fn native_event(data: &[u8]) {
     assert_eq!(in_bulk[0].level, event.level);
 }
 
-/// Accepted filters, sent back as a subscribe message, are the same filters.
+/// An accepted subscribe message, sent back with its filters and resume point as shown, is the
+/// same subscription.
 pub fn subscribe(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let Ok(filters) = Filters::from_subscribe(text) else {
+    let Ok(subscribe) = Subscribe::parse(text) else {
         return;
     };
-    let echoed = serde_json::json!({ "type": "subscribe", "filters": filters.shown() });
-    let again = Filters::from_subscribe(&echoed.to_string()).expect("shown filters are accepted");
-    assert_eq!(again, filters);
+    let mut echoed =
+        serde_json::json!({ "type": "subscribe", "filters": subscribe.filters.shown() });
+    if let Some(since) = &subscribe.since {
+        echoed["since"] = serde_json::json!({ "epoch": since.epoch, "offset": since.offset });
+    }
+    let again = Subscribe::parse(&echoed.to_string()).expect("a shown subscription is accepted");
+    assert_eq!(again.filters, subscribe.filters);
+    assert_eq!(again.since, subscribe.since);
 }
 
 /// An accepted envelope, written out again with every item's length, parses to the same items.

@@ -13,9 +13,10 @@
 //! - `owner`: the owner interface: what a handler asks of a project's owner (ingest, change a
 //!   status, list, watch, create), as typed requests and replies, run on the owner shard
 //!   directly or through its queue; and the owner side, the only writer of a project's issues,
-//!   rate limit and stream messages.
-//! - `stream`: stream messages, filters, each shard's subscriber registry and fan-out into
-//!   subscribers' rings.
+//!   rate limit, stream offsets and history.
+//! - `stream`: stream messages, filters, each shard's subscriber registry, fan-out into
+//!   subscribers' rings, and each project's offsets and history of sent frames that
+//!   reconnecting clients resume from.
 //! - `issues`: grouping and the issue lifecycle of one project.
 //! - `ingest`: event decoding (Mesher JSON, Sentry), validation and fingerprinting.
 //! - `shard`: the runtime: one io_uring reactor per core with its connections, `mesh` queues

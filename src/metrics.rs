@@ -248,6 +248,15 @@ pub struct ShardMetrics {
     pub loop_lag_max_us: AtomicU64,
     pub mesh_backlog: AtomicU64,
     pub sentry: SentryMetrics,
+    /// Stream subscribers closed with 1013: more distinct issues waited than a client may have.
+    pub stream_too_slow_closes: AtomicU64,
+    /// Resumes that recovered (the client got what it missed) and those that did not.
+    pub stream_resumes_recovered: AtomicU64,
+    pub stream_resumes_not_recovered: AtomicU64,
+    /// Messages sent again by resumes that recovered.
+    pub stream_replayed_messages: AtomicU64,
+    /// Bytes of frames the histories of this shard's projects hold.
+    pub stream_history_bytes: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -407,6 +416,35 @@ impl Metrics {
             "Stream subscriptions held in shard memory.",
         )
         .value(self.sum(|m| &m.stream_subscriptions));
+        text.counter(
+            "mesher_stream_too_slow_closes_total",
+            "Stream subscribers closed with 1013 because too many distinct issues waited for them.",
+        )
+        .value(self.sum(|m| &m.stream_too_slow_closes));
+        text.counter(
+            "mesher_stream_resumes_total",
+            "Stream resumes by outcome: recovered (what was missed was sent) or not.",
+        )
+        .labelled(
+            "outcome",
+            [
+                ("recovered", self.sum(|m| &m.stream_resumes_recovered)),
+                (
+                    "not_recovered",
+                    self.sum(|m| &m.stream_resumes_not_recovered),
+                ),
+            ],
+        );
+        text.counter(
+            "mesher_stream_replayed_messages_total",
+            "Stream messages sent again by resumes that recovered.",
+        )
+        .value(self.sum(|m| &m.stream_replayed_messages));
+        text.gauge(
+            "mesher_stream_history_bytes",
+            "Bytes of stream frames kept in project histories for resumes.",
+        )
+        .value(self.sum(|m| &m.stream_history_bytes));
         text.gauge(
             "mesher_mesh_backlog_messages",
             "Cross-shard messages waiting for room in a full queue.",
@@ -595,6 +633,14 @@ mod tests {
             m.sentry.bodies.iter().for_each(&mut set);
             set(&m.sentry.decompressed_bytes);
             m.sentry.rejections.iter().for_each(&mut set);
+        }
+        // Counters added later are numbered after all the others, so those keep their values.
+        for m in metrics.shards.iter() {
+            set(&m.stream_too_slow_closes);
+            set(&m.stream_resumes_recovered);
+            set(&m.stream_resumes_not_recovered);
+            set(&m.stream_replayed_messages);
+            set(&m.stream_history_bytes);
         }
         metrics
     }

@@ -88,7 +88,7 @@ pub fn run(config: Config) -> Result<(), String> {
             hooks: Hooks {
                 serve: crate::serve::connection,
                 issue_rows: owner::issue_rows,
-                start: Box::new(move |_| owner::install(projects)),
+                start: Box::new(move |shard| owner::install(shard, projects)),
             },
             config: config.clone(),
             admin_token: admin_token.clone(),

@@ -228,6 +228,7 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
     let mut dropped_total = 0u64;
     let mut dropped_since_event = 0u64;
     let mut markers = 0;
+    let mut last_offset = 0;
     while last_seq < 2 * PHASE_EVENTS {
         let message = slow
             .next_text()
@@ -237,11 +238,20 @@ fn stalled_subscriber_gets_the_newest_events_and_dropped_counts() {
             Some("dropped") => {
                 let count = message["count"].as_u64().expect("dropped count");
                 assert!(count > 0, "{message}");
+                // Only events flow here, so their offsets are consecutive: the range is exact.
+                let from = message["from_offset"].as_u64().expect("from_offset");
+                let to = message["to_offset"].as_u64().expect("to_offset");
+                assert_eq!(to - from + 1, count, "{message}");
+                assert!(from > last_offset, "{message} overlaps what was received");
+                last_offset = to;
                 dropped_since_event += count;
                 dropped_total += count;
                 markers += 1;
             }
             Some("event") => {
+                let offset = message["offset"].as_u64().expect("offset");
+                assert!(offset > last_offset, "{message} after offset {last_offset}");
+                last_offset = offset;
                 let seq = message["data"]["seq"].as_u64().expect("seq");
                 assert!(seq > last_seq, "event {seq} after {last_seq}");
                 assert_eq!(

@@ -180,7 +180,7 @@ fn event(issue: &IssueRow, received_at_us: i64, payload: &str) -> EventRow {
         issue_id: issue.id,
         level: "error".into(),
         received_at_us,
-        payload: payload.to_string(),
+        payload: payload.to_string().into(),
     }
 }
 

@@ -20,8 +20,30 @@ fn stream_path(project: &Project) -> String {
     )
 }
 
+/// An `issue_count` as compared by these tests: without its offset (see `without_offset`).
 fn count_message(project: &Project, count: u64) -> Value {
     json!({"type": "issue_count", "project_id": project.id, "count": count})
+}
+
+/// A stream message without its `offset`, which must be there (the order of offsets is checked
+/// by `check_sequence`).
+fn without_offset(message: &Value) -> Value {
+    assert!(message["offset"].is_u64(), "no offset in {message}");
+    let mut message = message.clone();
+    message.as_object_mut().unwrap().remove("offset");
+    message
+}
+
+/// The first message without its `epoch` and `offset` (the last offset produced), which it must
+/// carry.
+fn welcome(first: &Value) -> Value {
+    assert!(
+        first["epoch"].as_str().is_some_and(|e| !e.is_empty()),
+        "no epoch in {first}"
+    );
+    let mut message = without_offset(first);
+    message.as_object_mut().unwrap().remove("epoch");
+    message
 }
 
 /// What a subscriber must receive next.
@@ -83,15 +105,24 @@ fn check(message: &Value, expected: &Expect) {
                 "issue_id": reply["issue_id"],
                 "data": data,
             });
-            assert_eq!(message, &wanted);
+            assert_eq!(without_offset(message), wanted);
         }
         Expect::Status { action, issue_id } => {
+            // The whole issue, in its state after the change.
             assert_eq!(
-                message,
-                &json!({"type": "issue", "action": action, "issue_id": issue_id})
+                (&message["type"], &message["action"], &message["issue_id"]),
+                (&json!("issue"), &json!(action), issue_id),
+                "{message}"
             );
+            let issue = &message["issue"];
+            assert_eq!(&issue["id"], issue_id, "{message}");
+            assert_eq!(issue["status"], json!(action), "{message}");
+            for field in ["title", "level", "first_seen", "last_seen"] {
+                assert!(issue[field].is_string(), "{field} in {message}");
+            }
+            assert!(issue["event_count"].as_u64() >= Some(1), "{message}");
         }
-        Expect::Count(wanted) => assert_eq!(message, wanted),
+        Expect::Count(wanted) => assert_eq!(&without_offset(message), wanted),
     }
 }
 
@@ -106,10 +137,22 @@ fn check_all(subscribers: &mut [(Ws, Value)], expected: &[Expect]) {
 /// missing when a later count follows; nothing else may be missing, extra or out of order.
 fn check_sequence(ws: &mut Ws, expected: &[Expect], who: &str) {
     let mut position = 0;
+    let mut last_offset = 0;
     while position < expected.len() {
         let message = next_json(ws);
+        if let Some(offset) = message["offset"].as_u64() {
+            assert!(
+                offset > last_offset,
+                "{who}: offset {offset} after {last_offset}: {message}"
+            );
+            last_offset = offset;
+        }
+        let comparable = match message["offset"].is_u64() {
+            true => without_offset(&message),
+            false => message.clone(),
+        };
         while let Expect::Count(count) = &expected[position] {
-            let superseded = &message != count
+            let superseded = &comparable != count
                 && expected[position + 1..]
                     .iter()
                     .any(|e| matches!(e, Expect::Count(_)));
@@ -189,7 +232,11 @@ fn first_message_is_the_unresolved_count_on_every_path() {
     ];
     for path in &paths {
         let mut ws = server.ws(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        assert_eq!(next_json(&mut ws), count_message(&project, 0), "{path}");
+        assert_eq!(
+            welcome(&next_json(&mut ws)),
+            count_message(&project, 0),
+            "{path}"
+        );
     }
 
     // Four issues: one resolved, one archived, one with two events -> two unresolved.
@@ -214,7 +261,7 @@ fn first_message_is_the_unresolved_count_on_every_path() {
     for path in &paths {
         let subscribers = subscribers_on_both_shards(&server, path, 2);
         for (_, first) in &subscribers {
-            assert_eq!(first, &count_message(&project, 2), "{path}");
+            assert_eq!(welcome(first), count_message(&project, 2), "{path}");
         }
     }
 
@@ -252,7 +299,7 @@ fn events_and_status_changes_reach_every_subscriber_in_order() {
     let mut subscribers =
         subscribers_on_both_shards(&server, &stream_path(&project), SUBSCRIBERS_MIN);
     for (_, first) in &subscribers {
-        assert_eq!(first, &count_message(&project, 0));
+        assert_eq!(welcome(first), count_message(&project, 0));
     }
     let mut expected = Vec::new();
 
@@ -787,7 +834,7 @@ fn stream_refusals_come_before_the_upgrade() {
     let key = created["key"].as_str().unwrap().to_string();
     let mut live = subscribers_on_both_shards(&server, &path(&key), 2);
     for (_, first) in &live {
-        assert_eq!(first, &count_message(&shop, 0));
+        assert_eq!(welcome(first), count_message(&shop, 0));
     }
     let (status, body) = server.post(
         &format!("/api/v1/keys/{}/revoke", created["id"].as_str().unwrap()),

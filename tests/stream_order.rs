@@ -97,7 +97,16 @@ fn check_order(log: &[Value], final_count: u64, who: &str) {
     let mut filtered = false;
     let mut pongs = 0;
     let mut event_issues = HashSet::new();
+    // Offsets increase from the welcome's (the last offset produced before it) on.
+    let mut last_offset = first["offset"].as_u64().expect("offset");
     for message in &log[1..] {
+        if let Some(offset) = message["offset"].as_u64() {
+            assert!(
+                offset > last_offset,
+                "{who}: offset {offset} after {last_offset}: {message}"
+            );
+            last_offset = offset;
+        }
         match message["type"].as_str().unwrap() {
             "filters_updated" => {
                 assert!(!filtered, "{who}: a second filters_updated");

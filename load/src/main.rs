@@ -8,6 +8,7 @@
 //! - `target`: per-server routes: projects/channels, subscribe paths, publish requests.
 //! - `subscriber`: stream connections and their read loop.
 //! - `publisher`: paced, windowed publishers that count accepted events.
+//! - `resume`: subscribers that drop their connection and resume from their last offset.
 //! - `stats`: shared counters, latency histograms, the per-subscriber count check.
 //! - `sys`: monotonic clock, server CPU/RSS from /proc, TCP segment counter.
 //!
@@ -20,6 +21,7 @@ mod frame;
 mod http;
 mod publisher;
 mod pusher;
+mod resume;
 mod scan;
 mod stats;
 mod subscriber;
@@ -79,6 +81,9 @@ enum Scenario {
     E2e,
     /// Idle stream connections: upgrades/s, RSS per connection, idle CPU.
     Conns,
+    /// 1,000 subscribers dropping and resuming (`?since=`) at --resume-rate per second under a
+    /// steady 200 events/s (Mesher only: the peers have no resume).
+    Resume,
 }
 
 impl Scenario {
@@ -91,6 +96,7 @@ impl Scenario {
             Scenario::Ingest => "ingest",
             Scenario::E2e => "e2e",
             Scenario::Conns => "conns",
+            Scenario::Resume => "resume",
         }
     }
 }
@@ -147,6 +153,9 @@ struct Cli {
     /// How long slow subscribers stop reading after publishing starts.
     #[arg(long)]
     slow_secs: Option<f64>,
+    /// Subscribers that drop their connection and resume, per second (resume).
+    #[arg(long, default_value_t = 50.0)]
+    resume_rate: f64,
     /// Seconds allowed for creating projects and connecting subscribers.
     #[arg(long, default_value_t = 120.0)]
     setup_timeout: f64,
@@ -195,6 +204,7 @@ impl Plan {
                 Ingest => (0, 1, 1024, 0.0, 64, 1, 10.0, FilterMode::None),
                 E2e => (1000, 20, 512, 2000.0, 4, 16, 10.0, FilterMode::All),
                 Conns => (18_000, 1, 512, 0.0, 0, 0, 5.0, FilterMode::None),
+                Resume => (1000, 1, 512, 200.0, 1, 16, 20.0, FilterMode::None),
             };
         let slow_secs = cli.slow_secs.unwrap_or(60.0);
         let duration_s = cli.duration.unwrap_or(if cli.scenario == Slow {
@@ -350,6 +360,12 @@ fn sample(probe: &ServerProbe) -> Option<ServerSample> {
 
 async fn run(cli: Cli) -> Result<Report, String> {
     let plan = Plan::from_cli(&cli);
+    if plan.scenario == Scenario::Resume && plan.target != TargetKind::Mesher {
+        return Err(format!(
+            "the resume scenario is Mesher only: {} has no resume",
+            plan.target.name()
+        ));
+    }
     let nofile = sys::raise_nofile_limit();
     let fds_needed = (plan.subscribers + plan.connections) as u64 + SPARE_FDS;
     if nofile < fds_needed {
@@ -404,6 +420,8 @@ async fn run(cli: Cli) -> Result<Report, String> {
     let probe = ServerProbe::new(cli.server_pid.clone());
     if plan.scenario == Scenario::Conns {
         run_conns(&cli, &plan, routes, &probe).await
+    } else if plan.scenario == Scenario::Resume {
+        run_resume(&cli, &plan, routes, &probe).await
     } else {
         run_traffic(&cli, &plan, routes, &probe).await
     }
@@ -876,6 +894,158 @@ async fn run_conns(
         after.map(|s| s.rss_kib).unwrap_or(0) as f64 / 1024.0,
         rss_per_conn.unwrap_or(0.0),
         failed + ended_early + lost,
+    );
+    Ok(Report { json: v, markdown })
+}
+
+/// The `resume` scenario (see `resume.rs`).
+async fn run_resume(
+    cli: &Cli,
+    plan: &Plan,
+    routes: Arc<Routes>,
+    probe: &ServerProbe,
+) -> Result<Report, String> {
+    let stats = Arc::new(resume::ResumeStats::new());
+    let mut drops = Vec::with_capacity(plan.subscribers);
+    let mut handles = Vec::with_capacity(plan.subscribers);
+    for index in 0..plan.subscribers {
+        let (drop_tx, drop_rx) = tokio::sync::mpsc::channel(1);
+        drops.push(drop_tx);
+        handles.push(tokio::spawn(resume::run_resumer(
+            routes.clone(),
+            index % plan.projects,
+            drop_rx,
+            stats.clone(),
+        )));
+        if index % HANDSHAKES_IN_FLIGHT == HANDSHAKES_IN_FLIGHT - 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let setup_until = monotonic_us() + (cli.setup_timeout * 1e6) as u64;
+    while (stats.ready.load(Ordering::Relaxed) as usize) < plan.subscribers {
+        if monotonic_us() > setup_until {
+            return Err(format!(
+                "{} of {} subscribers connected",
+                stats.ready.load(Ordering::Relaxed),
+                plan.subscribers
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counters = Arc::new(Counters::default());
+    let pub_ctx = Arc::new(PubContext {
+        routes: routes.clone(),
+        counters: counters.clone(),
+        accepted: Arc::new(ProjectCounts::new(plan.projects)),
+        levels: plan.levels.clone(),
+        event_bytes: plan.event_bytes,
+        source_addrs: cli.source_addrs.clone(),
+    });
+    let before = sample(probe);
+    let start_us = monotonic_us();
+    let end_us = start_us + (plan.duration_s * 1e6) as u64;
+    let rate_per_conn = plan.rate / plan.connections as f64;
+    let pub_handles: Vec<_> = plan
+        .windows()
+        .into_iter()
+        .enumerate()
+        .map(|(index, window)| {
+            tokio::spawn(publisher::run_publisher(
+                pub_ctx.clone(),
+                PubSpec {
+                    index,
+                    window,
+                    rate_per_s: rate_per_conn,
+                    phase: 1.0 - index as f64 / plan.connections as f64,
+                    start_us,
+                    end_us,
+                    reply_deadline_us: end_us + (PUBLISH_REPLY_WAIT_S * 1e6) as u64,
+                },
+            ))
+        })
+        .collect();
+    // Drop and resume one subscriber after another, round-robin, at the resume rate.
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / cli.resume_rate.max(0.1)));
+    let mut asked = 0u64;
+    while monotonic_us() < end_us {
+        ticker.tick().await;
+        if drops[asked as usize % drops.len()].try_send(()).is_ok() {
+            asked += 1;
+        }
+    }
+    let settle_until = monotonic_us() + (DRAIN_MAX_S * 1e6) as u64;
+    while stats.resumes.load(Ordering::Relaxed) < asked && monotonic_us() < settle_until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let window_s = (monotonic_us() - start_us) as f64 / 1e6;
+    let after = sample(probe);
+    let mut published = 0;
+    for handle in pub_handles {
+        if let Ok(outcome) = handle.await {
+            published += outcome.accepted;
+        }
+    }
+    drop(drops);
+    for handle in handles {
+        let _ = tokio::time::timeout(Duration::from_secs_f64(TEARDOWN_S), handle).await;
+    }
+    let resumes = stats.resumes.load(Ordering::Relaxed);
+    let server_cpu_s = match (before, after) {
+        (Some(b), Some(a)) => Some(a.cpu_s - b.cpu_s),
+        _ => None,
+    };
+    let latency = stats
+        .latency
+        .lock()
+        .await
+        .take()
+        .unwrap_or_else(stats::new_histogram);
+    let (p50, p99, p999) = percentiles_us(&latency);
+    let v = json!({
+        "scenario": plan.scenario.name(),
+        "target": plan.target.name(),
+        "duration": round3(window_s),
+        "subscribers": plan.subscribers,
+        "inflight": plan.inflight,
+        "sent": published,
+        "deliveries": stats.messages.load(Ordering::Relaxed),
+        "resume_rate": cli.resume_rate,
+        "resumes_asked": asked,
+        "resumes": resumes,
+        "recovered": stats.recovered.load(Ordering::Relaxed),
+        "not_recovered": stats.not_recovered.load(Ordering::Relaxed),
+        "replayed": stats.replayed.load(Ordering::Relaxed),
+        "server_cpu_s": server_cpu_s.map(round3),
+        "resumes_per_server_cpu_s": server_cpu_s
+            .filter(|c| *c > 0.0)
+            .map(|c| round3(resumes as f64 / c)),
+        "p50_us": p50,
+        "p99_us": p99,
+        "p999_us": p999,
+        "rss_kib": after.map(|s| s.rss_kib),
+        "dropped": 0,
+        "wrong": 0,
+        "missing": asked.saturating_sub(resumes),
+        "errors": stats.errors.load(Ordering::Relaxed),
+    });
+    let markdown = format!(
+        "| resume | {} | {} | {} | {} | {} resumes ({} recovered, {} replayed) | {:.0} resumes/s | {} | {} resumes | {} | {} | {} | - | - | {} | {:.1} | {} |",
+        plan.target.name(),
+        plan.subscribers,
+        plan.inflight,
+        published,
+        resumes,
+        v["recovered"],
+        v["replayed"],
+        resumes as f64 / window_s.max(1e-9),
+        server_cpu_s.map_or("-".into(), |c| format!("{c:.2}")),
+        v["resumes_per_server_cpu_s"],
+        p50,
+        p99,
+        p999,
+        v["missing"],
+        after.map_or(0.0, |s| s.rss_kib as f64 / 1024.0),
+        v["errors"],
     );
     Ok(Report { json: v, markdown })
 }

@@ -19,6 +19,7 @@ use crate::now_us;
 use crate::owner::DirectoryError;
 use crate::shard::Shard;
 use crate::store::Scope;
+use crate::stream::Since;
 use crate::ws::codec::{accept_key, is_valid_key};
 use keys::presented_key;
 use routes::Route;
@@ -26,8 +27,12 @@ use routes::Route;
 /// What a WebSocket connection does once upgraded.
 #[derive(Clone, Debug)]
 pub enum Role {
-    /// A dashboard watching a project's stream.
-    Stream { project_id: Uuid },
+    /// A dashboard watching a project's stream; resuming from `since` when the upgrade named
+    /// one (`?since=EPOCH:OFFSET`).
+    Stream {
+        project_id: Uuid,
+        since: Option<Since>,
+    },
     /// An SDK sending events over a socket.
     Ingest { project_id: Uuid },
 }
@@ -53,11 +58,7 @@ pub async fn handle(shard: &Rc<Shard>, head: &Head, route: Route<'_>, body: Vec<
             response.content_type = "text/plain; version=0.0.4";
             response
         }
-        Route::Stream(project) => {
-            return upgrade(shard, head, &project, Scope::Dashboard, |project_id| {
-                Role::Stream { project_id }
-            })
-        }
+        Route::Stream(project) => return upgrade_stream(shard, head, &project),
         Route::IngestSocket => return upgrade_ingest(shard, head),
         Route::CreateProject
         | Route::ListProjects
@@ -170,17 +171,24 @@ fn websocket_accept(head: &Head) -> Result<String, Response> {
     Ok(accept_key(key))
 }
 
-fn upgrade(
-    shard: &Shard,
-    head: &Head,
-    project: &str,
-    scope: Scope,
-    role: impl FnOnce(Uuid) -> Role,
-) -> Handled {
-    match project_for(shard, head, project, scope) {
-        Ok(entry) => upgraded(head, role(entry.project_id), entry),
-        Err(response) => Handled::Respond(response),
-    }
+/// A stream upgrade: the key and project first (401/403/404), then a malformed `since` (400).
+fn upgrade_stream(shard: &Shard, head: &Head, project: &str) -> Handled {
+    let entry = match project_for(shard, head, project, Scope::Dashboard) {
+        Ok(entry) => entry,
+        Err(response) => return Handled::Respond(response),
+    };
+    let since = match head.query_param("since").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(text) => match Since::from_query(&text) {
+            Ok(since) => Some(since),
+            Err(message) => return Handled::Respond(Response::error(400, &message)),
+        },
+    };
+    let role = Role::Stream {
+        project_id: entry.project_id,
+        since,
+    };
+    upgraded(head, role, entry)
 }
 
 fn upgrade_ingest(shard: &Shard, head: &Head) -> Handled {

@@ -18,7 +18,7 @@ use crate::ingest::Incoming;
 use crate::issues::{Cursor, Issue, Status};
 use crate::shard::Shard;
 use crate::store::{Change, KeyRow, ProjectRow};
-use crate::stream;
+use crate::stream::{self, Since};
 
 pub use crate::shard::mesh::ShuttingDown;
 pub use crate::shard::DirectoryError;
@@ -172,20 +172,17 @@ pub async fn list_issues(
     on_shard(shard, to, move |_| projects::list_issues(project_id, query)).await
 }
 
-/// A stream subscriber `conn` of this shard joins the project. Its first message (the
-/// unresolved count) comes from the owner, and fan-out reaches it from then on.
-pub fn watch(shard: &Rc<Shard>, project_id: Uuid, conn: ConnId) {
+/// A stream subscriber `conn` of this shard joins the project, resuming from `since` if it
+/// named one. Its first messages come from the owner, and fan-out reaches it from then on.
+pub fn watch(shard: &Rc<Shard>, project_id: Uuid, conn: ConnId, since: Option<Since>) {
     let to = owner_shard(shard, &project_id);
     let from = shard.index();
     let welcome = move |shard: &Rc<Shard>| {
-        let frame = projects::watch(project_id, from);
-        if from == shard.index() {
-            stream::welcome(shard, conn, project_id, frame);
-        } else {
-            shard.mesh().run(from, move |shard| {
-                stream::welcome(shard, conn, project_id, frame)
-            });
-        }
+        let welcome = projects::watch(shard, project_id, from, since);
+        // Through the queue even to this shard: behind what the owner published before.
+        shard.mesh().run(from, move |shard| {
+            stream::welcome(shard, conn, project_id, welcome)
+        });
     };
     if to == shard.index() {
         welcome(shard);
@@ -194,16 +191,35 @@ pub fn watch(shard: &Rc<Shard>, project_id: Uuid, conn: ConnId) {
     }
 }
 
+/// A live stream subscriber `conn` of this shard asks for what it missed after `since` (a
+/// `subscribe` with `since`). The owner answers in one step with its history and the point
+/// where live delivery takes over, behind every message it published before.
+pub fn resume(shard: &Rc<Shard>, project_id: Uuid, conn: ConnId, since: Since) {
+    let to = owner_shard(shard, &project_id);
+    let from = shard.index();
+    let resume = move |shard: &Rc<Shard>| {
+        let resumption = projects::resume(shard, project_id, &since);
+        shard
+            .mesh()
+            .run(from, move |shard| stream::resumed(shard, conn, resumption));
+    };
+    if to == shard.index() {
+        resume(shard);
+    } else {
+        shard.mesh().run(to, resume);
+    }
+}
+
 /// A stream subscriber of this shard left the project.
 pub fn unwatch(shard: &Rc<Shard>, project_id: Uuid) {
     let to = owner_shard(shard, &project_id);
     let from = shard.index();
     if to == shard.index() {
-        projects::unwatch(project_id, from);
+        projects::unwatch(shard, project_id, from);
     } else {
         shard
             .mesh()
-            .run(to, move |_| projects::unwatch(project_id, from));
+            .run(to, move |shard| projects::unwatch(shard, project_id, from));
     }
 }
 

@@ -10,7 +10,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
@@ -20,15 +19,21 @@ use crate::ingest::Incoming;
 use crate::issues::{Cursor, Grouped, Issue, ProjectState, Status};
 use crate::metrics::Rejection;
 use crate::shard::Shard;
-use crate::store::{Change, EventRow, KeyRow, ProjectRow, StoreError};
-use crate::stream::{self, Attributes, Watchers};
+use crate::store::{Change, EventRow, KeyRow, Payload, ProjectRow, StoreError};
+use crate::stream::{self, Attributes, HistoryLimits, ProjectStream, Resumption, Since, Watchers};
 use crate::IdMap;
 
-/// A project as its owner holds it: its issues and who watches its stream.
+/// How often the owner forgets history past its age bound in projects that are quiet (a busy
+/// project's history is trimmed as it grows).
+const HISTORY_SWEEP_MS: u64 = 1_000;
+
+/// A project as its owner holds it: its issues, who watches its stream, and the stream's
+/// offsets and history.
 #[derive(Default)]
 struct Project {
     state: ProjectState,
     watchers: Watchers,
+    stream: ProjectStream,
 }
 
 #[derive(Default)]
@@ -42,19 +47,68 @@ thread_local! {
     static OWNED: RefCell<Owned> = RefCell::default();
 }
 
-/// Sets up the projects this shard owns, as loaded from the store.
-pub fn install(projects: IdMap<Uuid, ProjectState>) {
+/// Sets up the projects this shard owns, as loaded from the store (each stream starts a new
+/// epoch), and the sweep of their histories.
+pub fn install(shard: &Rc<Shard>, projects: IdMap<Uuid, ProjectState>) {
     OWNED.with_borrow_mut(|owned| {
         owned.projects = projects
             .into_iter()
             .map(|(id, state)| {
                 let project = Project {
                     state,
-                    watchers: Watchers::default(),
+                    ..Project::default()
                 };
                 (id, project)
             })
             .collect();
+    });
+    let shard = shard.clone();
+    tokio_uring::spawn(async move {
+        loop {
+            shard.sleep(HISTORY_SWEEP_MS).await;
+            sweep_histories(&shard);
+        }
+    });
+}
+
+/// The history bounds of the server's flags.
+fn history_limits(shard: &Shard) -> HistoryLimits {
+    let config = shard.config();
+    HistoryLimits {
+        messages_max: config.stream_history,
+        bytes_max: config.stream_history_bytes,
+        ttl_ms: config.stream_history_ttl_ms,
+    }
+}
+
+/// Runs `f` on a project's stream and keeps the shard's history-bytes gauge in step with it.
+fn on_stream<T>(
+    shard: &Shard,
+    stream: &mut ProjectStream,
+    f: impl FnOnce(&mut ProjectStream) -> T,
+) -> T {
+    let before = stream.kept_bytes();
+    let result = f(stream);
+    let after = stream.kept_bytes();
+    let gauge = &shard.counters().stream_history_bytes;
+    if after > before {
+        gauge.fetch_add((after - before) as u64, Relaxed);
+    } else if before > after {
+        gauge.fetch_sub((before - after) as u64, Relaxed);
+    }
+    result
+}
+
+fn sweep_histories(shard: &Shard) {
+    let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+    OWNED.with_borrow_mut(|owned| {
+        for project in owned.projects.values_mut() {
+            if project.stream.kept_bytes() > 0 {
+                on_stream(shard, &mut project.stream, |stream| {
+                    stream.expire(now_ms, &limits)
+                });
+            }
+        }
     });
 }
 
@@ -115,7 +169,11 @@ pub(super) fn ingest(
     let counters = shard.counters();
     let batch = events.len() as u64;
     let accepted = with_project(project_id, |project| {
-        let Project { state, watchers } = project;
+        let Project {
+            state,
+            watchers,
+            stream,
+        } = project;
         // SDKs send an event again when unsure it arrived: a request whose events all carry
         // ids taken within the dedupe window is answered without counting them again.
         let seen = |state: &mut ProjectState, event: &Incoming| {
@@ -192,9 +250,11 @@ pub(super) fn ingest(
         }
         let mut outcomes = Vec::with_capacity(events.len());
         let mut turn = shard.store_turn();
-        // Stream messages are built only when someone watches the project.
-        let watched = watchers.any();
+        // Stream messages are built only when someone watches the project or could resume.
+        let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+        let builds = stream.builds(now_ms, &limits);
         let mut items = Vec::new();
+        let mut skipped_messages = 0;
         for (index, event) in events.into_iter().enumerate() {
             if let Some(outcome) = skipped.get(index).copied().flatten() {
                 let reason = match outcome {
@@ -225,35 +285,47 @@ pub(super) fn ingest(
             );
             let issue_id = issue.id;
             turn.touch(project_id, issue_id);
-            if watched {
+            let action = match grouped {
+                Grouped::Created => Some("created"),
+                Grouped::Regressed => Some("regressed"),
+                Grouped::Counted | Grouped::Discarded => None,
+            };
+            // The store takes the event's JSON from its frame when there is one: held once.
+            let mut payload = None;
+            if builds {
                 let attributes = Attributes {
                     level: event.level,
                     environment: event.environment.as_deref().map(Arc::from),
                 };
-                let action = match grouped {
-                    Grouped::Created => Some("created"),
-                    Grouped::Regressed => Some("regressed"),
-                    Grouped::Counted | Grouped::Discarded => None,
-                };
                 if let Some(action) = action {
-                    items.push(stream::issue_opened_message(
+                    items.push(stream::issue_message(
+                        stream.next_offset(),
                         action,
                         &issue.view(),
-                        attributes.clone(),
+                        Some(attributes.clone()),
                     ));
                 }
-                items.push(stream::event_message(
+                let message = stream::event_message(
+                    stream.next_offset(),
                     event_id,
                     issue_id,
                     event.json.as_bytes(),
                     attributes,
-                ));
+                );
+                let embedded = stream::event_json_in(&message.frame, event.json.len());
+                payload = Some(Payload::shared_or_copied(embedded, &event.json));
+                items.push(message);
                 if state.unresolved_count() != count_before {
                     items.push(stream::issue_count_message(
+                        stream.next_offset(),
                         project_id,
                         state.unresolved_count(),
                     ));
                 }
+            } else {
+                // The offsets these messages would have had are taken all the same.
+                let counted = state.unresolved_count() != count_before;
+                skipped_messages += 1 + u64::from(action.is_some()) + u64::from(counted);
             }
             turn.event(EventRow {
                 id: event_id,
@@ -261,11 +333,17 @@ pub(super) fn ingest(
                 issue_id,
                 level: event.level.as_str().into(),
                 received_at_us: received_us,
-                payload: event.json,
+                payload: payload.unwrap_or_else(|| Payload::from(event.json)),
             });
             outcomes.push(EventOutcome::Accepted { event_id, issue_id });
         }
         drop(turn);
+        on_stream(shard, stream, |stream| {
+            if skipped_messages > 0 {
+                stream.skip(skipped_messages);
+            }
+            stream.keep(&items, now_ms, &limits);
+        });
         stream::publish(shard, project_id, watchers, items);
         Ok(outcomes)
     });
@@ -299,20 +377,34 @@ pub(super) fn set_status(
     status: Status,
 ) -> Option<bool> {
     OWNED.with_borrow_mut(|owned| {
-        let Project { state, watchers } = owned.projects.get_mut(&project_id)?;
+        let Project {
+            state,
+            watchers,
+            stream,
+        } = owned.projects.get_mut(&project_id)?;
         let count_before = state.unresolved_count();
-        let (changed, _) = state.set_status(&issue_id, status)?;
+        let (changed, issue) = state.set_status(&issue_id, status)?;
         if !changed {
             return Some(false);
         }
         shard.store_turn().touch(project_id, issue_id);
-        let mut items = vec![stream::issue_status_message(status.as_str(), issue_id)];
+        let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+        if !stream.builds(now_ms, &limits) {
+            let counted = state.unresolved_count() != count_before;
+            on_stream(shard, stream, |stream| stream.skip(1 + u64::from(counted)));
+            return Some(true);
+        }
+        let message =
+            stream::issue_message(stream.next_offset(), status.as_str(), &issue.view(), None);
+        let mut items = vec![message];
         if state.unresolved_count() != count_before {
             items.push(stream::issue_count_message(
+                stream.next_offset(),
                 project_id,
                 state.unresolved_count(),
             ));
         }
+        on_stream(shard, stream, |stream| stream.keep(&items, now_ms, &limits));
         stream::publish(shard, project_id, watchers, items);
         Some(true)
     })
@@ -363,16 +455,55 @@ pub(super) fn list_issues(project_id: Uuid, query: ListQuery) -> IssuePage {
     })
 }
 
-/// A subscriber on shard `from` joins: counted, and welcomed with the unresolved count.
-pub(super) fn watch(project_id: Uuid, from: usize) -> Bytes {
+/// A subscriber on shard `from` joins: counted, and welcomed with the unresolved count, the
+/// epoch and the last offset, and what it missed when it resumes from `since`.
+pub(super) fn watch(
+    shard: &Shard,
+    project_id: Uuid,
+    from: usize,
+    since: Option<Since>,
+) -> stream::Welcome {
+    let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
     with_project(project_id, |project| {
         project.watchers.add(from);
-        stream::issue_count_message(project_id, project.state.unresolved_count()).frame
+        let stream = &mut project.stream;
+        stream.set_watched(true, now_ms);
+        let frame = stream::welcome_frame(
+            stream.epoch(),
+            stream.last_offset(),
+            project_id,
+            project.state.unresolved_count(),
+        );
+        let resumption = since.map(|since| {
+            on_stream(shard, stream, |stream| {
+                stream.resume(&since, now_ms, &limits)
+            })
+        });
+        stream::Welcome {
+            frame,
+            last_offset: stream.last_offset(),
+            resumption,
+        }
     })
 }
 
-pub(super) fn unwatch(project_id: Uuid, from: usize) {
-    with_project(project_id, |project| project.watchers.remove(from));
+/// A live subscriber asks for what it missed after `since`.
+pub(super) fn resume(shard: &Shard, project_id: Uuid, since: &Since) -> Resumption {
+    let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+    with_project(project_id, |project| {
+        on_stream(shard, &mut project.stream, |stream| {
+            stream.resume(since, now_ms, &limits)
+        })
+    })
+}
+
+pub(super) fn unwatch(shard: &Shard, project_id: Uuid, from: usize) {
+    let now_ms = shard.now_ms();
+    with_project(project_id, |project| {
+        project.watchers.remove(from);
+        let watched = project.watchers.any();
+        project.stream.set_watched(watched, now_ms);
+    });
 }
 
 /// Runs on shard 0 only, so a slug is checked and taken in one place.

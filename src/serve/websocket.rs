@@ -16,7 +16,7 @@ use crate::conn::ring::Kind;
 use crate::metrics::{CloseReason, ConnKind, Rejection};
 use crate::owner;
 use crate::shard::{Shard, Socket, Timer, CLOSE_GRACE_MS};
-use crate::stream::{self, dropped_frame, error_frame, filters_updated_frame, Filters};
+use crate::stream::{self, dropped_frame, error_frame, filters_updated_frame, Subscribe};
 use crate::ws::codec::{
     encode_close, encode_pong, encode_text, Decoder, Message, CLOSE_MESSAGE_TOO_BIG,
     MESSAGE_BYTES_MAX,
@@ -60,10 +60,10 @@ pub async fn run(
         // the 1001 every other socket got.
         shard.close_for_shutdown(id);
     }
-    if let Role::Stream { project_id } = role {
+    if let Role::Stream { project_id, since } = &role {
         limit_send_buffer(&stream);
-        stream::join(&shard, id, project_id);
-        owner::watch(&shard, project_id, id);
+        stream::join(&shard, id, *project_id);
+        owner::watch(&shard, *project_id, id, since.clone());
     }
     let written = Rc::new(Notify::new());
     let writer = tokio_uring::spawn(write_loop(
@@ -242,11 +242,14 @@ async fn on_text(shard: &Rc<Shard>, id: ConnId, role: &Role, text: String) {
             let answer = ingest_frame(shard, *project_id, text.into_bytes()).await;
             reply(shard, id, Bytes::from(encode_text(&answer)));
         }
-        Role::Stream { .. } => match Filters::from_subscribe(&text) {
-            Ok(filters) => {
+        Role::Stream { project_id, .. } => match Subscribe::parse(&text) {
+            Ok(Subscribe { filters, since }) => {
                 let frame = filters_updated_frame(&filters);
                 stream::set_filters(id, filters);
                 reply(shard, id, frame);
+                if let Some(since) = since {
+                    owner::resume(shard, *project_id, id, since);
+                }
             }
             Err(message) => reply(shard, id, error_frame(&message)),
         },
@@ -265,16 +268,20 @@ async fn write_loop(
     loop {
         let finished = shard.with_socket(id, |socket| {
             if !socket.held {
-                // The first message (a stream's issue count) goes out before all else.
-                batch.extend(socket.first.take());
-                let dropped = socket.ring.take_dropped();
-                if dropped > 0 {
-                    batch.push(dropped_frame(dropped));
+                // A stream's first message, and what a resume replays, go out before the ring.
+                let ahead = socket.ahead.len().min(WRITE_BATCH_MAX);
+                batch.extend(socket.ahead.drain(..ahead));
+                if socket.ahead.is_empty() {
+                    if let Some(dropped) = socket.ring.take_dropped() {
+                        batch.push(dropped_frame(dropped));
+                    }
+                    let room = WRITE_BATCH_MAX.saturating_sub(batch.len()).max(1);
+                    socket.ring.drain_into(&mut batch, room);
                 }
-                socket.ring.drain_into(&mut batch, WRITE_BATCH_MAX);
             }
             // The close frame comes last; a stream still held sends nothing before it.
-            if socket.closing && (socket.held || socket.ring.is_empty()) {
+            let sent_all = socket.ring.is_empty() && socket.ahead.is_empty();
+            if socket.closing && (socket.held || sent_all) {
                 batch.extend(socket.close_frame.take());
             }
             if batch.is_empty() {

@@ -1,6 +1,7 @@
 //! The shard's connections: the slab entry of each, its deadline, and for a WebSocket its ring
 //! of waiting frames and its writer's state; ending connections from the server side.
 
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -14,7 +15,9 @@ use super::Shard;
 use crate::conn::registry::ConnId;
 use crate::conn::ring::{Kind, Push, Ring};
 use crate::metrics::{CloseReason, ConnKind};
-use crate::ws::codec::{encode_close, CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION};
+use crate::ws::codec::{
+    encode_close, CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_TRY_AGAIN_LATER,
+};
 
 /// A WebSocket connection's outgoing side: its ring of waiting frames and its writer's state.
 pub struct Socket {
@@ -28,8 +31,10 @@ pub struct Socket {
     pub close_frame: Option<Bytes>,
     /// Nothing may be written yet but the close frame (a stream waiting for its first message).
     pub held: bool,
-    /// The frame that goes out before everything in the ring once the hold is released.
-    pub first: Option<Bytes>,
+    /// Frames that go out, in order, before everything in the ring: a stream's first message,
+    /// and what a resume replays (not subject to the ring's bounds: the owner's history bounds
+    /// them).
+    pub ahead: VecDeque<Bytes>,
     pub last_progress_tick: u64,
     /// The kernel's send queue for this socket when the drain tick last looked, while a write
     /// waits; `None` after a write added to it (see `peer_took_bytes`).
@@ -48,7 +53,7 @@ impl Socket {
             closing: false,
             close_frame: None,
             held,
-            first: None,
+            ahead: VecDeque::new(),
             last_progress_tick: 0,
             send_queue_seen: None,
             pong_timer: None,
@@ -168,6 +173,28 @@ impl Shard {
         self.shut(id, libc::SHUT_RDWR, Some(reason));
     }
 
+    /// Closes a stream client with 1013 `too slow`: more distinct issues wait for it than a
+    /// client may have. What waits is forgotten (the client may resume); the close frame goes
+    /// out next, or the stall timeout ends a client that reads nothing. Counted once.
+    pub fn close_too_slow(&self, id: ConnId) {
+        let mut conns = self.conns_mut();
+        let Some(entry) = conns.get_mut(id) else {
+            return;
+        };
+        if entry.close_reason.is_some() {
+            return;
+        }
+        entry.close_reason = Some(CloseReason::SlowClient);
+        self.counters.stream_too_slow_closes.fetch_add(1, Relaxed);
+        if let Some(socket) = entry.socket.as_mut() {
+            socket.ring.clear();
+            socket.ahead.clear();
+            socket.closing = true;
+            socket.close_frame = Some(Bytes::from(encode_close(CLOSE_TRY_AGAIN_LATER, "too slow")));
+            socket.wake.notify_one();
+        }
+    }
+
     /// Cuts off a client that cannot keep up. It is counted once: until it is gone it may be
     /// found slow again (a drain tick, a reply that does not fit), and one closing already
     /// decided for another reason is not counted.
@@ -203,11 +230,12 @@ impl Shard {
         first
     }
 
-    /// Queues a frame on a WebSocket connection and wakes its writer; false if the ring refused it.
+    /// Queues a frame outside any stream's offsets (a reply, a ping) on a WebSocket connection
+    /// and wakes its writer; false if the ring refused it.
     /// Once the session is closing nothing more may be queued (RFC 6455 section 5.5.1: nothing
     /// follows the close frame), so a later frame is discarded.
     pub fn enqueue(&self, id: ConnId, frame: Bytes, kind: Kind) -> bool {
-        let pushed = self.with_ring(id, |ring| ring.push(frame, kind));
+        let pushed = self.with_ring(id, |ring| ring.push(frame, kind, 0));
         match pushed {
             Some(Push::Overflow) => false,
             Some(Push::DroppedOldest) => {
@@ -234,15 +262,15 @@ impl Shard {
         .flatten()
     }
 
-    /// Releases a held socket with `first` as the frame that goes out before all else; false
+    /// Releases a held socket with `first` as the frames that go out before all else; false
     /// if it is gone or closing (then nothing more goes out but its close frame).
-    pub fn release(&self, id: ConnId, first: Bytes) -> bool {
+    pub fn release(&self, id: ConnId, first: Vec<Bytes>) -> bool {
         self.with_socket(id, |socket| {
             if socket.closing {
                 return false;
             }
             socket.held = false;
-            socket.first = Some(first);
+            socket.ahead.extend(first);
             socket.wake.notify_one();
             true
         })

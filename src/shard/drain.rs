@@ -54,10 +54,11 @@ impl Shard {
             {
                 socket.last_progress_tick = now;
             }
-            let waiting = socket.writing || !socket.ring.is_empty();
+            let queued = !socket.ring.is_empty() || !socket.ahead.is_empty();
+            let waiting = socket.writing || queued;
             if waiting && now.saturating_sub(socket.last_progress_tick) >= stall_ticks {
                 stalled.push(id);
-            } else if !socket.ring.is_empty() && !socket.writing {
+            } else if queued && !socket.writing {
                 socket.wake.notify_one();
             }
         }

@@ -54,6 +54,11 @@ impl Shard {
         self.wheel.borrow().now_tick()
     }
 
+    /// The shard clock in milliseconds (the wheel's tick, so in steps of `TICK_MS`).
+    pub fn now_ms(&self) -> u64 {
+        self.now_tick() * TICK_MS
+    }
+
     pub fn ticks(duration_ms: u64) -> u64 {
         duration_ms.div_ceil(TICK_MS).max(1)
     }

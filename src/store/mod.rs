@@ -110,7 +110,49 @@ pub struct EventRow {
     pub level: Cow<'static, str>,
     pub received_at_us: i64,
     /// The event JSON as the client sent it.
-    pub payload: String,
+    pub payload: Payload,
+}
+
+/// An event's JSON text as stored: its own string, or, while the event is streamed, the bytes of
+/// its stream frame that embed it verbatim. Then the text is held once, in the frame that the
+/// subscribers' rings, the project's history and the store queue share.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload(bytes::Bytes);
+
+impl Payload {
+    /// `shared` (bytes of a stream frame) when they hold `text` exactly, else a copy of `text`.
+    pub fn shared_or_copied(shared: bytes::Bytes, text: &str) -> Payload {
+        if *shared == *text.as_bytes() {
+            Payload(shared)
+        } else {
+            debug_assert!(false, "the frame does not embed the event");
+            Payload::from(text.to_owned())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor takes the bytes of a `str` (or bytes equal to one).
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl From<String> for Payload {
+    fn from(text: String) -> Payload {
+        Payload(bytes::Bytes::from(text))
+    }
+}
+
+impl std::ops::Deref for Payload {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
 }
 
 /// Everything the server keeps in memory, read once at start.

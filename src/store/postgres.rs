@@ -626,7 +626,7 @@ impl Backend for PostgresBackend {
                     issue_id: parse_uuid(row.get(2), operation)?,
                     level: Cow::Owned(row.get(3)),
                     received_at_us: row.get(4),
-                    payload: row.get(5),
+                    payload: row.get::<_, String>(5).into(),
                 })
             })
             .collect()
@@ -1017,7 +1017,7 @@ mod tests {
             level: "error".into(),
             received_at_us: POSTGRES_EPOCH_UNIX_US + 5,
             // JSON text: a NUL in a client's string arrives escaped, and is stored as sent.
-            payload: "{\"m\":\"a\\u0000b\"}".to_string(),
+            payload: "{\"m\":\"a\\u0000b\"}".to_string().into(),
         };
         let mut buffer = Vec::new();
         encode_event(&event, &mut buffer).unwrap();

@@ -586,7 +586,7 @@ impl Backend for SqliteBackend {
                         issue_id: Uuid::from_bytes(row.get(2)?),
                         level: Cow::Owned(row.get(3)?),
                         received_at_us: row.get(4)?,
-                        payload: row.get(5)?,
+                        payload: row.get::<_, String>(5)?.into(),
                     })
                 })?;
             rows.collect()
@@ -890,7 +890,7 @@ mod tests {
             issue_id: Uuid::now_v7(),
             level: "error".into(),
             received_at_us: 7,
-            payload: payload.into(),
+            payload: payload.to_owned().into(),
         };
         insert.execute(&[&row("{}")]).unwrap();
         let refused = insert.execute(&[&row("{\"long\":1}")]).unwrap_err();

@@ -868,7 +868,7 @@ mod tests {
             issue_id: Uuid::nil(),
             level: "error".into(),
             received_at_us: 0,
-            payload: "{}".to_string(),
+            payload: "{}".to_string().into(),
         })]
     }
 

@@ -1,9 +1,11 @@
 //! Live project streams: the messages, the per-connection filters, the subscribers of each
-//! shard (`registry`) and fan-out into their rings.
+//! shard (`registry`), fan-out into their rings, and each project's offsets and history of sent
+//! frames (`history`) from which a reconnecting client resumes.
 //!
 //! The owner shard encodes each message once as a complete WebSocket frame (`Published`); every
 //! shard with subscribers receives the same reference-counted frames and pushes a clone of the
-//! handle (not of the bytes) into the ring of each local subscriber whose filters match.
+//! handle (not of the bytes) into the ring of each local subscriber whose filters match. The
+//! owner's history keeps further handles to the same frames.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,19 +15,23 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::conn::ring::{Kind, Push, Ring};
+use crate::conn::ring::{Dropped, Kind, Push, Ring};
 use crate::ingest::event::Level;
 use crate::issues::IssueView;
-use crate::ws::codec::encode_text;
+use crate::ws::codec::{encode_text, encode_text_parts};
 
+mod history;
 mod registry;
-pub use registry::{join, leave, publish, set_filters, welcome, Watchers};
+pub use history::{HistoryLimits, ProjectStream, Resumption};
+pub use registry::{join, leave, publish, resumed, set_filters, welcome, Watchers, Welcome};
 
 /// One message as every subscriber receives it.
 #[derive(Clone, Debug)]
 pub struct Published {
     pub frame: Bytes,
     pub kind: Kind,
+    /// The message's place in its project's stream (PROTOCOL.md section 9).
+    pub offset: u64,
     /// Set for the messages filters apply to (events and the issue messages they cause).
     pub attributes: Option<Attributes>,
 }
@@ -37,96 +43,245 @@ pub struct Attributes {
     pub environment: Option<Arc<str>>,
 }
 
-impl Published {
-    fn unfiltered(payload: &[u8], kind: Kind) -> Published {
-        Published {
-            frame: Bytes::from(encode_text(payload)),
-            kind,
-            attributes: None,
-        }
-    }
+fn text_frame(message: &impl Serialize) -> Bytes {
+    let payload = serde_json::to_vec(message).expect("stream messages serialize");
+    Bytes::from(encode_text(&payload))
 }
 
-/// `{"type":"event",...,"data":<the event as sent>}`; `event_json` is already valid JSON.
+/// `{"type":"event","offset":N,...,"data":<the event as sent>}`; `event_json` is already valid
+/// JSON. The frame is written in one allocation, the event's JSON verbatim at its end (see
+/// `event_json_in`).
 pub fn event_message(
+    offset: u64,
     event_id: Uuid,
     issue_id: Uuid,
     event_json: &[u8],
     attributes: Attributes,
 ) -> Published {
-    let mut payload = Vec::with_capacity(event_json.len() + 120);
-    payload.extend_from_slice(b"{\"type\":\"event\",\"event_id\":\"");
-    payload.extend_from_slice(
+    let mut head = Vec::with_capacity(140);
+    head.extend_from_slice(b"{\"type\":\"event\",\"offset\":");
+    head.extend_from_slice(offset.to_string().as_bytes());
+    head.extend_from_slice(b",\"event_id\":\"");
+    head.extend_from_slice(
         event_id
             .hyphenated()
             .encode_lower(&mut Uuid::encode_buffer())
             .as_bytes(),
     );
-    payload.extend_from_slice(b"\",\"issue_id\":\"");
-    payload.extend_from_slice(
+    head.extend_from_slice(b"\",\"issue_id\":\"");
+    head.extend_from_slice(
         issue_id
             .hyphenated()
             .encode_lower(&mut Uuid::encode_buffer())
             .as_bytes(),
     );
-    payload.extend_from_slice(b"\",\"data\":");
-    payload.extend_from_slice(event_json);
-    payload.push(b'}');
+    head.extend_from_slice(b"\",\"data\":");
     Published {
-        frame: Bytes::from(encode_text(&payload)),
+        frame: Bytes::from(encode_text_parts(&[&head, event_json, b"}"])),
         kind: Kind::Event,
+        offset,
         attributes: Some(attributes),
     }
 }
 
-/// `{"type":"issue","action":"created"|"regressed",...}`: sent before the event that caused it.
-pub fn issue_opened_message(
+/// The event's JSON inside an event message's frame (its last bytes but the closing brace):
+/// the same bytes, shared, not copied.
+pub fn event_json_in(frame: &Bytes, json_len: usize) -> Bytes {
+    let end = frame.len() - 1;
+    frame.slice(end - json_len..end)
+}
+
+/// `{"type":"issue","offset":N,"action":...,"issue_id":...,"issue":{...}}`: the whole issue in
+/// its state after the change. `attributes` are the causing event's when an event opened or
+/// reopened the issue (then filters apply, and it goes before that event); None for a status
+/// change through the API (every subscriber gets it).
+pub fn issue_message(
+    offset: u64,
     action: &str,
     issue: &IssueView<'_>,
-    attributes: Attributes,
+    attributes: Option<Attributes>,
 ) -> Published {
     #[derive(Serialize)]
     struct Message<'a> {
         r#type: &'static str,
+        offset: u64,
         action: &'a str,
         issue_id: Uuid,
         issue: &'a IssueView<'a>,
     }
-    let payload = serde_json::to_vec(&Message {
-        r#type: "issue",
-        action,
-        issue_id: issue.id,
-        issue,
-    })
-    .expect("issue messages serialize");
     Published {
-        frame: Bytes::from(encode_text(&payload)),
-        kind: Kind::Control,
-        attributes: Some(attributes),
+        frame: text_frame(&Message {
+            r#type: "issue",
+            offset,
+            action,
+            issue_id: issue.id,
+            issue,
+        }),
+        kind: Kind::Issue(issue.id.as_u128()),
+        offset,
+        attributes,
     }
 }
 
-/// `{"type":"issue","action":"resolved"|...,"issue_id":...}`: a status change through the API.
-pub fn issue_status_message(action: &str, issue_id: Uuid) -> Published {
-    let payload = serde_json::json!({ "type": "issue", "action": action, "issue_id": issue_id });
-    Published::unfiltered(payload.to_string().as_bytes(), Kind::Control)
+#[derive(Serialize)]
+struct CountMessage<'a> {
+    r#type: &'static str,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    project_id: Uuid,
+    count: u64,
 }
 
-pub fn issue_count_message(project_id: Uuid, count: u64) -> Published {
-    let payload =
-        serde_json::json!({ "type": "issue_count", "project_id": project_id, "count": count });
-    Published::unfiltered(payload.to_string().as_bytes(), Kind::Count)
+/// `{"type":"issue_count","offset":N,"project_id":...,"count":N}`: the unresolved count changed.
+pub fn issue_count_message(offset: u64, project_id: Uuid, count: u64) -> Published {
+    Published {
+        frame: text_frame(&CountMessage {
+            r#type: "issue_count",
+            offset,
+            epoch: None,
+            project_id,
+            count,
+        }),
+        kind: Kind::Count,
+        offset,
+        attributes: None,
+    }
 }
 
-pub fn dropped_frame(count: u64) -> Bytes {
+/// A subscriber's first message: the unresolved count, with the project's epoch and the last
+/// offset produced (PROTOCOL.md section 9).
+pub fn welcome_frame(epoch: &str, last_offset: u64, project_id: Uuid, count: u64) -> Bytes {
+    text_frame(&CountMessage {
+        r#type: "issue_count",
+        offset: last_offset,
+        epoch: Some(epoch),
+        project_id,
+        count,
+    })
+}
+
+/// `{"type":"resumed",...}`: the reply to a resume (PROTOCOL.md section 9).
+pub fn resumed_frame(recovered: bool, replayed: u64, epoch: &str, last_offset: u64) -> Bytes {
+    #[derive(Serialize)]
+    struct Recovered {
+        r#type: &'static str,
+        recovered: bool,
+        replayed: u64,
+        offset: u64,
+    }
+    #[derive(Serialize)]
+    struct NotRecovered<'a> {
+        r#type: &'static str,
+        recovered: bool,
+        epoch: &'a str,
+        offset: u64,
+    }
+    if recovered {
+        text_frame(&Recovered {
+            r#type: "resumed",
+            recovered,
+            replayed,
+            offset: last_offset,
+        })
+    } else {
+        text_frame(&NotRecovered {
+            r#type: "resumed",
+            recovered,
+            epoch,
+            offset: last_offset,
+        })
+    }
+}
+
+pub fn dropped_frame(dropped: Dropped) -> Bytes {
     Bytes::from(encode_text(
-        format!("{{\"type\":\"dropped\",\"count\":{count}}}").as_bytes(),
+        format!(
+            "{{\"type\":\"dropped\",\"count\":{},\"from_offset\":{},\"to_offset\":{}}}",
+            dropped.count, dropped.from_offset, dropped.to_offset
+        )
+        .as_bytes(),
     ))
 }
 
 pub fn error_frame(message: &str) -> Bytes {
     let payload = serde_json::json!({ "type": "error", "message": message });
     Bytes::from(encode_text(payload.to_string().as_bytes()))
+}
+
+/// Where a client resumes: the epoch and the last offset it got (PROTOCOL.md section 9).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: String,
+    pub offset: u64,
+}
+
+/// Longest epoch a client may name; ours are 16 characters, so a longer one is certainly not
+/// the project's and is refused rather than carried to the owner.
+const EPOCH_BYTES_MAX: usize = 64;
+
+impl Since {
+    /// `EPOCH:OFFSET` from the upgrade's query.
+    pub fn from_query(text: &str) -> Result<Since, String> {
+        let refused = || format!("invalid since: expected EPOCH:OFFSET, got {text:?}");
+        let (epoch, offset) = text.rsplit_once(':').ok_or_else(refused)?;
+        let offset = offset.parse::<u64>().map_err(|_| refused())?;
+        Since::checked(epoch, offset).map_err(|_| refused())
+    }
+
+    /// `{"epoch":"...","offset":N}` from a `subscribe` message.
+    fn from_value(value: &Value) -> Result<Since, String> {
+        let refused = || "since must be an object with a string epoch and an integer offset >= 0";
+        let object = value.as_object().ok_or_else(refused)?;
+        let epoch = object
+            .get("epoch")
+            .and_then(Value::as_str)
+            .ok_or_else(refused)?;
+        let offset = object
+            .get("offset")
+            .and_then(Value::as_u64)
+            .ok_or_else(refused)?;
+        Since::checked(epoch, offset).map_err(|()| refused().to_string())
+    }
+
+    fn checked(epoch: &str, offset: u64) -> Result<Since, ()> {
+        if epoch.is_empty() || epoch.len() > EPOCH_BYTES_MAX {
+            return Err(());
+        }
+        Ok(Since {
+            epoch: epoch.to_owned(),
+            offset,
+        })
+    }
+}
+
+/// A client's `{"type":"subscribe","filters":{...},"since":{...}?}`.
+#[derive(Debug)]
+pub struct Subscribe {
+    pub filters: Filters,
+    pub since: Option<Since>,
+}
+
+impl Subscribe {
+    /// The message, or what is wrong with it (sent back as an `error` message; nothing of a
+    /// refused message takes effect).
+    pub fn parse(text: &str) -> Result<Subscribe, String> {
+        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+        let object = value
+            .as_object()
+            .ok_or("expected a JSON object with a type")?;
+        match object.get("type").and_then(|t| t.as_str()) {
+            Some("subscribe") => {}
+            Some(other) => return Err(format!("unknown message type: {other}")),
+            None => return Err("expected a JSON object with a type".into()),
+        }
+        let filters = Filters::parse(object.get("filters"))?;
+        let since = match object.get("since") {
+            None | Some(Value::Null) => None,
+            Some(value) => Some(Since::from_value(value)?),
+        };
+        Ok(Subscribe { filters, since })
+    }
 }
 
 /// Most values one filter may list; a `subscribe` with more is refused. Matching and the memory
@@ -158,20 +313,6 @@ impl Filters {
                     .environment
                     .as_ref()
                     .is_some_and(|env| self.environments.contains(env)))
-    }
-
-    /// The filters of a client's `{"type":"subscribe","filters":{...}}` message, or what is
-    /// wrong with it (sent back as an `error` message).
-    pub fn from_subscribe(text: &str) -> Result<Filters, String> {
-        let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-        let object = value
-            .as_object()
-            .ok_or("expected a JSON object with a type")?;
-        match object.get("type").and_then(|t| t.as_str()) {
-            Some("subscribe") => Filters::parse(object.get("filters")),
-            Some(other) => Err(format!("unknown message type: {other}")),
-            None => Err("expected a JSON object with a type".into()),
-        }
     }
 
     /// Filters from a `subscribe` message's `filters` value (missing or null: match all).
@@ -300,7 +441,7 @@ fn filter_values(name: &str, value: &Value) -> Result<Vec<String>, String> {
 pub struct Delivery {
     pub queued: u64,
     pub dropped: u64,
-    /// The ring was full of messages that may not be dropped: the subscriber must go.
+    /// More distinct issues wait than a client may have: it must go (1013).
     pub overflowed: bool,
 }
 
@@ -312,7 +453,7 @@ pub fn deliver_to(ring: &mut Ring<Bytes>, filters: &Filters, items: &[Published]
         if !filters.matches(item) {
             continue;
         }
-        match ring.push(item.frame.clone(), item.kind) {
+        match ring.push(item.frame.clone(), item.kind, item.offset) {
             Push::Queued => delivery.queued += 1,
             Push::DroppedOldest => {
                 delivery.queued += 1;
@@ -339,8 +480,9 @@ mod tests {
 
     #[test]
     fn subscribe_messages_and_what_is_wrong_with_them() {
-        let filters =
-            Filters::from_subscribe(r#"{"type":"subscribe","filters":{"level":"error"}}"#).unwrap();
+        let filters = Subscribe::parse(r#"{"type":"subscribe","filters":{"level":"error"}}"#)
+            .unwrap()
+            .filters;
         assert!(filters.matches(&event(Level::Error, None)));
         assert!(!filters.matches(&event(Level::Warning, None)));
         for (text, error) in [
@@ -348,14 +490,32 @@ mod tests {
             ("[1]", "expected a JSON object with a type"),
             (r#"{"filters":{}}"#, "expected a JSON object with a type"),
             (r#"{"type":"ping"}"#, "unknown message type: ping"),
+            (r#"{"type":"subscribe","since":"e:1"}"#, "since must be"),
+            (
+                r#"{"type":"subscribe","since":{"epoch":"e"}}"#,
+                "since must be",
+            ),
+            (
+                r#"{"type":"subscribe","since":{"epoch":"e","offset":-1}}"#,
+                "since must be",
+            ),
+            (
+                r#"{"type":"subscribe","since":{"epoch":"","offset":1}}"#,
+                "since must be",
+            ),
+            (
+                r#"{"type":"subscribe","since":{"epoch":7,"offset":1}}"#,
+                "since must be",
+            ),
         ] {
-            let refused = Filters::from_subscribe(text).unwrap_err();
+            let refused = Subscribe::parse(text).unwrap_err();
             assert!(refused.starts_with(error), "{text}: {refused}");
         }
     }
 
     fn event(level: Level, environment: Option<&str>) -> Published {
         event_message(
+            1,
             Uuid::nil(),
             Uuid::nil(),
             b"{}",
@@ -379,7 +539,7 @@ mod tests {
         assert!(both.matches(&event(Level::Fatal, Some("prod"))));
         assert!(!both.matches(&event(Level::Fatal, Some("dev"))));
         assert!(!both.matches(&event(Level::Fatal, None)));
-        assert!(both.matches(&issue_count_message(Uuid::nil(), 1)));
+        assert!(both.matches(&issue_count_message(1, Uuid::nil(), 1)));
     }
 
     #[test]
@@ -439,6 +599,7 @@ mod tests {
     #[test]
     fn event_frame_embeds_the_event_verbatim() {
         let message = event_message(
+            42,
             Uuid::nil(),
             Uuid::nil(),
             br#"{"message":"x","odd":[1]}"#,
@@ -456,5 +617,62 @@ mod tests {
         let value: Value = serde_json::from_slice(payload).unwrap();
         assert_eq!(value["data"], json!({"message": "x", "odd": [1]}));
         assert_eq!(value["type"], "event");
+        assert_eq!(value["offset"], 42);
+        let json = br#"{"message":"x","odd":[1]}"#;
+        assert_eq!(&event_json_in(&message.frame, json.len())[..], json);
+    }
+
+    #[test]
+    fn since_in_the_query_and_in_subscribe() {
+        let since = |epoch: &str, offset| Since {
+            epoch: epoch.to_owned(),
+            offset,
+        };
+        assert_eq!(Since::from_query("abc:12"), Ok(since("abc", 12)));
+        assert_eq!(Since::from_query("a:b:0"), Ok(since("a:b", 0)));
+        for bad in ["", "abc", "abc:", ":1", "abc:-1", "abc:x", "abc:1.5"] {
+            assert!(Since::from_query(bad).is_err(), "{bad}");
+        }
+        let long = format!("{}:1", "e".repeat(EPOCH_BYTES_MAX + 1));
+        assert!(Since::from_query(&long).is_err());
+        let parsed = Subscribe::parse(
+            r#"{"type":"subscribe","filters":null,"since":{"epoch":"abc","offset":3}}"#,
+        )
+        .unwrap();
+        assert_eq!(parsed.since, Some(since("abc", 3)));
+        assert_eq!(parsed.filters, Filters::default());
+        let plain = Subscribe::parse(r#"{"type":"subscribe","since":null}"#).unwrap();
+        assert_eq!(plain.since, None);
+    }
+
+    #[test]
+    fn messages_carry_offsets_and_the_welcome_its_epoch() {
+        let payload = |frame: &Bytes| -> Value { serde_json::from_slice(&frame[2..]).unwrap() };
+        let project = Uuid::nil();
+        assert_eq!(
+            payload(&issue_count_message(7, project, 3).frame),
+            json!({"type": "issue_count", "offset": 7, "project_id": project, "count": 3})
+        );
+        assert_eq!(
+            payload(&welcome_frame("ep", 7, project, 3)),
+            json!({"type": "issue_count", "offset": 7, "epoch": "ep", "project_id": project, "count": 3})
+        );
+        assert_eq!(
+            payload(&resumed_frame(true, 4, "ep", 9)),
+            json!({"type": "resumed", "recovered": true, "replayed": 4, "offset": 9})
+        );
+        assert_eq!(
+            payload(&resumed_frame(false, 0, "ep", 9)),
+            json!({"type": "resumed", "recovered": false, "epoch": "ep", "offset": 9})
+        );
+        let dropped = Dropped {
+            count: 2,
+            from_offset: 5,
+            to_offset: 8,
+        };
+        assert_eq!(
+            payload(&dropped_frame(dropped)),
+            json!({"type": "dropped", "count": 2, "from_offset": 5, "to_offset": 8})
+        );
     }
 }

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::{deliver_to, Filters, Published};
+use super::{deliver_to, resumed_frame, Filters, Published, Resumption};
 use crate::conn::registry::ConnId;
+use crate::conn::ring::Kind;
 use crate::shard::Shard;
 use crate::IdMap;
 
@@ -62,25 +63,20 @@ pub fn publish(shard: &Shard, project_id: Uuid, watchers: &Watchers, items: Vec<
     }
 }
 
-/// A welcomed subscriber, as fan-out reads it.
 struct Subscriber {
-    conn: ConnId,
-    filters: Filters,
-}
-
-struct Session {
     project_id: Uuid,
-    /// The filters of a subscriber not welcomed yet; None once it is in `by_project`.
-    waiting: Option<Filters>,
+    filters: Filters,
+    /// Live fan-out reaches the subscriber with the messages after this offset: its welcome's,
+    /// or its last resume's.
+    live_from: u64,
 }
 
 /// A shard's stream subscribers.
 #[derive(Default)]
 struct Registry {
-    sessions: IdMap<ConnId, Session>,
-    /// Welcomed subscribers of each project: fan-out reaches them, reading their filters here
-    /// without another lookup.
-    by_project: IdMap<Uuid, Vec<Subscriber>>,
+    subscribers: IdMap<ConnId, Subscriber>,
+    /// Welcomed subscribers of each project: fan-out reaches them.
+    by_project: IdMap<Uuid, Vec<ConnId>>,
 }
 
 thread_local! {
@@ -92,69 +88,146 @@ thread_local! {
 pub fn join(shard: &Shard, conn: ConnId, project_id: Uuid) {
     shard.counters().stream_subscriptions.fetch_add(1, Relaxed);
     REGISTRY.with_borrow_mut(|registry| {
-        let session = Session {
+        let subscriber = Subscriber {
             project_id,
-            waiting: Some(Filters::default()),
+            filters: Filters::default(),
+            live_from: 0,
         };
-        registry.sessions.insert(conn, session);
+        registry.subscribers.insert(conn, subscriber);
     });
 }
 
 /// The subscriber's filters from now on; false if it is not subscribed.
 pub fn set_filters(conn: ConnId, filters: Filters) -> bool {
-    REGISTRY.with_borrow_mut(|registry| {
-        let Some(session) = registry.sessions.get_mut(&conn) else {
-            return false;
-        };
-        if let Some(waiting) = &mut session.waiting {
-            *waiting = filters;
-            return true;
+    REGISTRY.with_borrow_mut(|registry| match registry.subscribers.get_mut(&conn) {
+        Some(subscriber) => {
+            subscriber.filters = filters;
+            true
         }
-        let subscriber = registry
-            .by_project
-            .get_mut(&session.project_id)
-            .and_then(|list| list.iter_mut().find(|s| s.conn == conn));
-        match subscriber {
-            Some(subscriber) => {
-                subscriber.filters = filters;
-                true
-            }
-            None => false,
-        }
+        None => false,
     })
 }
 
-/// The owner's first message for a subscriber (the unresolved count): it goes out before
-/// anything else, and fan-out reaches the subscriber from now on.
-pub fn welcome(shard: &Shard, conn: ConnId, project_id: Uuid, frame: Bytes) {
-    let waiting =
-        REGISTRY.with_borrow(|r| r.sessions.get(&conn).is_some_and(|s| s.waiting.is_some()));
-    if waiting && shard.release(conn, frame) {
-        REGISTRY.with_borrow_mut(|registry| {
-            let Some(filters) = registry
-                .sessions
-                .get_mut(&conn)
-                .and_then(|s| s.waiting.take())
-            else {
-                return;
-            };
-            let subscriber = Subscriber { conn, filters };
-            registry
-                .by_project
-                .entry(project_id)
-                .or_default()
-                .push(subscriber);
-        });
+/// What the owner sends a new subscriber, in one step with its joining the fan-out: the first
+/// message (the unresolved count with the epoch and the last offset) and, for a connection that
+/// resumes at the upgrade, what it missed.
+pub struct Welcome {
+    pub frame: Bytes,
+    pub last_offset: u64,
+    pub resumption: Option<Resumption>,
+}
+
+/// The owner's welcome of a subscriber: its messages go out before anything else, and fan-out
+/// reaches it from now on. The owner sent this behind every message it published before, and
+/// ahead of every one after (one queue, in order), so replay and live meet without a gap or a
+/// duplicate.
+pub fn welcome(shard: &Shard, conn: ConnId, project_id: Uuid, welcome: Welcome) {
+    let frames = REGISTRY.with_borrow_mut(|registry| {
+        let subscriber = registry.subscribers.get_mut(&conn)?;
+        subscriber.live_from = welcome.last_offset;
+        let mut frames = vec![welcome.frame];
+        if let Some(resumption) = &welcome.resumption {
+            let replayed = replay_into(&mut frames, &resumption.replay, &subscriber.filters);
+            frames.push(resumed_reply(shard, resumption, replayed));
+        }
+        Some(frames)
+    });
+    if let Some(frames) = frames {
+        if shard.release(conn, frames) {
+            REGISTRY.with_borrow_mut(|registry| {
+                registry
+                    .by_project
+                    .entry(project_id)
+                    .or_default()
+                    .push(conn)
+            });
+        }
     }
+}
+
+/// The owner's answer to a live subscriber's `subscribe` with `since`, sent behind every message
+/// it published before serving it. When it recovers, what waits unsent in the subscriber's ring
+/// is set aside (replies keep their order) and the kept messages after the client's offset go
+/// out instead, through its current filters, except those this connection was already handed
+/// since it went live; then `resumed`, then live messages. When it does not, `resumed` follows
+/// what already waits.
+pub fn resumed(shard: &Shard, conn: ConnId, resumption: Resumption) {
+    let queued = REGISTRY.with_borrow_mut(|registry| {
+        let subscriber = registry.subscribers.get_mut(&conn)?;
+        let live_from = std::mem::replace(&mut subscriber.live_from, resumption.last_offset);
+        if !resumption.recovered {
+            let frame = resumed_reply(shard, &resumption, 0);
+            return Some(shard.enqueue(conn, frame, Kind::Control));
+        }
+        let filters = &subscriber.filters;
+        shard.with_socket(conn, |socket| {
+            if socket.closing {
+                return true;
+            }
+            // Handed to the writer since the connection went live: the client has them.
+            let taken_through = socket.ring.taken_through();
+            let handed = |offset: u64| offset > live_from && offset <= taken_through;
+            socket.ring.take_controls_into(&mut socket.ahead);
+            let mut frames = Vec::new();
+            let unsent: Vec<&Published> = resumption
+                .replay
+                .iter()
+                .filter(|message| !handed(message.offset))
+                .collect();
+            let replayed = replay_into(&mut frames, unsent, filters);
+            frames.push(resumed_reply(shard, &resumption, replayed));
+            socket.ahead.extend(frames);
+            socket.wake.notify_one();
+            true
+        })
+    });
+    if queued == Some(false) {
+        shard.disconnect_slow(conn);
+    }
+}
+
+/// Appends the frames of the replayed messages that pass `filters`; how many.
+fn replay_into<'a>(
+    frames: &mut Vec<Bytes>,
+    replay: impl IntoIterator<Item = &'a Published>,
+    filters: &Filters,
+) -> u64 {
+    let before = frames.len();
+    frames.extend(
+        replay
+            .into_iter()
+            .filter(|message| filters.matches(message))
+            .map(|message| message.frame.clone()),
+    );
+    (frames.len() - before) as u64
+}
+
+/// The `resumed` reply, counted by outcome.
+fn resumed_reply(shard: &Shard, resumption: &Resumption, replayed: u64) -> Bytes {
+    let counters = shard.counters();
+    if resumption.recovered {
+        counters.stream_resumes_recovered.fetch_add(1, Relaxed);
+        counters
+            .stream_replayed_messages
+            .fetch_add(replayed, Relaxed);
+    } else {
+        counters.stream_resumes_not_recovered.fetch_add(1, Relaxed);
+    }
+    resumed_frame(
+        resumption.recovered,
+        replayed,
+        &resumption.epoch,
+        resumption.last_offset,
+    )
 }
 
 /// The subscriber's session ended; the project it watched, for the owner to be told.
 pub fn leave(shard: &Shard, conn: ConnId) -> Option<Uuid> {
     let project_id = REGISTRY.with_borrow_mut(|registry| {
-        let session = registry.sessions.remove(&conn)?;
-        let project_id = session.project_id;
+        let subscriber = registry.subscribers.remove(&conn)?;
+        let project_id = subscriber.project_id;
         if let Some(list) = registry.by_project.get_mut(&project_id) {
-            list.retain(|s| s.conn != conn);
+            list.retain(|c| *c != conn);
             if list.is_empty() {
                 registry.by_project.remove(&project_id);
             }
@@ -173,16 +246,19 @@ fn deliver(shard: &Rc<Shard>, project_id: &Uuid, items: &[Published]) {
         let Some(list) = registry.by_project.get(project_id) else {
             return;
         };
-        for subscriber in list {
-            let Some(delivery) = shard.with_ring(subscriber.conn, |ring| {
-                deliver_to(ring, &subscriber.filters, items)
-            }) else {
+        for conn in list {
+            let Some(subscriber) = registry.subscribers.get(conn) else {
+                continue;
+            };
+            let Some(delivery) =
+                shard.with_ring(*conn, |ring| deliver_to(ring, &subscriber.filters, items))
+            else {
                 // Closing: nothing may follow its close frame.
                 continue;
             };
             dropped += delivery.dropped;
             if delivery.overflowed {
-                overflowed.push(subscriber.conn);
+                overflowed.push(*conn);
             }
         }
     });
@@ -193,6 +269,6 @@ fn deliver(shard: &Rc<Shard>, project_id: &Uuid, items: &[Published]) {
             .fetch_add(dropped, Relaxed);
     }
     for conn in overflowed {
-        shard.disconnect_slow(conn);
+        shard.close_too_slow(conn);
     }
 }

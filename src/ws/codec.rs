@@ -19,6 +19,8 @@ pub const CLOSE_PROTOCOL_ERROR: u16 = 1002;
 pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
+/// "Try again later": a stream client too far behind to be fed (it may resume).
+pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 /// RFC 6455 section 5.5: control frames carry at most 125 payload bytes.
 const CONTROL_PAYLOAD_BYTES_MAX: usize = 125;
@@ -416,6 +418,11 @@ fn encode_frame_parts(opcode: OpCode, parts: &[&[u8]]) -> Vec<u8> {
 pub fn encode_text(payload: &[u8]) -> Vec<u8> {
     debug_assert!(std::str::from_utf8(payload).is_ok());
     encode_frame(OpCode::Data(Data::Text), payload)
+}
+
+/// A text frame of the parts in order, written in one allocation; together they must be UTF-8.
+pub fn encode_text_parts(parts: &[&[u8]]) -> Vec<u8> {
+    encode_frame_parts(OpCode::Data(Data::Text), parts)
 }
 
 /// A close frame; the reason is cut (at a character boundary) to fit a control frame.
