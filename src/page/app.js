@@ -91,6 +91,9 @@ function scheduleIssues() {
 
 function renderIssues() {
   const issues = [...state.issues.values()].sort((a, b) => (a.last_seen < b.last_seen ? 1 : -1));
+  // The most recent ones are shown; older issues are left to the API (a burst of new issues
+  // must not make every frame rebuild thousands of rows).
+  for (const stale of issues.splice(ISSUES_LOADED)) state.issues.delete(stale.id);
   const rows = issues.map((issue) => {
     const row = el("li", "status-" + issue.status);
     row.dataset.issueId = issue.id;
