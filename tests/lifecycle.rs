@@ -24,19 +24,11 @@ struct Process {
 
 impl Process {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
+        let mut command = mesher_command();
         command
             .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("MESHER_") {
-                command.env_remove(name);
-            }
-        }
-        command.envs(env.iter().copied());
+            .envs(env.iter().copied());
         let mut child = command.spawn().expect("start mesher");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, listening) = std::sync::mpsc::channel();
@@ -389,40 +381,27 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
     let taken_addr = taken.local_addr().unwrap().to_string();
     // (flags, environment, words the error must name)
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
-    let cases: Vec<Case> = vec![
-        (vec!["--shards", "abc"], vec![], vec!["--shards", "abc"]),
-        (
-            vec!["--listen", "nowhere"],
-            vec![],
-            vec!["--listen", "nowhere"],
-        ),
-        (
-            vec!["--ack", "sometimes"],
-            vec![],
-            vec!["--ack", "sometimes"],
-        ),
-        (
-            vec!["--request-timeout", "0"],
-            vec![],
-            vec!["--request-timeout", "0"],
-        ),
+    // Most errors name the flag and its value.
+    let named: [&[&str]; 7] = [
+        &["--shards", "abc"],
+        &["--listen", "nowhere"],
+        &["--ack", "sometimes"],
+        &["--request-timeout", "0"],
+        &["--queue-events", "0"],
+        &["--batch-events", "0"],
+        &["--no-such-flag"],
+    ];
+    let mut cases: Vec<Case> = named
+        .iter()
+        .map(|flags| (flags.to_vec(), vec![], flags.to_vec()))
+        .collect();
+    cases.extend([
         (vec!["--stream-buffer", "-5"], vec![], vec!["-5"]),
-        (
-            vec!["--queue-events", "0"],
-            vec![],
-            vec!["--queue-events", "0"],
-        ),
-        (
-            vec!["--batch-events", "0"],
-            vec![],
-            vec!["--batch-events", "0"],
-        ),
         (
             vec![],
             vec![("MESHER_MAX_ISSUES_PER_PROJECT", "0")],
             vec!["--max-issues-per-project", "0"],
         ),
-        (vec!["--no-such-flag"], vec![], vec!["--no-such-flag"]),
         (vec![], vec![("MESHER_SHARDS", "many")], vec!["many"]),
         (vec!["--listen", &taken_addr], vec![], vec![&taken_addr]),
         (
@@ -430,7 +409,7 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
             vec![],
             vec!["storage"],
         ),
-    ];
+    ]);
     let data_dir_text = data_dir.display().to_string();
     for (extra, env, mentions) in cases {
         let mut args = vec!["serve", "--data-dir", &data_dir_text, "--admin-token", "t"];

@@ -81,7 +81,7 @@ impl Server {
         args: Vec<String>,
         listen: SocketAddr,
     ) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
+        let mut command = mesher_command();
         command
             .arg("serve")
             .arg("--listen")
@@ -91,15 +91,7 @@ impl Server {
             .arg("--admin-token")
             .arg(ADMIN_TOKEN)
             .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("MESHER_") {
-                command.env_remove(name);
-            }
-        }
+            .stdout(Stdio::null());
         if let Some(url) = &database_url {
             command.arg("--database-url").arg(url);
         }
@@ -897,4 +889,27 @@ pub fn upgrade_with_receive_buffer(
         "{head}"
     );
     stream
+}
+
+/// The `mesher` binary with warnings logged to a piped stderr, no stdin, and none of the test
+/// run's own `MESHER_*` variables, so only what a test passes configures it.
+pub fn mesher_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
+    command
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("MESHER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+impl HttpReply {
+    /// The body as text, for failure messages.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.body)
+    }
 }
