@@ -20,6 +20,8 @@ struct Process {
     child: Child,
     log: Arc<Mutex<String>>,
     listening: std::sync::mpsc::Receiver<SocketAddr>,
+    /// The threads copying the child's stderr and stdout into `log`.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -32,13 +34,14 @@ impl Process {
         let mut child = command.spawn().expect("start mesher");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, listening) = std::sync::mpsc::channel();
+        let mut readers = Vec::new();
         for output in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
             let sink = log.clone();
             let tx = tx.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(output).lines().map_while(Result::ok) {
                     if let Some(addr) = line.strip_prefix("mesher listening on http://") {
                         let _ = tx.send(addr.trim().parse().unwrap());
@@ -47,12 +50,13 @@ impl Process {
                     log.push_str(&line);
                     log.push('\n');
                 }
-            });
+            }));
         }
         Process {
             child,
             log,
             listening,
+            readers,
         }
     }
 
@@ -71,8 +75,11 @@ impl Process {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the readers take the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // Let the readers take the last lines: they end with the child's output.
+                let read_by = Instant::now() + Duration::from_secs(5);
+                while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < read_by {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
