@@ -19,6 +19,8 @@
 # Usage: scripts/ceiling.sh [seconds] [runs] [one|many]   (defaults 10, 3 and one)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/wrk_ingest.sh
+source scripts/wrk_ingest.sh
 secs=${1:-10}
 runs=${2:-3}
 issues=${3:-one}
@@ -40,17 +42,7 @@ pids+=($!); ceiling=${pids[-1]}
 taskset -c 0 target/release/mesher serve --listen 127.0.0.1:19002 --shards 1 --data-dir "$work/data" \
   --admin-token bench --queue-events 10000000 2>"$work/mesher.log" &
 pids+=($!); mesher=${pids[-1]}
-for _ in $(seq 50); do curl -sf http://127.0.0.1:19002/health >/dev/null && break; sleep 0.1; done
-
-key=$(curl -sf -X POST -H 'authorization: Bearer bench' http://127.0.0.1:19002/api/v1/projects \
-  -d '{"name":"ceiling"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["ingest_key"])')
-pad=$(head -c 900 /dev/zero | tr '\0' 'x')
-cat > "$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["authorization"] = "Bearer $key"
-wrk.headers["content-type"] = "application/json"
-wrk.body = '{"message":"ceiling run","level":"error","environment":"bench","tags":{"release":"1.0"},"pad":"$pad"}'
-LUA
+wrk_ingest_setup 19002 50 ceiling "ceiling run" "$work/post.lua"
 cp "$work/post.lua" "$work/ingest.lua"
 if [ "$issues" = many ]; then
   cat > "$work/ingest.lua" <<LUA

@@ -9,6 +9,8 @@
 # Usage: scripts/ingest_pg.sh [seconds]   (default 60; DATABASE_URL or 127.0.0.1:5432/test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/wrk_ingest.sh
+source scripts/wrk_ingest.sh
 secs=${1:-60}
 base_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
 schema="ingest_pg_$$"
@@ -49,16 +51,7 @@ events() { psql "$url" -tAc "SELECT count(*) FROM events"; }
 taskset -c 0 target/release/mesher serve --listen 127.0.0.1:19050 --shards 1 --data-dir "$work/data" \
   --admin-token bench --database-url "$url" --queue-events 10000000 2>"$work/mesher.log" &
 pid=$!
-for _ in $(seq 100); do curl -sf http://127.0.0.1:19050/health >/dev/null && break; sleep 0.1; done
-key=$(curl -sf -X POST -H 'authorization: Bearer bench' http://127.0.0.1:19050/api/v1/projects \
-  -d '{"name":"ingest pg"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["ingest_key"])')
-pad=$(head -c 900 /dev/zero | tr '\0' 'x')
-cat > "$work/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["authorization"] = "Bearer $key"
-wrk.headers["content-type"] = "application/json"
-wrk.body = '{"message":"ingest run","level":"error","environment":"bench","tags":{"release":"1.0"},"pad":"$pad"}'
-LUA
+wrk_ingest_setup 19050 100 "ingest pg" "ingest run" "$work/post.lua"
 rows_before=$(events)
 cpu_before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
 steal_ticks() { awk '/^cpu0 / {print $9}' /proc/stat; }

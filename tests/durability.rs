@@ -31,6 +31,15 @@ const LOAD_ISSUES: usize = 5;
 /// Longest a test waits for something it expects (a load to progress, storage to come back).
 const WAIT_LIMIT: Duration = Duration::from_secs(40);
 
+/// Restarts the server (SIGTERM, then the same store) and checks that the project's issues read
+/// the same as before; `what` names the check. Returns the restarted server and those issues.
+fn restart_unchanged(server: Server, project: &Project, what: &str) -> (Server, Vec<Value>) {
+    let before = server.all_issues(project);
+    let server = server.restart();
+    assert_eq!(server.all_issues(project), before, "{what}");
+    (server, before)
+}
+
 fn ingest_url(server: &Server) -> String {
     server.url("/api/v1/events")
 }
@@ -266,14 +275,8 @@ fn restart_keeps_grouping_status_keys_and_settings(backend: Backend) {
         &json!({"sample_rate": 0}),
     );
     assert_eq!(status, 200);
-    let before = server.all_issues(&project);
 
-    let server = server.restart();
-    assert_eq!(
-        server.all_issues(&project),
-        before,
-        "issues unchanged by a restart"
-    );
+    let (server, before) = restart_unchanged(server, &project, "issues unchanged by a restart");
     let (status, _) = server.event(
         key["key"].as_str().unwrap(),
         &json!({"message": "revoked key"}),
@@ -320,13 +323,7 @@ fn restart_keeps_grouping_status_keys_and_settings(backend: Backend) {
         let old = before.iter().find(|i| i["id"] == issue["id"]).unwrap();
         assert_eq!(issue["first_seen"], old["first_seen"]);
     }
-    let after = server.all_issues(&project);
-    let server = server.restart();
-    assert_eq!(
-        server.all_issues(&project),
-        after,
-        "a second restart changes nothing"
-    );
+    let (server, _) = restart_unchanged(server, &project, "a second restart changes nothing");
     assert_eq!(server.store_reader().event_rows(), 4 + 3 + 2 + 1);
 }
 

@@ -330,6 +330,14 @@ fn issues_of_an_old_store_keep_grouping(backend: Backend) {
     let (status, body) = server.event(key, &json!({"message": "Old Boom"}));
     assert_eq!(status, 202, "{body}");
     let issue_id = body["issue_id"].as_str().unwrap().to_string();
+    let assert_in_old_issue = |server: &Server, message: &str| {
+        let (status, body) = server.event(key, &json!({ "message": message }));
+        assert_eq!(
+            (status, body["issue_id"].as_str()),
+            (202, Some(issue_id.as_str())),
+            "{message}: {body}"
+        );
+    };
     assert!(
         server.terminate().success(),
         "clean shutdown: {}",
@@ -340,12 +348,7 @@ fn issues_of_an_old_store_keep_grouping(backend: Backend) {
 
     // Already stopped: this only starts it again, which migrates the store.
     let server = server.kill_and_restart();
-    let (status, body) = server.event(key, &json!({"message": "old boom"}));
-    assert_eq!(
-        (status, body["issue_id"].as_str()),
-        (202, Some(issue_id.as_str())),
-        "{body}"
-    );
+    assert_in_old_issue(&server, "old boom");
     let (status, body) = server.event(key, &json!({"message": "New Boom"}));
     assert_eq!(status, 202);
     assert_ne!(body["issue_id"].as_str(), Some(issue_id.as_str()));
@@ -359,12 +362,7 @@ fn issues_of_an_old_store_keep_grouping(backend: Backend) {
 
     // And again after a restart on the migrated store.
     let server = server.restart();
-    let (status, body) = server.event(key, &json!({"message": "OLD BOOM"}));
-    assert_eq!(
-        (status, body["issue_id"].as_str()),
-        (202, Some(issue_id.as_str())),
-        "{body}"
-    );
+    assert_in_old_issue(&server, "OLD BOOM");
 }
 
 /// Megabyte events that arrive faster than storage takes them wait within the queue's byte

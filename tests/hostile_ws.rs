@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{json, Value};
-use socket2::{Domain, Socket, Type};
 
 const OP_TEXT: u8 = 0x1;
 const OP_CLOSE: u8 = 0x8;
@@ -114,24 +113,7 @@ fn a_64_bit_length_with_the_top_bit_set_closes_with_1002() {
 /// A socket that upgrades on `path` and reads nothing more unless asked: its receive buffer is
 /// tiny, so the server's writes back up after a few kilobytes.
 fn non_reading_client(server: &Server, path: &str) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&server.addr.into()).unwrap();
-    let mut stream: TcpStream = socket.into();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        format!(
-            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    let (status, head, _) = read_response(&mut stream).expect("upgrade answered");
-    assert_eq!(status, 101, "{head}");
-    stream
+    upgrade_with_receive_buffer(server, path, 4096, Duration::from_secs(10))
 }
 
 /// Writes `frame` `count` times in large writes until the server stops taking them.
@@ -154,37 +136,43 @@ fn settled_rise(metrics: &mut MetricsConn, name: &str, before: f64) -> f64 {
     metrics.value(name) - before
 }
 
-#[test]
-fn a_slow_stream_client_is_cut_off_once_and_its_buffered_frames_are_not_handled() {
-    let server = Server::start_with(Backend::Sqlite, &["--stream-buffer", "10"]);
-    let project = server.project("slow-stream");
+/// Starts a server with `flags` and one project, then floods the path `path` gives for it with
+/// `count` copies of `frame` from a client that reads nothing: the server cuts the client off, and
+/// once only.
+fn cut_off_once(
+    flags: &[&str],
+    path: fn(&Project) -> String,
+    frame: &[u8],
+    count: usize,
+) -> (Server, Project) {
+    let server = Server::start_with(Backend::Sqlite, flags);
+    let project = server.project("slow-client");
     let mut metrics = MetricsConn::open(&server);
     let name = "mesher_stream_slow_disconnects_total";
     let before = metrics.value(name);
-    let mut client = non_reading_client(&server, &stream_path(&project));
+    let mut client = non_reading_client(&server, &path(&project));
+    flood(&mut client, frame, count);
+    assert_eq!(settled_rise(&mut metrics, name, before), 1.0);
+    (server, project)
+}
+
+#[test]
+fn a_slow_stream_client_is_cut_off_once_and_its_buffered_frames_are_not_handled() {
     // Each subscribe is answered; unread answers fill the kernel buffers and then the ring, and
     // the client is cut off with megabytes of subscribes still unread by the server.
     let subscribe = text_frame(r#"{"type":"subscribe","filters":{"level":"error"}}"#);
-    flood(&mut client, &subscribe, 100_000);
-    assert_eq!(settled_rise(&mut metrics, name, before), 1.0);
+    cut_off_once(&["--stream-buffer", "10"], stream_path, &subscribe, 100_000);
 }
 
 #[test]
 fn a_slow_ingest_client_is_cut_off_once_and_its_buffered_events_are_not_ingested() {
     // The server stops reading from an ingest client whose answers back up, so it is the stall
-    // timeout that cuts it off.
-    let server = Server::start_with(Backend::Sqlite, &["--stall-timeout", "2"]);
-    let project = server.project("slow-ingest");
-    let mut metrics = MetricsConn::open(&server);
-    let name = "mesher_stream_slow_disconnects_total";
-    let before = metrics.value(name);
-    let mut client = non_reading_client(&server, &ingest_path(&project));
-    // Every event is answered; once the answers back up the client is cut off. Each buffered
-    // frame handled after that would be ingested unanswered and found slow again.
+    // timeout that cuts it off. Every event is answered; once the answers back up the client is
+    // cut off. Each buffered frame handled after that would be ingested unanswered and found slow
+    // again.
     let event = text_frame(r#"{"message":"flood"}"#);
     let sent = 100_000;
-    flood(&mut client, &event, sent);
-    assert_eq!(settled_rise(&mut metrics, name, before), 1.0);
+    let (server, project) = cut_off_once(&["--stall-timeout", "2"], ingest_path, &event, sent);
     let ingested = wait_for_event_total(&server, &project);
     assert!(ingested < sent as u64, "the flood was cut off");
 }

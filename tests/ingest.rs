@@ -787,12 +787,7 @@ fn payload_limits_from_content_length(backend: Backend) {
     let body = json!({"message": message}).to_string();
     assert_eq!(body.len(), EVENT_BODY_BYTES_MAX);
     let reply = server.request("POST", "/api/v1/events", Some(key), Some(body.as_bytes()));
-    assert_eq!(
-        reply.status,
-        202,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
     // A bulk over 1 MiB (under 5 MiB) is fine for the bulk endpoint.
     let part = "b".repeat(EVENT_BODY_BYTES_MAX / 2);
     let bulk = json!([{"message": part}, {"message": part}, {"message": part}]).to_string();
@@ -803,12 +798,7 @@ fn payload_limits_from_content_length(backend: Backend) {
         Some(key),
         Some(bulk.as_bytes()),
     );
-    assert_eq!(
-        reply.status,
-        202,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    assert_eq!(reply.status, 202, "{}", reply.text());
     assert_eq!(
         server.event_total(&project),
         4,
@@ -1120,10 +1110,7 @@ fn full_storage_queue_answers_503_and_loses_nothing(backend: Backend) {
                 overloaded = Some(reply);
                 break;
             }
-            other => panic!(
-                "unexpected {other}: {}",
-                String::from_utf8_lossy(&reply.body)
-            ),
+            other => panic!("unexpected {other}: {}", reply.text()),
         }
     }
     let reply = overloaded.expect("a 503 within 10 events while nothing is flushed");

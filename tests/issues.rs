@@ -60,6 +60,7 @@ fn event_ids_of(server: &Server, project: &Project, issue_id: &str, query: &str)
 fn grouping_follows_the_four_rules(backend: Backend) {
     let server = Server::start_with(backend, &[]);
     let project = server.project("Grouping");
+    let issue = |event: Value| issue_of(&server, &project, event);
     let frames = |line: u32, column: u32| {
         json!([
             {"filename": "app.js", "function_name": "checkout", "lineno": line, "colno": column, "in_app": true},
@@ -68,62 +69,36 @@ fn grouping_follows_the_four_rules(backend: Backend) {
     };
 
     // 1. A custom fingerprint wins over everything; an array is joined with "\n".
-    let custom = issue_of(
-        &server,
-        &project,
-        json!({"message": "first text", "fingerprint": "checkout-flow"}),
-    );
+    let custom = issue(json!({"message": "first text", "fingerprint": "checkout-flow"}));
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
+        issue(
             json!({"message": "other text", "fingerprint": "checkout-flow", "stacktrace": frames(1, 1),
             "exception": {"type_name": "E", "value": "v"}})
         ),
         custom
     );
-    let joined = issue_of(
-        &server,
-        &project,
-        json!({"message": "m", "fingerprint": ["part-a", "part-b"]}),
-    );
+    let joined = issue(json!({"message": "m", "fingerprint": ["part-a", "part-b"]}));
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "n", "fingerprint": "part-a\npart-b"})
-        ),
+        issue(json!({"message": "n", "fingerprint": "part-a\npart-b"})),
         joined
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "m", "fingerprint": ["part-a part-b"]})
-        ),
+        issue(json!({"message": "m", "fingerprint": ["part-a part-b"]})),
         joined
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "first text", "fingerprint": "Checkout-Flow"})
-        ),
+        issue(json!({"message": "first text", "fingerprint": "Checkout-Flow"})),
         custom,
         "custom keys are not normalised"
     );
 
     // 2. A stack trace: files and functions in order, plus the normalised message.
-    let stacked = issue_of(
-        &server,
-        &project,
+    let stacked = issue(
         json!({"message": "Card declined at 0xDEAD", "stacktrace": frames(10, 5),
         "exception": {"type_name": "CardError", "value": "one"}}),
     );
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
+        issue(
             json!({"message": "card DECLINED at dead ", "stacktrace": frames(99, 42),
             "exception": {"type_name": "OtherError", "value": "two"}})
         ),
@@ -131,109 +106,63 @@ fn grouping_follows_the_four_rules(backend: Backend) {
         "line and column numbers and the exception do not count"
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "Card declined at 0xDEAD", "stacktrace": [
-        {"filename": "app.js", "function_name": "checkout"}, {"filename": "lib.js", "function_name": "refund"}]})
-        ),
+        issue(json!({"message": "Card declined at 0xDEAD", "stacktrace": [
+        {"filename": "app.js", "function_name": "checkout"}, {"filename": "lib.js", "function_name": "refund"}]})),
         stacked
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "Card declined at 0xDEAD", "stacktrace": [
-        {"filename": "lib.js", "function_name": "pay"}, {"filename": "app.js", "function_name": "checkout"}]})
-        ),
+        issue(json!({"message": "Card declined at 0xDEAD", "stacktrace": [
+        {"filename": "lib.js", "function_name": "pay"}, {"filename": "app.js", "function_name": "checkout"}]})),
         stacked,
         "frame order counts"
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "Card accepted", "stacktrace": frames(10, 5)})
-        ),
+        issue(json!({"message": "Card accepted", "stacktrace": frames(10, 5)})),
         stacked
     );
 
     // 3. An exception: type and normalised value; the message does not count.
-    let exception = issue_of(
-        &server,
-        &project,
+    let exception = issue(
         json!({"message": "one", "exception": {"type_name": "TypeError", "value": "Bad pointer 0x7F3A"}}),
     );
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
+        issue(
             json!({"message": "two", "exception": {"type_name": "TypeError", "value": "  bad POINTER 7f3a"}})
         ),
         exception
     );
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
+        issue(
             json!({"message": "three", "stacktrace": [], "exception": {"type_name": "TypeError", "value": "bad pointer 0x7f3a"}})
         ),
         exception,
         "an empty stack trace does not count"
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"exception": {"type_name": "RangeError", "value": "Bad pointer 0x7F3A"}})
-        ),
+        issue(json!({"exception": {"type_name": "RangeError", "value": "Bad pointer 0x7F3A"}})),
         exception
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"exception": {"type_name": "TypeError", "value": "Bad pointer 0x7F3B"}})
-        ),
+        issue(json!({"exception": {"type_name": "TypeError", "value": "Bad pointer 0x7F3B"}})),
         exception
     );
 
     // 4. The message alone, normalised: lowercase, every 0x removed, trimmed.
-    let message = issue_of(
-        &server,
-        &project,
-        json!({"message": "Timeout at 0xFF after 0x10 tries"}),
-    );
+    let message = issue(json!({"message": "Timeout at 0xFF after 0x10 tries"}));
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "  timeout AT ff after 10 TRIES\n"})
-        ),
+        issue(json!({"message": "  timeout AT ff after 10 TRIES\n"})),
         message
     );
     assert_eq!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "TIMEOUT AT 0XFF AFTER 0X10 TRIES", "level": "info"})
-        ),
+        issue(json!({"message": "TIMEOUT AT 0XFF AFTER 0X10 TRIES", "level": "info"})),
         message
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "Timeout at 0xFE after 0x10 tries"})
-        ),
+        issue(json!({"message": "Timeout at 0xFE after 0x10 tries"})),
         message
     );
     assert_ne!(
-        issue_of(
-            &server,
-            &project,
-            json!({"message": "Timeout  at 0xFF after 0x10 tries"})
-        ),
+        issue(json!({"message": "Timeout  at 0xFF after 0x10 tries"})),
         message,
         "inner spaces count"
     );
@@ -246,11 +175,7 @@ fn grouping_follows_the_four_rules(backend: Backend) {
         ("msg:timeout at ff after 10 tries", &message),
     ] {
         assert_eq!(
-            &issue_of(
-                &server,
-                &project,
-                json!({"message": "spelled out", "fingerprint": key})
-            ),
+            &issue(json!({"message": "spelled out", "fingerprint": key})),
             expected,
             "{key}"
         );

@@ -20,33 +20,28 @@ struct Process {
     child: Child,
     log: Arc<Mutex<String>>,
     listening: std::sync::mpsc::Receiver<SocketAddr>,
+    /// The threads copying the child's stderr and stdout into `log`.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
     fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
+        let mut command = mesher_command();
         command
             .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("MESHER_") {
-                command.env_remove(name);
-            }
-        }
-        command.envs(env.iter().copied());
+            .envs(env.iter().copied());
         let mut child = command.spawn().expect("start mesher");
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, listening) = std::sync::mpsc::channel();
+        let mut readers = Vec::new();
         for output in [
             Box::new(child.stderr.take().unwrap()) as Box<dyn Read + Send>,
             Box::new(child.stdout.take().unwrap()),
         ] {
             let sink = log.clone();
             let tx = tx.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(output).lines().map_while(Result::ok) {
                     if let Some(addr) = line.strip_prefix("mesher listening on http://") {
                         let _ = tx.send(addr.trim().parse().unwrap());
@@ -55,12 +50,13 @@ impl Process {
                     log.push_str(&line);
                     log.push('\n');
                 }
-            });
+            }));
         }
         Process {
             child,
             log,
             listening,
+            readers,
         }
     }
 
@@ -79,8 +75,11 @@ impl Process {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the readers take the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // Let the readers take the last lines: they end with the child's output.
+                let read_by = Instant::now() + Duration::from_secs(5);
+                while self.readers.iter().any(|r| !r.is_finished()) && Instant::now() < read_by {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -186,13 +185,7 @@ fn sigterm_closes_every_websocket_with_1001_and_exits_0() {
         ingest
             .send(Message::text(r#"{"message":"before shutdown"}"#))
             .unwrap();
-        match ingest.read().unwrap() {
-            Message::Text(text) => assert_eq!(
-                serde_json::from_str::<Value>(&text).unwrap()["status"],
-                "accepted"
-            ),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(next_json(ingest)["status"], "accepted");
     }
     let mut idle_http = server.connect();
     send_raw(
@@ -276,13 +269,7 @@ fn accepted_events_survive_sigterm(backend: Backend) {
             json!({"message": format!("socket {i}"), "fingerprint": "group-0"}).to_string(),
         ))
         .unwrap();
-        match ws.read().unwrap() {
-            Message::Text(text) => assert_eq!(
-                serde_json::from_str::<Value>(&text).unwrap()["status"],
-                "accepted"
-            ),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(next_json(&mut ws)["status"], "accepted");
         expected[0] += 1;
     }
     drop(ws);
@@ -389,40 +376,27 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
     let taken_addr = taken.local_addr().unwrap().to_string();
     // (flags, environment, words the error must name)
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<&'a str>);
-    let cases: Vec<Case> = vec![
-        (vec!["--shards", "abc"], vec![], vec!["--shards", "abc"]),
-        (
-            vec!["--listen", "nowhere"],
-            vec![],
-            vec!["--listen", "nowhere"],
-        ),
-        (
-            vec!["--ack", "sometimes"],
-            vec![],
-            vec!["--ack", "sometimes"],
-        ),
-        (
-            vec!["--request-timeout", "0"],
-            vec![],
-            vec!["--request-timeout", "0"],
-        ),
+    // Most errors name the flag and its value.
+    let named: [&[&str]; 7] = [
+        &["--shards", "abc"],
+        &["--listen", "nowhere"],
+        &["--ack", "sometimes"],
+        &["--request-timeout", "0"],
+        &["--queue-events", "0"],
+        &["--batch-events", "0"],
+        &["--no-such-flag"],
+    ];
+    let mut cases: Vec<Case> = named
+        .iter()
+        .map(|flags| (flags.to_vec(), vec![], flags.to_vec()))
+        .collect();
+    cases.extend([
         (vec!["--stream-buffer", "-5"], vec![], vec!["-5"]),
-        (
-            vec!["--queue-events", "0"],
-            vec![],
-            vec!["--queue-events", "0"],
-        ),
-        (
-            vec!["--batch-events", "0"],
-            vec![],
-            vec!["--batch-events", "0"],
-        ),
         (
             vec![],
             vec![("MESHER_MAX_ISSUES_PER_PROJECT", "0")],
             vec!["--max-issues-per-project", "0"],
         ),
-        (vec!["--no-such-flag"], vec![], vec!["--no-such-flag"]),
         (vec![], vec![("MESHER_SHARDS", "many")], vec!["many"]),
         (vec!["--listen", &taken_addr], vec![], vec![&taken_addr]),
         (
@@ -430,7 +404,7 @@ fn bad_flag_values_exit_non_zero_with_a_clear_message() {
             vec![],
             vec!["storage"],
         ),
-    ];
+    ]);
     let data_dir_text = data_dir.display().to_string();
     for (extra, env, mentions) in cases {
         let mut args = vec!["serve", "--data-dir", &data_dir_text, "--admin-token", "t"];

@@ -303,6 +303,17 @@ fn subscriber_that_never_reads_is_disconnected_and_forgotten() {
         (readers.len() + 1) as f64
     );
 
+    // Bulks of events after the first `published`, each read by the readers before the next.
+    let publish_next_bulk = |published: u64| {
+        publish_paced(
+            &server,
+            &project,
+            published + 1,
+            published + BULK_EVENTS,
+            &progress,
+        )
+    };
+
     // Keep publishing until the server gives up on the stalled client.
     let deadline = Instant::now() + WAIT_LIMIT;
     let mut published = 0;
@@ -311,13 +322,7 @@ fn subscriber_that_never_reads_is_disconnected_and_forgotten() {
             Instant::now() < deadline,
             "a client that takes nothing was never disconnected"
         );
-        publish_paced(
-            &server,
-            &project,
-            published + 1,
-            published + BULK_EVENTS,
-            &progress,
-        );
+        publish_next_bulk(published);
         published += BULK_EVENTS;
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -352,13 +357,7 @@ fn subscriber_that_never_reads_is_disconnected_and_forgotten() {
 
     // The others were not touched: they get the rest, then leave, and nothing is held for them.
     total.store(published + BULK_EVENTS, Ordering::SeqCst);
-    publish_paced(
-        &server,
-        &project,
-        published + 1,
-        published + BULK_EVENTS,
-        &progress,
-    );
+    publish_next_bulk(published);
     for reader in readers {
         reader
             .join()

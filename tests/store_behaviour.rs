@@ -230,13 +230,23 @@ fn store_count(store: &Store, project_id: Option<Uuid>) -> u64 {
     wait(receiver).expect("count events")
 }
 
-fn slow_flush() -> WriterConfig {
+/// Writer settings: a flush every `flush_interval_ms` or at `batch_events_max` events, whichever
+/// comes first, and at most `queue_events_max` events queued.
+fn writer_config(
+    flush_interval_ms: u64,
+    batch_events_max: usize,
+    queue_events_max: usize,
+) -> WriterConfig {
     WriterConfig {
-        flush_interval_ms: 60_000,
-        batch_events_max: 100_000,
-        queue_events_max: 1_000_000,
+        flush_interval_ms,
+        batch_events_max,
+        queue_events_max,
         ..WriterConfig::default()
     }
+}
+
+fn slow_flush() -> WriterConfig {
+    writer_config(60_000, 100_000, 1_000_000)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -428,12 +438,7 @@ fn a_batch_is_one_transaction(db: &dyn TestDb) {
 fn store_acks_after_commit(db: &dyn TestDb) {
     let mut backend = migrated(db);
     let (shop, crash) = seeded(backend.as_mut(), "shop");
-    let config = WriterConfig {
-        flush_interval_ms: 20,
-        batch_events_max: 1_000,
-        queue_events_max: 10_000,
-        ..WriterConfig::default()
-    };
+    let config = writer_config(20, 1_000, 10_000);
     let (store, snapshot) = Store::start(db.open(), config).unwrap();
     assert_eq!(snapshot.projects, vec![shop.clone()]);
     let mut receivers = Vec::new();
@@ -472,13 +477,15 @@ fn store_acks_after_commit(db: &dyn TestDb) {
     store.shutdown();
 }
 
-/// Holds every commit until opened, to fill the queue deterministically.
-struct Gated {
+/// A real backend with a hook before every commit (which may hold the commit, or fail it as an
+/// unreachable database would) and one before every reconnect.
+struct Hooked {
     inner: Box<dyn Backend>,
-    open: Arc<(Mutex<bool>, Condvar)>,
+    before_commit: Box<dyn FnMut(&'static str) -> Result<(), StoreError> + Send>,
+    before_reconnect: Box<dyn FnMut() + Send>,
 }
 
-impl Backend for Gated {
+impl Backend for Hooked {
     fn name(&self) -> &'static str {
         self.inner.name()
     }
@@ -489,12 +496,7 @@ impl Backend for Gated {
         self.inner.load()
     }
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {
-        let (open, changed) = &*self.open;
-        let mut guard = open.lock().unwrap();
-        while !*guard {
-            guard = changed.wait(guard).unwrap();
-        }
-        drop(guard);
+        (self.before_commit)(self.inner.name())?;
         self.inner.commit(batch)
     }
     fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError> {
@@ -513,6 +515,7 @@ impl Backend for Gated {
         self.inner.ping()
     }
     fn reconnect(&mut self) -> Result<(), StoreError> {
+        (self.before_reconnect)();
         self.inner.reconnect()
     }
 }
@@ -520,17 +523,22 @@ impl Backend for Gated {
 fn store_refuses_past_the_queue_bound(db: &dyn TestDb) {
     let mut backend = migrated(db);
     let (shop, crash) = seeded(backend.as_mut(), "shop");
+    // Holds every commit until opened, to fill the queue deterministically.
     let open = Arc::new((Mutex::new(false), Condvar::new()));
-    let gated = Gated {
+    let gate = Arc::clone(&open);
+    let gated = Hooked {
         inner: db.open(),
-        open: Arc::clone(&open),
+        before_commit: Box::new(move |_| {
+            let (open, changed) = &*gate;
+            let mut guard = open.lock().unwrap();
+            while !*guard {
+                guard = changed.wait(guard).unwrap();
+            }
+            Ok(())
+        }),
+        before_reconnect: Box::new(|| {}),
     };
-    let config = WriterConfig {
-        flush_interval_ms: 5,
-        batch_events_max: 2,
-        queue_events_max: 5,
-        ..WriterConfig::default()
-    };
+    let config = writer_config(5, 2, 5);
     let (store, _) = Store::start(Box::new(gated), config).unwrap();
     let submit = |count: usize| {
         let changes = (0..count)
@@ -628,76 +636,34 @@ fn shutdown_flushes_everything(db: &dyn TestDb) {
     assert_eq!(wait(receiver).unwrap_err().kind(), StoreErrorKind::Closed);
 }
 
-/// Fails the first `failures` commits as an unreachable database would.
-struct Flaky {
-    inner: Box<dyn Backend>,
-    failures: usize,
-    reconnects: Arc<AtomicUsize>,
-    failing: Arc<AtomicBool>,
-}
-
-impl Backend for Flaky {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn migrate(&mut self) -> Result<(), StoreError> {
-        self.inner.migrate()
-    }
-    fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.inner.load()
-    }
-    fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {
-        if self.failures > 0 {
-            self.failures -= 1;
-            self.failing.store(true, Ordering::SeqCst);
-            return Err(StoreError::new(
-                self.inner.name(),
-                "commit",
-                StoreErrorKind::Unavailable,
-                "connection refused",
-            ));
-        }
-        self.failing.store(false, Ordering::SeqCst);
-        self.inner.commit(batch)
-    }
-    fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError> {
-        self.inner.latest_events(issue_id, limit)
-    }
-    fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
-        self.inner.count_events(project_id)
-    }
-    fn next_project_number(&mut self) -> Result<i64, StoreError> {
-        self.inner.next_project_number()
-    }
-    fn maintain(&mut self, now_us: i64) -> Result<(), StoreError> {
-        self.inner.maintain(now_us)
-    }
-    fn ping(&mut self) -> Result<(), StoreError> {
-        self.inner.ping()
-    }
-    fn reconnect(&mut self) -> Result<(), StoreError> {
-        self.reconnects.fetch_add(1, Ordering::SeqCst);
-        self.inner.reconnect()
-    }
-}
-
 fn store_retries_failed_commits_without_loss(db: &dyn TestDb) {
     let mut backend = migrated(db);
     let (shop, crash) = seeded(backend.as_mut(), "shop");
     let reconnects = Arc::new(AtomicUsize::new(0));
     let failing = Arc::new(AtomicBool::new(false));
-    let flaky = Flaky {
+    // Fails the first 3 commits as an unreachable database would.
+    let mut failures = 3;
+    let (counted, flagged) = (Arc::clone(&reconnects), Arc::clone(&failing));
+    let flaky = Hooked {
         inner: db.open(),
-        failures: 3,
-        reconnects: Arc::clone(&reconnects),
-        failing: Arc::clone(&failing),
+        before_commit: Box::new(move |backend| {
+            flagged.store(failures > 0, Ordering::SeqCst);
+            if failures == 0 {
+                return Ok(());
+            }
+            failures -= 1;
+            Err(StoreError::new(
+                backend,
+                "commit",
+                StoreErrorKind::Unavailable,
+                "connection refused",
+            ))
+        }),
+        before_reconnect: Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }),
     };
-    let config = WriterConfig {
-        flush_interval_ms: 5,
-        batch_events_max: 1_000,
-        queue_events_max: 1_000,
-        ..WriterConfig::default()
-    };
+    let config = writer_config(5, 1_000, 1_000);
     let (store, _) = Store::start(Box::new(flaky), config).unwrap();
     let (ack, receiver) = oneshot::channel();
     store
@@ -1097,12 +1063,7 @@ fn postgres_store_survives_a_killed_connection() {
     let db = PgDb::new();
     let mut backend = migrated(&db);
     let (shop, crash) = seeded(backend.as_mut(), "shop");
-    let config = WriterConfig {
-        flush_interval_ms: 5,
-        batch_events_max: 1_000,
-        queue_events_max: 10_000,
-        ..WriterConfig::default()
-    };
+    let config = writer_config(5, 1_000, 10_000);
     let (store, _) = Store::start(db.open(), config).unwrap();
     let submit_and_wait = |count: usize| {
         let changes = (0..count)

@@ -39,7 +39,7 @@ use tokio::sync::{oneshot, watch, Semaphore};
 
 use publisher::{PubContext, PubOutcome, PubSpec};
 use stats::{percentiles_us, Counters, ProjectCounts, ShardedHistogram, SubOutcome};
-use subscriber::{ReadyCounts, SubContext, SubSpec};
+use subscriber::{SubContext, SubSpec};
 use sys::{monotonic_us, ServerProbe, ServerSample};
 use target::{Endpoint, PusherApp, Routes, TargetKind};
 
@@ -447,7 +447,7 @@ fn spawn_subscribers(
         counters,
         fast_latency: Arc::new(ShardedHistogram::default()),
         slow_latency: Arc::new(ShardedHistogram::default()),
-        ready: Arc::new(ReadyCounts::new(plan.projects)),
+        ready: Arc::new(ProjectCounts::new(plan.projects)),
         handshakes: Arc::new(Semaphore::new(HANDSHAKES_IN_FLIGHT)),
         source_addrs: cli.source_addrs.clone(),
         ports: subscriber::PortPlan::new(&cli.source_addrs),

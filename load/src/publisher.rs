@@ -24,6 +24,7 @@ const ERROR_SAMPLES_MAX: usize = 3;
 pub struct PubContext {
     pub routes: Arc<Routes>,
     pub counters: Arc<Counters>,
+    /// Accepted events per project, and those of the filtered level.
     pub accepted: Arc<ProjectCounts>,
     pub levels: Vec<&'static str>,
     pub event_bytes: usize,
@@ -220,10 +221,9 @@ pub async fn run_publisher(ctx: Arc<PubContext>, spec: PubSpec) -> PubOutcome {
                     *out.statuses.entry(response.status.to_string()).or_default() += 1;
                     if ctx.routes.accepted(response.status, &response.body) {
                         out.accepted += 1;
-                        ctx.accepted.all[request.project].fetch_add(1, Ordering::Relaxed);
+                        ctx.accepted.unfiltered[request.project].fetch_add(1, Ordering::Relaxed);
                         if request.filtered_level {
-                            ctx.accepted.filtered_level[request.project]
-                                .fetch_add(1, Ordering::Relaxed);
+                            ctx.accepted.filtered[request.project].fetch_add(1, Ordering::Relaxed);
                         }
                         ctx.counters.accepted.fetch_add(1, Ordering::Relaxed);
                     } else {

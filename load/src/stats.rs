@@ -90,23 +90,36 @@ impl ShardedHistogram {
     }
 }
 
-/// Per-project accepted events (all levels, and the filtered level only).
+/// Per-project counts for the two kinds of subscriber, unfiltered and filtered to one level:
+/// the accepted events each kind is owed (all of them, or those of the filtered level), or the
+/// subscribers of each kind that are ready.
 pub struct ProjectCounts {
-    pub all: Vec<AtomicU64>,
-    pub filtered_level: Vec<AtomicU64>,
+    pub unfiltered: Vec<AtomicU64>,
+    pub filtered: Vec<AtomicU64>,
 }
 
 impl ProjectCounts {
     pub fn new(projects: usize) -> Self {
         ProjectCounts {
-            all: (0..projects).map(|_| AtomicU64::new(0)).collect(),
-            filtered_level: (0..projects).map(|_| AtomicU64::new(0)).collect(),
+            unfiltered: (0..projects).map(|_| AtomicU64::new(0)).collect(),
+            filtered: (0..projects).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
     pub fn snapshot(&self) -> (Vec<u64>, Vec<u64>) {
         let load = |v: &Vec<AtomicU64>| v.iter().map(|a| a.load(Ordering::Relaxed)).collect();
-        (load(&self.all), load(&self.filtered_level))
+        (load(&self.unfiltered), load(&self.filtered))
+    }
+
+    /// With these counting ready subscribers: the deliveries (events + dropped) owed to all of
+    /// them for the accepted events of each kind.
+    pub fn expected(&self, accepted_all: &[u64], accepted_filtered: &[u64]) -> u64 {
+        (0..accepted_all.len())
+            .map(|p| {
+                self.unfiltered[p].load(Ordering::Relaxed) * accepted_all[p]
+                    + self.filtered[p].load(Ordering::Relaxed) * accepted_filtered[p]
+            })
+            .sum()
     }
 }
 

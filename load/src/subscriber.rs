@@ -2,7 +2,7 @@
 //! parses frame headers and scans messages by substring.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use crate::frame::{
     encode_client_frame, FrameReader, Message, OPCODE_CLOSE, OPCODE_PONG, OPCODE_TEXT,
 };
 use crate::scan::{self, Dialect, Kind};
-use crate::stats::{Counters, ShardedHistogram, SubOutcome};
+use crate::stats::{Counters, ProjectCounts, ShardedHistogram, SubOutcome};
 use crate::target::{Routes, TargetKind, FILTER_LEVEL};
 
 /// Upgrade response headers larger than this mean a broken server.
@@ -229,37 +229,13 @@ async fn wait_for(
     }
 }
 
-/// How many ready subscribers each project has, by kind (to know the expected deliveries).
-pub struct ReadyCounts {
-    pub unfiltered: Vec<AtomicU64>,
-    pub filtered: Vec<AtomicU64>,
-}
-
-impl ReadyCounts {
-    pub fn new(projects: usize) -> Self {
-        ReadyCounts {
-            unfiltered: (0..projects).map(|_| AtomicU64::new(0)).collect(),
-            filtered: (0..projects).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    /// Deliveries (events + dropped) owed to all ready subscribers.
-    pub fn expected(&self, accepted_all: &[u64], accepted_filtered: &[u64]) -> u64 {
-        (0..accepted_all.len())
-            .map(|p| {
-                self.unfiltered[p].load(Ordering::Relaxed) * accepted_all[p]
-                    + self.filtered[p].load(Ordering::Relaxed) * accepted_filtered[p]
-            })
-            .sum()
-    }
-}
-
 pub struct SubContext {
     pub routes: Arc<Routes>,
     pub counters: Arc<Counters>,
     pub fast_latency: Arc<ShardedHistogram>,
     pub slow_latency: Arc<ShardedHistogram>,
-    pub ready: Arc<ReadyCounts>,
+    /// Ready subscribers of each kind per project (to know the expected deliveries).
+    pub ready: Arc<ProjectCounts>,
     pub handshakes: Arc<Semaphore>,
     pub source_addrs: Vec<IpAddr>,
     pub ports: PortPlan,

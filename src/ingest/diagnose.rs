@@ -72,11 +72,7 @@ impl Scanner<'_> {
             }
             match self.peek() {
                 Some(b'{') => {
-                    self.at += 1;
-                    self.skip_whitespace();
-                    if self.peek() == Some(b'}') {
-                        self.at += 1;
-                    } else {
+                    if !self.open_is_empty(b'}') {
                         stack.push(Container::Object);
                         self.key()?;
                         continue;
@@ -84,11 +80,7 @@ impl Scanner<'_> {
                 }
                 Some(b'[') => {
                     root_is_array |= stack.is_empty();
-                    self.at += 1;
-                    self.skip_whitespace();
-                    if self.peek() == Some(b']') {
-                        self.at += 1;
-                    } else {
+                    if !self.open_is_empty(b']') {
                         stack.push(Container::Array);
                         continue;
                     }
@@ -150,6 +142,18 @@ impl Scanner<'_> {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.at += 1;
         }
+    }
+
+    /// Steps over an opening `{` or `[`; when `close` follows (an empty container), steps over
+    /// it too and says so.
+    fn open_is_empty(&mut self, close: u8) -> bool {
+        self.at += 1;
+        self.skip_whitespace();
+        let empty = self.peek() == Some(close);
+        if empty {
+            self.at += 1;
+        }
+        empty
     }
 
     /// What was found instead of what was expected, at the current byte.

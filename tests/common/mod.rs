@@ -81,7 +81,7 @@ impl Server {
         args: Vec<String>,
         listen: SocketAddr,
     ) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
+        let mut command = mesher_command();
         command
             .arg("serve")
             .arg("--listen")
@@ -91,15 +91,7 @@ impl Server {
             .arg("--admin-token")
             .arg(ADMIN_TOKEN)
             .args(&args)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (name, _) in std::env::vars() {
-            if name.starts_with("MESHER_") {
-                command.env_remove(name);
-            }
-        }
+            .stdout(Stdio::null());
         if let Some(url) = &database_url {
             command.arg("--database-url").arg(url);
         }
@@ -236,28 +228,12 @@ impl Server {
             .http_status_as_error(false)
             .build()
             .into();
-        let url = self.url(path);
-        let mut builder = ureq::http::Request::builder().method(method).uri(&url);
-        if let Some(key) = key {
-            builder = builder.header("authorization", format!("Bearer {key}"));
+        let bearer = key.map(|key| format!("Bearer {key}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(bearer) = &bearer {
+            headers.insert(0, ("authorization", bearer.as_str()));
         }
-        builder = builder.header("content-type", "application/json");
-        let request = builder
-            .body(body.map(|b| b.to_vec()).unwrap_or_default())
-            .unwrap();
-        let mut response = agent.run(request).expect("HTTP exchange");
-        let status = response.status().as_u16();
-        let headers = response
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let body = response.body_mut().read_to_vec().unwrap_or_default();
-        HttpReply {
-            status,
-            headers,
-            body,
-        }
+        http_exchange(&agent, method, &self.url(path), &headers, body)
     }
 
     /// PATCHes a project's settings with the admin token; the answer must be 200.
@@ -277,13 +253,7 @@ impl Server {
 
     pub fn metric(&self, name: &str) -> f64 {
         let r = self.request("GET", "/metrics", None, None);
-        let text = String::from_utf8(r.body).unwrap();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter(|(n, _)| *n == name)
-            .map(|(_, v)| v.parse::<f64>().unwrap())
-            .sum()
+        metric_in(&String::from_utf8(r.body).unwrap(), name)
     }
 
     /// The server's resident memory once settled: the least of a few readings, so a passing
@@ -911,4 +881,27 @@ pub fn upgrade_with_receive_buffer(
         "{head}"
     );
     stream
+}
+
+/// The `mesher` binary with warnings logged to a piped stderr, no stdin, and none of the test
+/// run's own `MESHER_*` variables, so only what a test passes configures it.
+pub fn mesher_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mesher"));
+    command
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars() {
+        if name.starts_with("MESHER_") {
+            command.env_remove(name);
+        }
+    }
+    command
+}
+
+impl HttpReply {
+    /// The body as text, for failure messages.
+    pub fn text(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.body)
+    }
 }
