@@ -35,6 +35,18 @@ fn exchange(server: &Server, bytes: &[u8]) -> (u16, String, Vec<u8>) {
         .unwrap_or_else(|| panic!("no response to {:?}", String::from_utf8_lossy(bytes)))
 }
 
+/// A connection that has sent `head` (and what follows it in the string), waiting at most
+/// 5 s for each answer: shorter than the server's request timeout, so an answer that waits for
+/// a body that never comes fails the test.
+fn send_head(server: &Server, head: &str) -> TcpStream {
+    let mut stream = server.connect();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    send_raw(&mut stream, head.as_bytes());
+    stream
+}
+
 fn json_body(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|e| {
         panic!(
@@ -265,19 +277,11 @@ fn chunked_request_bodies_are_accepted() {
 fn chunked_body_over_the_route_limit_is_refused() {
     let server = Server::start();
     let project = server.project("Chunked Limit");
-    let mut stream = server.connect();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
     // One chunk announced at 2 MB: more than an event may be, whatever follows.
-    send_raw(
-        &mut stream,
-        format!(
+    let mut stream = send_head(&server, &format!(
             "POST /api/v1/events HTTP/1.1\r\nHost: mesher\r\nAuthorization: Bearer {}\r\nTransfer-Encoding: chunked\r\n\r\n1E8480\r\n",
             project.ingest_key
-        )
-        .as_bytes(),
-    );
+        ));
     let (status, _, body) = read_response(&mut stream).expect("answered without the chunk's data");
     assert_eq!(status, 413);
     assert_eq!(error_text(&body), "payload too large");
@@ -360,19 +364,11 @@ fn body_over_the_route_limit_gets_413_from_content_length_alone() {
         ("/api/v1/events", 1024 * 1024 + 1),
         ("/api/v1/events/bulk", 6_000_000),
     ] {
-        let mut stream = server.connect();
         // Shorter than the server's request timeout: the answer must not wait for the body.
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        send_raw(
-            &mut stream,
-            format!(
+        let mut stream = send_head(&server, &format!(
                 "POST {path} HTTP/1.1\r\nHost: mesher\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n",
                 project.ingest_key
-            )
-            .as_bytes(),
-        );
+            ));
         let (status, _, body) = read_response(&mut stream)
             .unwrap_or_else(|| panic!("{path} {length}: 413 before the body"));
         assert_eq!(status, 413, "{path} {length}");
@@ -627,19 +623,11 @@ fn expect_100_continue_is_answered() {
     let server = Server::start();
     let project = server.project("Continue");
     let body = r#"{"message":"after continue"}"#;
-    let mut stream = server.connect();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        format!(
+    let mut stream = send_head(&server, &format!(
             "POST /api/v1/events HTTP/1.1\r\nHost: mesher\r\nAuthorization: Bearer {}\r\nExpect: 100-continue\r\nContent-Length: {}\r\n\r\n",
             project.ingest_key,
             body.len()
-        )
-        .as_bytes(),
-    );
+        ));
     let (status, _, interim) = read_response(&mut stream).expect("100 Continue before the body");
     assert_eq!(status, 100);
     assert!(interim.is_empty());
@@ -648,18 +636,10 @@ fn expect_100_continue_is_answered() {
     assert_eq!(status, 202, "{}", String::from_utf8_lossy(&reply));
 
     // A body that will be refused is refused at once instead of invited.
-    let mut stream = server.connect();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    send_raw(
-        &mut stream,
-        format!(
+    let mut stream = send_head(&server, &format!(
             "POST /api/v1/events HTTP/1.1\r\nHost: mesher\r\nAuthorization: Bearer {}\r\nExpect: 100-continue\r\nContent-Length: 5000000\r\n\r\n",
             project.ingest_key
-        )
-        .as_bytes(),
-    );
+        ));
     assert_eq!(read_response(&mut stream).map(|r| r.0), Some(413));
 }
 

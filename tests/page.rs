@@ -93,6 +93,31 @@ fn page_url(proxy: &Proxy, project: &Project) -> String {
     ))
 }
 
+/// The live page of `project` in a fresh Chromium window of `width` x `height`, reaching the
+/// server through a proxy, once it says it is live.
+struct LivePage {
+    browser: Browser,
+    proxy: Proxy,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+fn open_live(server: &Server, project: &Project, width: u32, height: u32) -> LivePage {
+    let turn = one_browser();
+    let proxy = Proxy::start(server.addr);
+    let browser = Browser::start(width, height);
+    browser.open(&page_url(&proxy, project));
+    browser.wait_for(
+        "live",
+        RECONNECT_WITHIN,
+        "return document.getElementById('connection').dataset.state === 'live';",
+    );
+    LivePage {
+        browser,
+        proxy,
+        _turn: turn,
+    }
+}
+
 fn post(server: &Server, project: &Project, event: Value) -> Value {
     let (status, body) = server.event(&project.ingest_key, &event);
     assert_eq!(status, 202, "{body}");
@@ -121,15 +146,11 @@ fn screenshot_dir() -> PathBuf {
 fn events_issues_status_and_filters_show_live() {
     let server = Server::start();
     let project = server.project("Live Page");
-    let _turn = one_browser();
-    let proxy = Proxy::start(server.addr);
-    let browser = Browser::start(1280, 800);
-    browser.open(&page_url(&proxy, &project));
-    browser.wait_for(
-        "live",
-        RECONNECT_WITHIN,
-        "return document.getElementById('connection').dataset.state === 'live';",
-    );
+    let LivePage {
+        browser,
+        proxy: _proxy,
+        _turn,
+    } = open_live(&server, &project, 1280, 800);
     assert_eq!(text_of(&browser, "#count"), "0");
     assert_eq!(
         browser.run("return location.hash;", json!([])),
@@ -296,15 +317,11 @@ fn the_page_comes_back_after_a_restart_and_after_a_dropped_connection() {
         &project,
         json!({ "message": "before the restart", "level": "error" }),
     );
-    let _turn = one_browser();
-    let proxy = Proxy::start(server.addr);
-    let browser = Browser::start(390, 844);
-    browser.open(&page_url(&proxy, &project));
-    browser.wait_for(
-        "live",
-        RECONNECT_WITHIN,
-        "return document.getElementById('connection').dataset.state === 'live';",
-    );
+    let LivePage {
+        browser,
+        proxy,
+        _turn,
+    } = open_live(&server, &project, 390, 844);
     browser.wait_for(
         "one issue",
         SHOWN_WITHIN,
@@ -366,15 +383,11 @@ fn the_page_comes_back_after_a_restart_and_after_a_dropped_connection() {
 fn the_page_keeps_500_rows_and_answers_a_filter_click_under_200_events_per_second() {
     let server = Server::start();
     let project = server.project("Busy");
-    let _turn = one_browser();
-    let proxy = Proxy::start(server.addr);
-    let browser = Browser::start(1280, 800);
-    browser.open(&page_url(&proxy, &project));
-    browser.wait_for(
-        "live",
-        RECONNECT_WITHIN,
-        "return document.getElementById('connection').dataset.state === 'live';",
-    );
+    let LivePage {
+        browser,
+        proxy: _proxy,
+        _turn,
+    } = open_live(&server, &project, 1280, 800);
     let publisher = {
         let (addr, key) = (server.addr, project.ingest_key.clone());
         std::thread::spawn(move || {

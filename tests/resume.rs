@@ -97,21 +97,26 @@ fn is_event(message: &Value, text: &str) -> bool {
 /// 300 events over a few dozen issues of one level each, one issue resolved and reopened on
 /// the way. One request per event: an unfiltered observer reading along then sees every
 /// message (several counts produced by one request reach a client as the newest one only).
+/// Posts an event on the agent's kept-alive connection; its 202 answer.
+fn accepted(agent: &ureq::Agent, server: &Server, project: &Project, event: &Value) -> Value {
+    let reply = http_exchange(
+        agent,
+        "POST",
+        &server.url("/api/v1/events"),
+        &[("authorization", &format!("Bearer {}", project.ingest_key))],
+        Some(event.to_string().as_bytes()),
+    );
+    assert_eq!(reply.status, 202);
+    reply.json()
+}
+
 fn missed_events(server: &Server, project: &Project) {
     let agent = http_agent();
     let post = |n: usize| {
         let issue = n % 37;
         let event =
             json!({"message": format!("missed {issue}"), "level": LEVELS[issue % 4], "n": n});
-        let reply = http_exchange(
-            &agent,
-            "POST",
-            &server.url("/api/v1/events"),
-            &[("authorization", &format!("Bearer {}", project.ingest_key))],
-            Some(event.to_string().as_bytes()),
-        );
-        assert_eq!(reply.status, 202);
-        reply.json()
+        accepted(&agent, server, project, &event)
     };
     let first = post(0);
     (1..150).for_each(|n| {
@@ -309,14 +314,7 @@ fn with_events_arriving_throughout_each_offset_arrives_exactly_once() {
                 let issue = n % 50;
                 let event =
                     json!({"message": format!("busy {issue}"), "level": LEVELS[issue % 4], "n": n});
-                let reply = http_exchange(
-                    &agent,
-                    "POST",
-                    &server.url("/api/v1/events"),
-                    &[("authorization", &format!("Bearer {}", project.ingest_key))],
-                    Some(event.to_string().as_bytes()),
-                );
-                assert_eq!(reply.status, 202);
+                accepted(&agent, &server, &project, &event);
                 n += 1;
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -880,8 +878,17 @@ fn full_histories_hold_the_frames_and_no_copies() {
     for project in &projects {
         drop(server.subscribe(project));
     }
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_before = server.rss_bytes();
+    let settled = || {
+        // What waits for storage is not history: measure once it is written (a busy machine
+        // may take longer than a second), and a moment later, for the allocator to give back.
+        let mut metrics = MetricsConn::open(&server);
+        assert!(wait_until(Duration::from_secs(60), || metrics
+            .value("mesher_storage_queue_events")
+            == 0.0));
+        std::thread::sleep(Duration::from_secs(1));
+        server.rss_bytes()
+    };
+    let rss_before = settled();
     let mut frame_bytes = 0;
     for project in &projects {
         post_events(&server, project, &events);
@@ -896,8 +903,7 @@ fn full_histories_hold_the_frames_and_no_copies() {
     for message in &replay {
         frame_bytes += message.to_string().len() + 4;
     }
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_after = server.rss_bytes();
+    let rss_after = settled();
     let history_bytes = MetricsConn::open(&server).value("mesher_stream_history_bytes") as u64;
     let estimate = frame_bytes as u64 * PROJECTS as u64;
     eprintln!(

@@ -95,6 +95,14 @@ fn run_node(dsn: &str) {
     run(command);
 }
 
+/// Each issue's title and event count, in the order given.
+fn event_counts<T>(issues: &[(String, u64, T)]) -> Vec<(&str, u64)> {
+    issues
+        .iter()
+        .map(|(title, count, _)| (title.as_str(), *count))
+        .collect()
+}
+
 /// The project's issues by title, with their event counts.
 fn issues_by_title(server: &Server, project: &Project) -> Vec<(String, u64, String)> {
     let mut issues: Vec<(String, u64, String)> = server
@@ -159,10 +167,7 @@ fn python_sdk_events_group_stream_and_keep_their_fields(backend: Backend) {
     // Two ZeroDivisionErrors from one place, one ValueError, KeyError('a') and ('b') from one
     // place, and one log template with two users: four issues.
     let issues = issues_by_title(&server, &project);
-    let summary: Vec<(&str, u64)> = issues
-        .iter()
-        .map(|(title, count, _)| (title.as_str(), *count))
-        .collect();
+    let summary = event_counts(&issues);
     assert_eq!(
         summary,
         [
@@ -342,10 +347,7 @@ fn node_sdk_events_group_and_keep_their_fields(backend: Backend) {
     let project = server.project("Node Shop");
     run_node(&project.dsn);
     let issues = issues_by_title(&server, &project);
-    let summary: Vec<(&str, u64)> = issues
-        .iter()
-        .map(|(title, count, _)| (title.as_str(), *count))
-        .collect();
+    let summary = event_counts(&issues);
     assert_eq!(
         summary,
         [

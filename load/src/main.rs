@@ -271,6 +271,35 @@ impl Plan {
     }
 }
 
+/// One publisher per connection, its share of the rate and of the in-flight window, their
+/// sends spread evenly over each period, from `start_us` to `end_us`.
+fn spawn_publishers(
+    plan: &Plan,
+    ctx: &Arc<PubContext>,
+    start_us: u64,
+    end_us: u64,
+) -> Vec<tokio::task::JoinHandle<publisher::PubOutcome>> {
+    let rate_per_conn = plan.rate / plan.connections as f64;
+    plan.windows()
+        .into_iter()
+        .enumerate()
+        .map(|(index, window)| {
+            tokio::spawn(publisher::run_publisher(
+                ctx.clone(),
+                PubSpec {
+                    index,
+                    window,
+                    rate_per_s: rate_per_conn,
+                    phase: 1.0 - index as f64 / plan.connections as f64,
+                    start_us,
+                    end_us,
+                    reply_deadline_us: end_us + (PUBLISH_REPLY_WAIT_S * 1e6) as u64,
+                },
+            ))
+        })
+        .collect()
+}
+
 fn main() {
     let cli = Cli::parse();
     let workers = std::thread::available_parallelism()
@@ -611,26 +640,7 @@ async fn run_traffic(
     let start_us = monotonic_us();
     let _ = subs.start.send(Some(start_us));
     let end_us = start_us + (plan.duration_s * 1e6) as u64;
-    let rate_per_conn = plan.rate / plan.connections as f64;
-    let pub_handles: Vec<_> = plan
-        .windows()
-        .into_iter()
-        .enumerate()
-        .map(|(index, window)| {
-            tokio::spawn(publisher::run_publisher(
-                pub_ctx.clone(),
-                PubSpec {
-                    index,
-                    window,
-                    rate_per_s: rate_per_conn,
-                    phase: 1.0 - index as f64 / plan.connections as f64,
-                    start_us,
-                    end_us,
-                    reply_deadline_us: end_us + (PUBLISH_REPLY_WAIT_S * 1e6) as u64,
-                },
-            ))
-        })
-        .collect();
+    let pub_handles = spawn_publishers(&plan, &pub_ctx, start_us, end_us);
 
     let mut progress = Progress::new(start_us);
     while !pub_handles.iter().all(|h| h.is_finished()) {
@@ -944,26 +954,7 @@ async fn run_resume(
     let before = sample(probe);
     let start_us = monotonic_us();
     let end_us = start_us + (plan.duration_s * 1e6) as u64;
-    let rate_per_conn = plan.rate / plan.connections as f64;
-    let pub_handles: Vec<_> = plan
-        .windows()
-        .into_iter()
-        .enumerate()
-        .map(|(index, window)| {
-            tokio::spawn(publisher::run_publisher(
-                pub_ctx.clone(),
-                PubSpec {
-                    index,
-                    window,
-                    rate_per_s: rate_per_conn,
-                    phase: 1.0 - index as f64 / plan.connections as f64,
-                    start_us,
-                    end_us,
-                    reply_deadline_us: end_us + (PUBLISH_REPLY_WAIT_S * 1e6) as u64,
-                },
-            ))
-        })
-        .collect();
+    let pub_handles = spawn_publishers(&plan, &pub_ctx, start_us, end_us);
     // Drop and resume one subscriber after another, round-robin, at the resume rate.
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / cli.resume_rate.max(0.1)));
     let mut asked = 0u64;

@@ -418,69 +418,73 @@ impl Backend for SqliteBackend {
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         let load = || -> rusqlite::Result<Snapshot> {
-            let mut snapshot = Snapshot::default();
-            let mut statement = self.connection.prepare(
+            let connection = &self.connection;
+            let projects = all_rows(
+                connection,
                 "SELECT id, name, slug, created_at_us, rate_limit_per_minute, sample_rate,
                     retention_days, number
                  FROM projects ORDER BY created_at_us, id",
+                |row| {
+                    Ok(ProjectRow {
+                        id: Uuid::from_bytes(row.get(0)?),
+                        name: row.get(1)?,
+                        slug: row.get(2)?,
+                        created_at_us: row.get(3)?,
+                        rate_limit_per_minute: row.get(4)?,
+                        sample_rate: row.get(5)?,
+                        retention_days: row.get(6)?,
+                        number: row.get(7)?,
+                    })
+                },
             )?;
-            let mut rows = statement.query([])?;
-            while let Some(row) = rows.next()? {
-                snapshot.projects.push(ProjectRow {
-                    id: Uuid::from_bytes(row.get(0)?),
-                    name: row.get(1)?,
-                    slug: row.get(2)?,
-                    created_at_us: row.get(3)?,
-                    rate_limit_per_minute: row.get(4)?,
-                    sample_rate: row.get(5)?,
-                    retention_days: row.get(6)?,
-                    number: row.get(7)?,
-                });
-            }
-            let mut statement = self.connection.prepare(
+            let keys = all_rows(
+                connection,
                 "SELECT id, project_id, scope, label, key_hash, revoked, created_at_us
                  FROM api_keys ORDER BY created_at_us, id",
+                |row| {
+                    let scope_text: String = row.get(2)?;
+                    let scope = Scope::parse(&scope_text).ok_or_else(|| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            2,
+                            rusqlite::types::Type::Text,
+                            format!("unknown key scope {scope_text:?}").into(),
+                        )
+                    })?;
+                    Ok(KeyRow {
+                        id: Uuid::from_bytes(row.get(0)?),
+                        project_id: Uuid::from_bytes(row.get(1)?),
+                        scope,
+                        label: row.get(3)?,
+                        key_hash: row.get(4)?,
+                        revoked: row.get(5)?,
+                        created_at_us: row.get(6)?,
+                    })
+                },
             )?;
-            let mut rows = statement.query([])?;
-            while let Some(row) = rows.next()? {
-                let scope_text: String = row.get(2)?;
-                let scope = Scope::parse(&scope_text).ok_or_else(|| {
-                    rusqlite::Error::FromSqlConversionFailure(
-                        2,
-                        rusqlite::types::Type::Text,
-                        format!("unknown key scope {scope_text:?}").into(),
-                    )
-                })?;
-                snapshot.keys.push(KeyRow {
-                    id: Uuid::from_bytes(row.get(0)?),
-                    project_id: Uuid::from_bytes(row.get(1)?),
-                    scope,
-                    label: row.get(3)?,
-                    key_hash: row.get(4)?,
-                    revoked: row.get(5)?,
-                    created_at_us: row.get(6)?,
-                });
-            }
-            let mut statement = self.connection.prepare(
+            let issues = all_rows(
+                connection,
                 "SELECT id, project_id, fingerprint_hash, title, level, status, event_count,
                     first_seen_us, last_seen_us
                  FROM issues ORDER BY first_seen_us, id",
+                |row| {
+                    Ok(IssueRow {
+                        id: Uuid::from_bytes(row.get(0)?),
+                        project_id: Uuid::from_bytes(row.get(1)?),
+                        fingerprint: row.get(2)?,
+                        title: row.get(3)?,
+                        level: row.get(4)?,
+                        status: row.get(5)?,
+                        event_count: row.get(6)?,
+                        first_seen_us: row.get(7)?,
+                        last_seen_us: row.get(8)?,
+                    })
+                },
             )?;
-            let mut rows = statement.query([])?;
-            while let Some(row) = rows.next()? {
-                snapshot.issues.push(IssueRow {
-                    id: Uuid::from_bytes(row.get(0)?),
-                    project_id: Uuid::from_bytes(row.get(1)?),
-                    fingerprint: row.get(2)?,
-                    title: row.get(3)?,
-                    level: row.get(4)?,
-                    status: row.get(5)?,
-                    event_count: row.get(6)?,
-                    first_seen_us: row.get(7)?,
-                    last_seen_us: row.get(8)?,
-                });
-            }
-            Ok(snapshot)
+            Ok(Snapshot {
+                projects,
+                keys,
+                issues,
+            })
         };
         load().map_err(|error| sqlite_error("load", error))
     }
@@ -498,64 +502,61 @@ impl Backend for SqliteBackend {
             .connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|error| sqlite_error("begin", error))?;
-        if !rows.projects.is_empty() {
-            let mut upsert = transaction
-                .prepare_cached(UPSERT_PROJECT)
-                .map_err(|error| sqlite_error("upsert projects", error))?;
-            for project in &rows.projects {
-                upsert
-                    .execute(rusqlite::params![
-                        project.id.as_bytes(),
-                        project.name,
-                        project.slug,
-                        project.created_at_us,
-                        project.rate_limit_per_minute,
-                        project.sample_rate,
-                        project.retention_days,
-                        project.number,
-                    ])
-                    .map_err(|error| sqlite_error("upsert projects", error))?;
-            }
-        }
-        if !rows.keys.is_empty() {
-            let mut upsert = transaction
-                .prepare_cached(UPSERT_KEY)
-                .map_err(|error| sqlite_error("upsert api keys", error))?;
-            for key in &rows.keys {
-                upsert
-                    .execute(rusqlite::params![
-                        key.id.as_bytes(),
-                        key.project_id.as_bytes(),
-                        key.scope.as_str(),
-                        key.label,
-                        key.key_hash,
-                        key.revoked,
-                        key.created_at_us,
-                    ])
-                    .map_err(|error| sqlite_error("upsert api keys", error))?;
-            }
-        }
-        if !rows.issues.is_empty() {
-            let mut upsert = transaction
-                .prepare_cached(UPSERT_ISSUE)
-                .map_err(|error| sqlite_error("upsert issues", error))?;
-            for issue in &rows.issues {
+        upsert_all(
+            &transaction,
+            UPSERT_PROJECT,
+            "upsert projects",
+            &rows.projects,
+            |upsert, project| {
+                upsert.execute(rusqlite::params![
+                    project.id.as_bytes(),
+                    project.name,
+                    project.slug,
+                    project.created_at_us,
+                    project.rate_limit_per_minute,
+                    project.sample_rate,
+                    project.retention_days,
+                    project.number,
+                ])
+            },
+        )?;
+        upsert_all(
+            &transaction,
+            UPSERT_KEY,
+            "upsert api keys",
+            &rows.keys,
+            |upsert, key| {
+                upsert.execute(rusqlite::params![
+                    key.id.as_bytes(),
+                    key.project_id.as_bytes(),
+                    key.scope.as_str(),
+                    key.label,
+                    key.key_hash,
+                    key.revoked,
+                    key.created_at_us,
+                ])
+            },
+        )?;
+        upsert_all(
+            &transaction,
+            UPSERT_ISSUE,
+            "upsert issues",
+            &rows.issues,
+            |upsert, issue| {
                 let event_count = i64::try_from(issue.event_count).unwrap_or(i64::MAX);
-                upsert
-                    .execute(rusqlite::params![
-                        issue.id.as_bytes(),
-                        issue.project_id.as_bytes(),
-                        issue.fingerprint,
-                        issue.title,
-                        issue.level,
-                        issue.status,
-                        event_count,
-                        issue.first_seen_us,
-                        issue.last_seen_us,
-                    ])
-                    .map_err(|error| sqlite_error("upsert issues", error))?;
-            }
-        }
+                upsert.execute(rusqlite::params![
+                    issue.id.as_bytes(),
+                    issue.project_id.as_bytes(),
+                    issue.fingerprint,
+                    issue.title,
+                    issue.level,
+                    issue.status,
+                    event_count,
+                    issue.first_seen_us,
+                    issue.last_seen_us,
+                ])
+            },
+        )?;
         let mut chunks = rows.events.chunks_exact(EVENT_ROWS_PER_INSERT);
         for chunk in chunks.by_ref() {
             inserts
@@ -850,6 +851,36 @@ fn classify(error: &rusqlite::Error) -> StoreErrorKind {
 
 fn sqlite_error(operation: &'static str, error: rusqlite::Error) -> StoreError {
     StoreError::new(BACKEND, operation, classify(&error), error)
+}
+
+/// Runs the cached statement `sql` once for each item, as `execute` binds it; `what` names the
+/// step in errors.
+fn upsert_all<T>(
+    transaction: &rusqlite::Transaction<'_>,
+    sql: &str,
+    what: &'static str,
+    items: &[T],
+    mut execute: impl FnMut(&mut rusqlite::CachedStatement<'_>, &T) -> rusqlite::Result<usize>,
+) -> Result<(), StoreError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut statement = transaction
+        .prepare_cached(sql)
+        .map_err(|error| sqlite_error(what, error))?;
+    for item in items {
+        execute(&mut statement, item).map_err(|error| sqlite_error(what, error))?;
+    }
+    Ok(())
+}
+
+/// Every row `sql` selects, each made by `row`.
+fn all_rows<T>(
+    connection: &Connection,
+    sql: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    connection.prepare(sql)?.query_map([], row)?.collect()
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! A small W3C WebDriver client over plain HTTP: a chromedriver of its own and one headless
 //! Chromium session, enough to open the live page, click, read the page and take screenshots.
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,19 +16,11 @@ pub struct Browser {
     agent: ureq::Agent,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Browser {
     /// Starts chromedriver (`CHROMEDRIVER`, else `chromedriver` on the PATH) and a headless
     /// Chromium (`CHROMIUM`, else /usr/bin/chromium) with a window of `width` x `height`.
     pub fn start(width: u32, height: u32) -> Browser {
-        let port = free_port();
+        let port = super::common::free_port();
         let program = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
         let driver = Command::new(&program)
             .arg(format!("--port={port}"))

@@ -905,3 +905,12 @@ impl HttpReply {
         String::from_utf8_lossy(&self.body)
     }
 }
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
