@@ -640,7 +640,7 @@ async fn run_traffic(
     let start_us = monotonic_us();
     let _ = subs.start.send(Some(start_us));
     let end_us = start_us + (plan.duration_s * 1e6) as u64;
-    let pub_handles = spawn_publishers(&plan, &pub_ctx, start_us, end_us);
+    let pub_handles = spawn_publishers(plan, &pub_ctx, start_us, end_us);
 
     let mut progress = Progress::new(start_us);
     while !pub_handles.iter().all(|h| h.is_finished()) {
@@ -954,7 +954,7 @@ async fn run_resume(
     let before = sample(probe);
     let start_us = monotonic_us();
     let end_us = start_us + (plan.duration_s * 1e6) as u64;
-    let pub_handles = spawn_publishers(&plan, &pub_ctx, start_us, end_us);
+    let pub_handles = spawn_publishers(plan, &pub_ctx, start_us, end_us);
     // Drop and resume one subscriber after another, round-robin, at the resume rate.
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / cli.resume_rate.max(0.1)));
     let mut asked = 0u64;
