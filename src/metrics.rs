@@ -602,6 +602,27 @@ mod tests {
     use super::*;
     use crate::conn::limits::Budget;
 
+    #[test]
+    fn envelope_items_count_by_known_type_and_the_rest_as_other() {
+        let sentry = SentryMetrics::default();
+        for item_type in ["event", "client_report", "log", "hologram", "other", ""] {
+            sentry.item(item_type);
+        }
+        let count = |name: &str| {
+            let at = SENTRY_ITEM_TYPES.iter().position(|t| *t == name).unwrap();
+            sentry.items[at].load(Relaxed)
+        };
+        assert_eq!(
+            (count("event"), count("client_report"), count("log")),
+            (1, 1, 1)
+        );
+        assert_eq!(
+            count("other"),
+            3,
+            "unknown types, `other` itself and the empty type"
+        );
+    }
+
     /// Every counter of every shard set to its own value, so that a sample read from the wrong
     /// counter or shard shows in the text.
     fn numbered(shard_count: usize) -> Metrics {

@@ -273,7 +273,7 @@ fn read_envelope(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let sentry = &shard.counters().sentry;
     for item in &envelope.items {
-        sentry.item(item.metric_label());
+        sentry.item(&item.item_type);
     }
     let mut events = Vec::new();
     for item in envelope.events() {

@@ -22,13 +22,6 @@ pub const STORE_BYTES_MAX: usize = ITEM_BYTES_MAX;
 /// 20 MiB envelope of empty items from reaching millions of entries.
 pub const ENVELOPE_ITEMS_MAX: usize = 1000;
 
-/// Item types whose counts are reported by name (`metrics::SENTRY_ITEM_TYPES`, whose last
-/// entry, `other`, counts every other type so that clients cannot grow the label set).
-const KNOWN_ITEM_TYPES: &[&str] = crate::metrics::SENTRY_ITEM_TYPES
-    .split_last()
-    .expect("not empty")
-    .1;
-
 /// A parsed envelope, borrowing the decoded body.
 #[derive(Debug, PartialEq)]
 pub struct Envelope<'a> {
@@ -49,15 +42,6 @@ pub struct Item<'a> {
 impl Item<'_> {
     pub fn is_event(&self) -> bool {
         self.item_type == "event"
-    }
-
-    /// The item's type as a metric label: its name for known types, else `other`.
-    pub fn metric_label(&self) -> &'static str {
-        KNOWN_ITEM_TYPES
-            .iter()
-            .find(|known| **known == self.item_type)
-            .copied()
-            .unwrap_or("other")
     }
 }
 
@@ -302,7 +286,7 @@ mod tests {
             ]
         );
         assert_eq!(envelope.events().count(), 1);
-        assert_eq!(envelope.items[1].metric_label(), "client_report");
+        assert_eq!(envelope.items[1].item_type, "client_report");
     }
 
     #[test]
@@ -367,8 +351,7 @@ mod tests {
             parse_envelope(b"{}\n{\"type\":\"hologram\",\"length\":2}\nhi\n{\"type\":\"log\"}\n[]")
                 .unwrap();
         assert_eq!(envelope.items[0].item_type, "hologram");
-        assert_eq!(envelope.items[0].metric_label(), "other");
-        assert_eq!(envelope.items[1].metric_label(), "log");
+        assert_eq!(envelope.items[1].item_type, "log");
         assert_eq!(envelope.events().count(), 0);
     }
 

@@ -50,8 +50,8 @@ mod tests {
         let parsed = parse_envelope(&body).unwrap();
         let key = parse_dsn(parsed.dsn.as_deref().unwrap()).unwrap();
         assert_eq!((key.public_key, key.project_number), ("k3y", 12));
-        let labels: Vec<&str> = parsed.items.iter().map(Item::metric_label).collect();
-        assert_eq!(labels, ["event", "client_report"]);
+        let types: Vec<&str> = parsed.items.iter().map(|i| i.item_type.as_ref()).collect();
+        assert_eq!(types, ["event", "client_report"]);
 
         let events: Vec<SentryEvent> = parsed
             .events()
