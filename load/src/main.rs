@@ -841,7 +841,8 @@ async fn run_traffic(
         "publish_p99_us": pub_p99,
         "slow_p99_us": slow_p99,
         "slow_ended": slow_ended,
-        "settle_s": settle_s.map(round3),
+        "settle_s": settle_s.map(|(s, _)| round3(s)),
+        "settled": settle_s.map(|(_, idle)| idle),
         "rss_kib": after.map(|s| s.rss_kib),
         "rss_peak_kib": progress.rss_peak_kib.max(after.map(|s| s.rss_kib).unwrap_or(0)),
         "segs_per_delivery": segs_per_delivery.map(round3),
@@ -868,8 +869,9 @@ async fn run_traffic(
 }
 
 /// Waits until the server's processes used under `SETTLE_IDLE_SHARE` of a CPU for
-/// `SETTLE_WINDOW`, or `max_s` passed; returns the seconds until that quiet window began.
-async fn settle(probe: &ServerProbe, max_s: f64) -> Option<f64> {
+/// `SETTLE_WINDOW`, or `max_s` passed; returns the seconds until that quiet window began (or
+/// `max_s`) and whether the server did become idle.
+async fn settle(probe: &ServerProbe, max_s: f64) -> Option<(f64, bool)> {
     let begin = monotonic_us();
     let mut last = sample(probe)?;
     loop {
@@ -878,11 +880,11 @@ async fn settle(probe: &ServerProbe, max_s: f64) -> Option<f64> {
         let waited_s = (monotonic_us() - begin) as f64 / 1e6;
         let busy = now.cpu_s - last.cpu_s;
         if busy < SETTLE_IDLE_SHARE * SETTLE_WINDOW.as_secs_f64() {
-            return Some((waited_s - SETTLE_WINDOW.as_secs_f64()).max(0.0));
+            return Some(((waited_s - SETTLE_WINDOW.as_secs_f64()).max(0.0), true));
         }
         if waited_s >= max_s {
             eprintln!("settle: the server was still busy {max_s:.0}s after the last reply");
-            return Some(waited_s);
+            return Some((waited_s, false));
         }
         last = now;
     }
