@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# Benchmarks Mesher against its peers (Nchan, Sockudo) on loopback with mesher-load.
+# Benchmarks Mesher against its peers (Nchan, Sockudo, Bugsink) on loopback with mesher-load.
 #
-#   scripts/bench.sh [--quick] [--runs N] [--scenarios a,b] [--targets mesher,nchan,sockudo]
-#   (the resume scenario runs against Mesher only: Nchan and Sockudo have no resume)
+#   scripts/bench.sh [--quick] [--runs N] [--scenarios a,b] [--targets mesher,nchan,sockudo,bugsink]
+#   (resume runs against Mesher only; sentry against Mesher and Bugsink; Bugsink runs only sentry)
 #                    [--load-args "--inflight 8 ..."]
 #
-# Installs what is missing (nginx + nchan from Debian, sockudo from crates.io), builds mesher and
+# Installs what is missing (nginx + nchan from Debian, sockudo from crates.io, bugsink from PyPI
+# into target/peers/bugsink), builds mesher and
 # mesher-load in release, then for each scenario and target starts a fresh server pinned to CPU 0,
 # runs the load pinned to CPU 1, stops the server by pid, and prints a markdown table for PERF.md
 # (the median run of each cell by work per server CPU-second, and the mesher/peer ratio).
 # --quick runs every scenario small (all of them in about two minutes); --runs N repeats each
 # cell; --load-args are added to every mesher-load run (they override the scenario's sizes).
 # Environment: BENCH_RESULTS=DIR keeps the raw JSON results, BENCH_PORT_BASE moves the ports
-# (base .. base+3), MESHER_BIN runs that server binary instead of building one, MESHER_ARGS adds
+# (base .. base+4), MESHER_BIN runs that server binary instead of building one, MESHER_ARGS adds
 # server flags (e.g. "--stall-timeout 120 --pong-timeout 120" so that the slow scenario's
 # clients outlive their 60 s pause instead of being disconnected at 30 s, as by default).
 set -euo pipefail
@@ -20,8 +21,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QUICK=0
 RUNS=1
-SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns,resume"
-TARGETS="mesher,nchan,sockudo"
+SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns,resume,sentry"
+TARGETS="mesher,nchan,sockudo,bugsink"
 LOAD_ARGS=""
 PORT_BASE="${BENCH_PORT_BASE:-18080}"
 ADMIN_TOKEN="bench-admin-token"
@@ -32,7 +33,7 @@ SERVER_CPU=0
 LOAD_CPU=1
 
 usage() {
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -90,6 +91,18 @@ else
 fi
 
 has_target() { [[ ",$TARGETS," == *",$1,"* ]]; }
+has_scenario() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+drop_target() { TARGETS="$(echo ",$TARGETS," | sed "s/,$1,/,/; s/^,//; s/,\$//")"; }
+
+# Which targets run which scenario: resume is Mesher's alone, sentry is Mesher's and Bugsink's,
+# and Bugsink (an error tracker, not a pub/sub server) runs only sentry.
+runs_on() {
+    case "$1/$2" in
+    */mesher | sentry/bugsink) return 0 ;;
+    resume/* | sentry/* | */bugsink) return 1 ;;
+    *) return 0 ;;
+    esac
+}
 
 # ---- install -----------------------------------------------------------------------------------
 
@@ -129,6 +142,84 @@ if has_target sockudo && [ ! -x "$SOCKUDO_BIN" ]; then
 fi
 if has_target sockudo && [ ! -x "$SOCKUDO_BIN" ]; then
     TARGETS="$(echo ",$TARGETS," | sed 's/,sockudo,/,/; s/^,//; s/,$//')"
+fi
+
+# Bugsink: a virtualenv under the build directory, and (once per Bugsink version) a migrated
+# SQLite template with one project, copied for every run so that each starts from the same state.
+BUGSINK_DIR="$ROOT/target/peers/bugsink"
+BUGSINK_PY="$BUGSINK_DIR/bin/python3"
+if has_target bugsink && ! has_scenario sentry; then
+    drop_target bugsink
+fi
+if has_target bugsink && [ ! -x "$BUGSINK_DIR/bin/gunicorn" ]; then
+    log "installing bugsink from PyPI into $BUGSINK_DIR"
+    python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv || true
+    rm -rf "$BUGSINK_DIR"
+    if ! { python3 -m venv "$BUGSINK_DIR" &&
+        timeout 600 "$BUGSINK_DIR/bin/pip" install -q --disable-pip-version-check bugsink; } \
+        >"$WORK/bugsink-install.log" 2>&1; then
+        log "bugsink: install failed (see the tail below); skipping the bugsink target"
+        tail -5 "$WORK/bugsink-install.log" >&2 || true
+        rm -rf "$BUGSINK_DIR"
+    fi
+fi
+
+# Writes Bugsink's settings for a run in DIR listening on PORT: the singleserver template (SQLite,
+# the snappea background worker for digests), no quota (its defaults refuse a benchmark's volume
+# within seconds), no phone-home (no internet here), plain http on loopback.
+bugsink_conf() {
+    local dir="$1" port="$2"
+    "$BUGSINK_DIR/bin/bugsink-create-conf" --template singleserver --base-dir "$dir" \
+        --host 127.0.0.1 --port "$port" -o "$dir/bugsink_conf.py" >/dev/null || return 1
+    cat >>"$dir/bugsink_conf.py" <<EOF
+
+# scripts/bench.sh
+BUGSINK["BASE_URL"] = "http://127.0.0.1:$port"
+BUGSINK["PHONEHOME"] = False
+for _quota in ("MAX_EVENTS_PER_PROJECT_PER_5_MINUTES", "MAX_EVENTS_PER_PROJECT_PER_HOUR",
+               "MAX_EVENTS_PER_PROJECT_PER_MONTH", "MAX_EVENTS_PER_5_MINUTES", "MAX_EVENTS_PER_HOUR",
+               "MAX_EVENTS_PER_MONTH"):
+    BUGSINK[_quota] = 10**12
+ALLOWED_HOSTS = ["127.0.0.1"]
+SESSION_COOKIE_SECURE = False
+CSRF_COOKIE_SECURE = False
+EOF
+}
+
+bugsink_manage() {
+    local dir="$1"
+    shift
+    (cd "$dir" && "$BUGSINK_DIR/bin/bugsink-manage" "$@")
+}
+
+BUGSINK_TEMPLATE=""
+if has_target bugsink && [ -x "$BUGSINK_DIR/bin/gunicorn" ]; then
+    version="$("$BUGSINK_PY" -c 'import importlib.metadata as m; print(m.version("bugsink"))' 2>/dev/null || echo unknown)"
+    BUGSINK_TEMPLATE="$BUGSINK_DIR/template-$version"
+    if [ ! -s "$BUGSINK_TEMPLATE/project" ]; then
+        log "bugsink $version: migrating a template database with one project"
+        rm -rf "$BUGSINK_TEMPLATE"
+        mkdir -p "$BUGSINK_TEMPLATE"
+        if bugsink_conf "$BUGSINK_TEMPLATE" 8000 &&
+            bugsink_manage "$BUGSINK_TEMPLATE" migrate -v 0 >"$WORK/bugsink-setup.log" 2>&1 &&
+            bugsink_manage "$BUGSINK_TEMPLATE" migrate --database=snappea -v 0 >>"$WORK/bugsink-setup.log" 2>&1 &&
+            bugsink_manage "$BUGSINK_TEMPLATE" shell -v 0 -c '
+from projects.models import Project
+p = Project.objects.create(name="bench", slug="bench")
+print("PROJECT", p.id, p.sentry_key.hex)' 2>>"$WORK/bugsink-setup.log" |
+            sed -n 's/^PROJECT //p' >"$BUGSINK_TEMPLATE/project.tmp" &&
+            [ -s "$BUGSINK_TEMPLATE/project.tmp" ]; then
+            mv "$BUGSINK_TEMPLATE/project.tmp" "$BUGSINK_TEMPLATE/project"
+        else
+            log "bugsink: setup failed (see the tail below); skipping the bugsink target"
+            tail -5 "$WORK/bugsink-setup.log" >&2 || true
+            rm -rf "$BUGSINK_TEMPLATE"
+            BUGSINK_TEMPLATE=""
+        fi
+    fi
+fi
+if has_target bugsink && [ -z "$BUGSINK_TEMPLATE" ]; then
+    drop_target bugsink
 fi
 
 # ---- build ---------------------------------------------------------------------------------------
@@ -279,6 +370,48 @@ EOF
     MEASURE_PIDS="$pid"
 }
 
+# Bugsink, pinned like the others: gunicorn (3 sync workers, gunicorn's 2 x CPUs + 1 for the one
+# CPU it has) answers ingest, snappea digests in the background; all their processes are measured.
+# The template's project gives the DSN. A few envelopes go first, so that every worker has
+# imported its code before the measurement.
+start_bugsink() {
+    local port=$((PORT_BASE + 4)) dir="$WORK/bugsink"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    bugsink_conf "$dir" "$port" || return 1
+    cp "$BUGSINK_TEMPLATE/db.sqlite3" "$BUGSINK_TEMPLATE/snappea.sqlite3" "$dir/"
+    (cd "$dir" && exec "${PIN_SERVER[@]}" "$BUGSINK_DIR/bin/gunicorn" --bind "127.0.0.1:$port" \
+        --workers 3 --graceful-timeout 2 --access-logfile /dev/null bugsink.wsgi) >"$dir/gunicorn.log" 2>&1 &
+    local pid=$!
+    SERVER_PIDS+=("$pid")
+    (cd "$dir" && exec "${PIN_SERVER[@]}" "$BUGSINK_DIR/bin/bugsink-runsnappea") >"$dir/snappea.log" 2>&1 &
+    local snappea=$!
+    SERVER_PIDS+=("$snappea")
+    wait_port "$port" "$pid" || { tail -20 "$dir/gunicorn.log" >&2; return 1; }
+    local project_id key
+    read -r project_id key <"$BUGSINK_TEMPLATE/project"
+    BUGSINK_DSN="http://$key@127.0.0.1:$port/$project_id"
+    "$BUGSINK_PY" - "$port" "$project_id" "$key" <<'PY' || { tail -20 "$dir/gunicorn.log" >&2; return 1; }
+import gzip, json, sys, urllib.request, uuid
+port, project, key = sys.argv[1:4]
+for _ in range(9):
+    event_id = uuid.uuid4().hex
+    event = json.dumps({"event_id": event_id, "level": "error", "platform": "python",
+                        "message": "bench warm-up"})
+    body = f'{{"event_id":"{event_id}"}}\n{{"type":"event"}}\n{event}\n'.encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/{project}/envelope/", data=gzip.compress(body),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/x-sentry-envelope",
+                 "X-Sentry-Auth": f"Sentry sentry_key={key}, sentry_version=7"})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        assert reply.status == 200, reply.status
+PY
+    local workers
+    workers="$(pgrep -P "$pid" | paste -sd, -)"
+    SERVER_URL="http://127.0.0.1:$port"
+    MEASURE_PIDS="$pid${workers:+,$workers},$snappea"
+}
+
 # ---- scenarios -----------------------------------------------------------------------------------
 
 # Arguments of each scenario in --quick mode (the full mode uses mesher-load's defaults, which
@@ -293,6 +426,7 @@ quick_args() {
     e2e) echo "--subscribers 200 --rate 500 --duration 2" ;;
     conns) echo "--subscribers 1000 --duration 1" ;;
     resume) echo "--subscribers 200 --duration 3" ;;
+    sentry) echo "--connections 8 --duration 3 --settle-max 15" ;;
     *) echo "" ;;
     esac
 }
@@ -307,6 +441,9 @@ for scenario in "${scenario_list[@]}"; do
             log "resume / $target: skipped, $target has no resume (Mesher only)"
             continue
         fi
+        if ! runs_on "$scenario" "$target"; then
+            continue
+        fi
         for run in $(seq "$RUNS"); do
             log "$scenario / $target (run $run of $RUNS)"
             if ! "start_$target"; then
@@ -317,6 +454,7 @@ for scenario in "${scenario_list[@]}"; do
             extra=""
             [ "$QUICK" = 1 ] && extra="$(quick_args "$scenario")"
             extra="$extra $LOAD_ARGS"
+            [ "$target" = bugsink ] && extra="--dsn $BUGSINK_DSN $extra"
             # shellcheck disable=SC2086
             if ! "${PIN_LOAD[@]}" "$LOAD" "$scenario" --target "$target" --url "$SERVER_URL" \
                 --admin-token "$ADMIN_TOKEN" --app-id "$APP_ID" --app-key "$APP_KEY" \
@@ -362,6 +500,14 @@ def key_figure(row):
         return row.get("upgrades_per_server_cpu_s") or row.get("upgrades_per_s") or 0
     return row.get("deliveries_per_server_cpu_s") or row.get("deliveries_per_s") or 0
 
+def runs_on(scenario, target):
+    # As runs_on in the shell above: Bugsink runs only sentry, sentry runs on Mesher and Bugsink.
+    if target == "mesher":
+        return True
+    if scenario == "sentry" or target == "bugsink":
+        return scenario == "sentry" and target == "bugsink"
+    return True
+
 def median_row(rows):
     rows = sorted(rows, key=key_figure)
     return rows[(len(rows) - 1) // 2]
@@ -380,6 +526,8 @@ for scenario in scenarios:
         rows = cells.get((scenario, target))
         if scenario == "resume" and target != "mesher":
             print(f"| {scenario} | {target} | 0 | | | | | | | | | | | | | not run: {target} has no resume |")
+            continue
+        if not runs_on(scenario, target):
             continue
         if not rows:
             print(f"| {scenario} | {target} | 0 | | | | | | | | | | | | | no result |")
@@ -420,6 +568,13 @@ for scenario in scenarios:
             notes.append(f"{r['violations']} count violations")
         if scenario == "ingest":
             notes.append("accepted events")
+        if scenario == "sentry":
+            notes.append("envelopes answered 200, gzip, ~4 KB event each")
+            if r.get("settle_s") is not None:
+                busy = f"server busy {r['settle_s']:.1f} s after the last reply (counted)"
+                if r.get("settled") is False:
+                    busy += ", still busy when measuring stopped"
+                notes.append(busy)
         print(f"| {scenario} | {target} | {len(rows)} | {fmt(r.get('sent'))} | {fmt(r.get('deliveries_per_s'))} "
               f"| {fmt(r.get('deliveries_per_server_cpu_s'))} | {ratio} | {fmt(r.get('p50_us'))} "
               f"| {fmt(r.get('p99_us'))} | {fmt(r.get('p999_us'))} | {fmt(r.get('dropped'))} | {fmt(r.get('wrong'))} "

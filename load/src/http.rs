@@ -143,15 +143,39 @@ fn parse_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
     }
 }
 
-/// Appends a POST request with a body.
+/// Appends a POST request with a JSON body.
 pub fn push_post(out: &mut Vec<u8>, host: &str, target: &str, headers: &str, body: &[u8]) {
+    push_post_with(
+        out,
+        host,
+        target,
+        headers,
+        b"Content-Type: application/json\r\n",
+        body,
+    );
+}
+
+/// Appends a POST request whose `headers` (each line ending CRLF) say what the body is.
+pub fn push_post_raw(out: &mut Vec<u8>, host: &str, target: &str, headers: &str, body: &[u8]) {
+    push_post_with(out, host, target, headers, b"", body);
+}
+
+fn push_post_with(
+    out: &mut Vec<u8>,
+    host: &str,
+    target: &str,
+    headers: &str,
+    content_type: &[u8],
+    body: &[u8],
+) {
     out.extend_from_slice(b"POST ");
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\nHost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(headers.as_bytes());
-    out.extend_from_slice(b"Content-Type: application/json\r\nContent-Length: ");
+    out.extend_from_slice(content_type);
+    out.extend_from_slice(b"Content-Length: ");
     out.extend_from_slice(body.len().to_string().as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
     out.extend_from_slice(body);

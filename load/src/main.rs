@@ -1,10 +1,11 @@
-//! mesher-load: load generator for the Mesher server and its peers (Nchan, Sockudo).
+//! mesher-load: load generator for the Mesher server and its peers (Nchan, Sockudo, Bugsink).
 //!
 //! # Layout
 //! - `frame`: WebSocket frame reader (server frames) and encoder (masked client frames).
 //! - `scan`: substring inspection of stream messages (kind, `sent_us`, level).
 //! - `http`: HTTP/1.1 response parser for keep-alive, pipelined publishers.
 //! - `pusher`: Pusher HTTP API signing (Sockudo).
+//! - `sentry`: gzip Sentry envelopes as sentry-python sends them, routes from a DSN.
 //! - `target`: per-server routes: projects/channels, subscribe paths, publish requests.
 //! - `subscriber`: stream connections and their read loop.
 //! - `publisher`: paced, windowed publishers that count accepted events.
@@ -23,6 +24,7 @@ mod publisher;
 mod pusher;
 mod resume;
 mod scan;
+mod sentry;
 mod stats;
 mod subscriber;
 mod sys;
@@ -64,6 +66,9 @@ const READ_BUFFER_BYTES: usize = 16 * 1024;
 const IDLE_READ_BUFFER_BYTES: usize = 1024;
 /// conns: pause between the last upgrade and the first idle sample, so accept bursts settle.
 const CONNS_SETTLE: Duration = Duration::from_secs(1);
+/// sentry: the server is idle again after this long under `SETTLE_IDLE_SHARE` of a CPU.
+const SETTLE_WINDOW: Duration = Duration::from_millis(500);
+const SETTLE_IDLE_SHARE: f64 = 0.05;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Scenario {
@@ -84,6 +89,9 @@ enum Scenario {
     /// 1,000 subscribers dropping and resuming (`?since=`) at --resume-rate per second under a
     /// steady 200 events/s (Mesher only: the peers have no resume).
     Resume,
+    /// Sentry envelopes (one ~4 KB Python exception event each, gzip) on 16 connections, no
+    /// subscribers; Mesher or Bugsink. Server CPU is counted until the server is idle again.
+    Sentry,
 }
 
 impl Scenario {
@@ -97,6 +105,7 @@ impl Scenario {
             Scenario::E2e => "e2e",
             Scenario::Conns => "conns",
             Scenario::Resume => "resume",
+            Scenario::Sentry => "sentry",
         }
     }
 }
@@ -104,7 +113,7 @@ impl Scenario {
 #[derive(Parser, Debug)]
 #[command(
     name = "mesher-load",
-    about = "Load generator for Mesher and its peers (Nchan, Sockudo)",
+    about = "Load generator for Mesher and its peers (Nchan, Sockudo, Bugsink)",
     // A later value wins, so scripts can append overrides to a scenario's arguments.
     args_override_self = true
 )]
@@ -156,6 +165,13 @@ struct Cli {
     /// Subscribers that drop their connection and resume, per second (resume).
     #[arg(long, default_value_t = 50.0)]
     resume_rate: f64,
+    /// sentry: the DSN to send envelopes to (Bugsink); Mesher's comes from project creation.
+    #[arg(long)]
+    dsn: Option<String>,
+    /// sentry: after the last reply, server CPU keeps being counted until the server is idle
+    /// (under 5% of a CPU for half a second), for at most this many seconds.
+    #[arg(long, default_value_t = 30.0)]
+    settle_max: f64,
     /// Seconds allowed for creating projects and connecting subscribers.
     #[arg(long, default_value_t = 120.0)]
     setup_timeout: f64,
@@ -205,6 +221,7 @@ impl Plan {
                 E2e => (1000, 20, 512, 2000.0, 4, 16, 10.0, FilterMode::All),
                 Conns => (18_000, 1, 512, 0.0, 0, 0, 5.0, FilterMode::None),
                 Resume => (1000, 1, 512, 200.0, 1, 16, 20.0, FilterMode::None),
+                Sentry => (0, 1, 0, 0.0, 16, 1, 10.0, FilterMode::None),
             };
         let slow_secs = cli.slow_secs.unwrap_or(60.0);
         let duration_s = cli.duration.unwrap_or(if cli.scenario == Slow {
@@ -219,9 +236,11 @@ impl Plan {
         };
         let mut connections = cli.connections.unwrap_or(connections);
         let inflight = cli.inflight.unwrap_or(window * connections);
-        if cli.target == TargetKind::Sockudo && inflight > connections {
-            // Sockudo closes its HTTP API connection after every reply, so a pipelined request
-            // would be lost: each request in flight needs its own connection.
+        if matches!(cli.target, TargetKind::Sockudo | TargetKind::Bugsink) && inflight > connections
+        {
+            // Sockudo (HTTP API) and Bugsink (gunicorn's sync workers) close the connection
+            // after every reply, so a pipelined request would be lost: each request in flight
+            // needs its own connection.
             connections = inflight;
         }
         Plan {
@@ -402,8 +421,22 @@ async fn run(cli: Cli) -> Result<Report, String> {
             "{fds_needed} file descriptors needed but the limit is {nofile}: run several processes"
         ));
     }
+    let is_sentry = plan.scenario == Scenario::Sentry;
+    let runs_here = match plan.target {
+        TargetKind::Mesher => true,
+        TargetKind::Bugsink => is_sentry,
+        TargetKind::Nchan | TargetKind::Sockudo => !is_sentry,
+    };
+    if !runs_here {
+        return Err(format!(
+            "{} does not run the {} scenario (sentry: mesher or bugsink)",
+            plan.target.name(),
+            plan.scenario.name()
+        ));
+    }
     let watchdog_s = cli.setup_timeout
         + plan.duration_s
+        + if is_sentry { cli.settle_max } else { 0.0 }
         + plan.slow_secs * f64::from(u8::from(plan.slow_fraction > 0.0))
         + PUBLISH_REPLY_WAIT_S
         + DRAIN_MAX_S
@@ -439,13 +472,22 @@ async fn run(cli: Cli) -> Result<Report, String> {
         secret: cli.app_secret.clone(),
     };
     let filtered_channels = plan.filter != FilterMode::None && plan.target != TargetKind::Mesher;
-    let routes = Arc::new(Routes::new(
-        plan.target,
-        endpoint,
-        projects,
-        app,
-        filtered_channels,
-    ));
+    let dsn = match (is_sentry, &cli.dsn) {
+        (false, _) => None,
+        (true, Some(dsn)) => Some(dsn.clone()),
+        (true, None) if plan.target == TargetKind::Mesher => Some(
+            projects[0]
+                .dsn
+                .clone()
+                .ok_or("the project answer carries no dsn")?,
+        ),
+        (true, None) => return Err("--dsn is required for bugsink".into()),
+    };
+    let mut routes = Routes::new(plan.target, endpoint, projects, app, filtered_channels);
+    if let Some(dsn) = dsn {
+        routes = routes.with_sentry(sentry::Dsn::parse(&dsn)?, rand::random());
+    }
+    let routes = Arc::new(routes);
     let probe = ServerProbe::new(cli.server_pid.clone());
     if plan.scenario == Scenario::Conns {
         run_conns(&cli, &plan, routes, &probe).await
@@ -690,6 +732,13 @@ async fn run_traffic(
             progress.tick(&counters, probe);
         }
     }
+    // Work the server does after answering (Bugsink digests in a background worker, Mesher
+    // writes to storage) is part of what an envelope costs.
+    let settle_s = if plan.scenario == Scenario::Sentry {
+        settle(probe, cli.settle_max).await
+    } else {
+        None
+    };
     let after = sample(probe);
     let segs_after = sys::tcp_out_segs();
     let client_cpu_s = sys::own_cpu_s() - client_cpu_before;
@@ -736,7 +785,7 @@ async fn run_traffic(
     error_samples.truncate(5);
     let sent: u64 = all.iter().sum();
 
-    let is_ingest = plan.scenario == Scenario::Ingest;
+    let is_ingest = matches!(plan.scenario, Scenario::Ingest | Scenario::Sentry);
     let deliveries = if is_ingest { sent } else { check.received };
     let latency = if is_ingest {
         &reply_latency
@@ -792,6 +841,8 @@ async fn run_traffic(
         "publish_p99_us": pub_p99,
         "slow_p99_us": slow_p99,
         "slow_ended": slow_ended,
+        "settle_s": settle_s.map(|(s, _)| round3(s)),
+        "settled": settle_s.map(|(_, idle)| idle),
         "rss_kib": after.map(|s| s.rss_kib),
         "rss_peak_kib": progress.rss_peak_kib.max(after.map(|s| s.rss_kib).unwrap_or(0)),
         "segs_per_delivery": segs_per_delivery.map(round3),
@@ -815,6 +866,28 @@ async fn run_traffic(
     }
     let markdown = markdown_row(&v);
     Ok(Report { json: v, markdown })
+}
+
+/// Waits until the server's processes used under `SETTLE_IDLE_SHARE` of a CPU for
+/// `SETTLE_WINDOW`, or `max_s` passed; returns the seconds until that quiet window began (or
+/// `max_s`) and whether the server did become idle.
+async fn settle(probe: &ServerProbe, max_s: f64) -> Option<(f64, bool)> {
+    let begin = monotonic_us();
+    let mut last = sample(probe)?;
+    loop {
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        let now = sample(probe)?;
+        let waited_s = (monotonic_us() - begin) as f64 / 1e6;
+        let busy = now.cpu_s - last.cpu_s;
+        if busy < SETTLE_IDLE_SHARE * SETTLE_WINDOW.as_secs_f64() {
+            return Some(((waited_s - SETTLE_WINDOW.as_secs_f64()).max(0.0), true));
+        }
+        if waited_s >= max_s {
+            eprintln!("settle: the server was still busy {max_s:.0}s after the last reply");
+            return Some((waited_s, false));
+        }
+        last = now;
+    }
 }
 
 async fn run_conns(

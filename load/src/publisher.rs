@@ -144,6 +144,7 @@ pub async fn run_publisher(ctx: Arc<PubContext>, spec: PubSpec) -> PubOutcome {
             ctx.routes.push_publish(
                 &mut requests,
                 &mut scratch,
+                seq,
                 project,
                 level,
                 sent_us,

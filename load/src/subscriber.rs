@@ -283,7 +283,7 @@ async fn set_up(
                 wait_for(&mut stream, reader, dialect, Kind::FiltersUpdated).await?;
             }
         }
-        TargetKind::Nchan => {}
+        TargetKind::Nchan | TargetKind::Bugsink => {}
         TargetKind::Sockudo => {
             wait_for(&mut stream, reader, dialect, Kind::PusherEstablished).await?;
             let channel = routes.peer_channel(spec.project, spec.filtered);

@@ -22,6 +22,14 @@ pub fn unix_time_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// Microseconds since the Unix epoch (Sentry timestamps).
+pub fn unix_time_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 fn clock_ticks_per_s() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

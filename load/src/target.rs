@@ -4,15 +4,18 @@
 
 use std::net::SocketAddr;
 
-use crate::http::{parse_response, push_post};
+use crate::http::{parse_response, push_post, push_post_raw};
 use crate::pusher;
 use crate::scan::Dialect;
+use crate::sentry::{Dsn, Envelopes};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TargetKind {
     Mesher,
     Nchan,
     Sockudo,
+    /// Bugsink, a self-hosted Sentry-protocol error tracker (the `sentry` scenario only).
+    Bugsink,
 }
 
 impl TargetKind {
@@ -21,13 +24,14 @@ impl TargetKind {
             TargetKind::Mesher => "mesher",
             TargetKind::Nchan => "nchan",
             TargetKind::Sockudo => "sockudo",
+            TargetKind::Bugsink => "bugsink",
         }
     }
 
     pub fn dialect(self) -> Dialect {
         match self {
             TargetKind::Mesher => Dialect::Mesher,
-            TargetKind::Nchan => Dialect::Raw,
+            TargetKind::Nchan | TargetKind::Bugsink => Dialect::Raw,
             TargetKind::Sockudo => Dialect::Pusher,
         }
     }
@@ -71,6 +75,8 @@ pub struct Project {
     /// Mesher only.
     pub ingest_key: String,
     pub dashboard_key: String,
+    /// Mesher: the project's Sentry DSN (`http://INGEST_KEY@HOST/NUMBER`).
+    pub dsn: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +95,16 @@ pub struct Routes {
     pub filtered_channels: bool,
     /// Mesher: `Authorization` header line per project.
     auth_headers: Vec<String>,
+    /// The `sentry` scenario: every publish is a Sentry envelope to this project.
+    sentry: Option<SentryRoute>,
+}
+
+/// Where Sentry envelopes go and what they hold.
+struct SentryRoute {
+    dsn: Dsn,
+    path: String,
+    headers: String,
+    envelopes: Envelopes,
 }
 
 /// Appends the benchmark event: the same JSON for every target, padded to `event_bytes`.
@@ -124,7 +140,20 @@ impl Routes {
             app,
             filtered_channels,
             auth_headers,
+            sentry: None,
         }
+    }
+
+    /// Every publish becomes a gzip Sentry envelope posted as the DSN says; event ids start
+    /// with `run_prefix`.
+    pub fn with_sentry(mut self, dsn: Dsn, run_prefix: u64) -> Routes {
+        self.sentry = Some(SentryRoute {
+            path: dsn.envelope_path(),
+            headers: dsn.headers(),
+            envelopes: Envelopes::new(&dsn.key, run_prefix),
+            dsn,
+        });
+        self
     }
 
     /// Peer channel names for one run: unique, so that no message buffered by an earlier run
@@ -135,6 +164,7 @@ impl Routes {
                 id: format!("b{run_id}-p{i}"),
                 ingest_key: String::new(),
                 dashboard_key: String::new(),
+                dsn: None,
             })
             .collect()
     }
@@ -149,6 +179,7 @@ impl Routes {
                 "/app/{}?protocol=7&client=mesher-load&version=0.1.0&flash=false",
                 self.app.key
             ),
+            TargetKind::Bugsink => "/".to_string(),
         }
     }
 
@@ -162,17 +193,32 @@ impl Routes {
         }
     }
 
-    /// Appends one publish request; `scratch` is reused between calls.
+    /// Appends one publish request, the `seq`th of the run; `scratch` is reused between calls.
+    #[allow(clippy::too_many_arguments)]
     pub fn push_publish(
         &self,
         out: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
+        seq: u64,
         project: usize,
         level: &str,
         sent_us: u64,
         event_bytes: usize,
     ) {
         scratch.clear();
+        if let Some(sentry) = &self.sentry {
+            sentry
+                .envelopes
+                .push_body(scratch, seq, crate::sys::unix_time_us());
+            push_post_raw(
+                out,
+                &sentry.dsn.host,
+                &sentry.path,
+                &sentry.headers,
+                scratch,
+            );
+            return;
+        }
         push_event(scratch, level, sent_us, event_bytes);
         let host = &self.endpoint.host;
         let also_filtered = self.filtered_channels && level == FILTER_LEVEL;
@@ -184,7 +230,7 @@ impl Routes {
                 &self.auth_headers[project],
                 scratch,
             ),
-            TargetKind::Nchan => {
+            TargetKind::Nchan | TargetKind::Bugsink => {
                 let channel = &self.projects[project].id;
                 let target = if also_filtered {
                     format!("/pubm?ch={channel}&ch2={channel}{FILTERED_CHANNEL_SUFFIX}")
@@ -219,9 +265,15 @@ impl Routes {
 
     /// Whether a publish reply means the event was taken (and will be streamed).
     pub fn accepted(&self, status: u16, body: &[u8]) -> bool {
+        if self.sentry.is_some() {
+            // Sentry's answer to a stored (or sampled, or deduplicated) event.
+            return status == 200 && crate::scan::find(body, b"\"id\"").is_some();
+        }
         match self.kind {
             TargetKind::Mesher => status == 202 && crate::scan::find(body, b"accepted").is_some(),
-            TargetKind::Nchan | TargetKind::Sockudo => (200..300).contains(&status),
+            TargetKind::Nchan | TargetKind::Sockudo | TargetKind::Bugsink => {
+                (200..300).contains(&status)
+            }
         }
     }
 }
@@ -274,6 +326,7 @@ pub async fn create_mesher_projects(
                         id: field("id")?,
                         ingest_key: field("ingest_key")?,
                         dashboard_key: field("dashboard_key")?,
+                        dsn: field("dsn").ok(),
                     },
                 ));
             }
@@ -363,6 +416,7 @@ mod tests {
                 id: "P".into(),
                 ingest_key: "mshr_k".into(),
                 dashboard_key: "mshd_k".into(),
+                dsn: None,
             }],
             PusherApp {
                 id: "app".into(),
@@ -396,7 +450,7 @@ mod tests {
     fn sockudo_publish_carries_the_event_as_a_string_to_both_channels() {
         let routes = routes(TargetKind::Sockudo);
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
-        routes.push_publish(&mut out, &mut scratch, 0, "error", 99, 512);
+        routes.push_publish(&mut out, &mut scratch, 0, 0, "error", 99, 512);
         assert!(out.starts_with(b"POST /apps/app/events?auth_key=key&auth_timestamp="));
         let body: serde_json::Value = serde_json::from_slice(body_of(&out)).unwrap();
         assert_eq!(body["channels"], serde_json::json!(["P", "P-err"]));
@@ -404,7 +458,7 @@ mod tests {
             serde_json::from_str(body["data"].as_str().unwrap()).unwrap();
         assert_eq!(event["sent_us"], 99);
         out.clear();
-        routes.push_publish(&mut out, &mut scratch, 0, "info", 99, 512);
+        routes.push_publish(&mut out, &mut scratch, 0, 0, "info", 99, 512);
         let body: serde_json::Value = serde_json::from_slice(body_of(&out)).unwrap();
         assert_eq!(body["channels"], serde_json::json!(["P"]));
     }
@@ -412,13 +466,13 @@ mod tests {
     #[test]
     fn nchan_and_mesher_publish_targets() {
         let (mut out, mut scratch) = (Vec::new(), Vec::new());
-        routes(TargetKind::Nchan).push_publish(&mut out, &mut scratch, 0, "error", 1, 100);
+        routes(TargetKind::Nchan).push_publish(&mut out, &mut scratch, 0, 0, "error", 1, 100);
         assert!(out.starts_with(b"POST /pubm?ch=P&ch2=P-err HTTP/1.1\r\n"));
         out.clear();
-        routes(TargetKind::Nchan).push_publish(&mut out, &mut scratch, 0, "debug", 1, 100);
+        routes(TargetKind::Nchan).push_publish(&mut out, &mut scratch, 0, 0, "debug", 1, 100);
         assert!(out.starts_with(b"POST /pub?ch=P HTTP/1.1\r\n"));
         out.clear();
-        routes(TargetKind::Mesher).push_publish(&mut out, &mut scratch, 0, "error", 1, 100);
+        routes(TargetKind::Mesher).push_publish(&mut out, &mut scratch, 0, 0, "error", 1, 100);
         assert!(out.starts_with(b"POST /api/v1/events HTTP/1.1\r\n"));
         assert!(crate::scan::find(&out, b"Authorization: Bearer mshr_k\r\n").is_some());
         assert_eq!(body_of(&out).len(), 100);

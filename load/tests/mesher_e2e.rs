@@ -194,6 +194,17 @@ fn every_scenario_adds_up_against_mesher() {
     assert_eq!(ingest["sent"], ingest["deliveries"], "{ingest}");
     assert!(ingest["p99_us"].as_u64().unwrap() > 0, "{ingest}");
 
+    let sentry = run_load(
+        &server,
+        &["sentry", "--connections", "2", "--duration", "1"],
+    );
+    assert_eq!(sentry["errors"], 0, "{sentry}");
+    assert!(sentry["sent"].as_u64().unwrap() > 0, "{sentry}");
+    assert_eq!(sentry["sent"], sentry["deliveries"], "{sentry}");
+    assert_eq!(sentry["publish_status"]["200"], sentry["sent"], "{sentry}");
+    assert!(sentry["p99_us"].as_u64().unwrap() > 0, "{sentry}");
+    assert!(sentry["settle_s"].as_f64().is_some(), "{sentry}");
+
     let conns = run_load(
         &server,
         &["conns", "--subscribers", "200", "--duration", "1"],
