@@ -2,7 +2,7 @@
 # Benchmarks Mesher against its peers (Nchan, Sockudo, Bugsink) on loopback with mesher-load.
 #
 #   scripts/bench.sh [--quick] [--runs N] [--scenarios a,b] [--targets mesher,nchan,sockudo,bugsink]
-#   (resume runs against Mesher only; sentry against Mesher and Bugsink; Bugsink runs only sentry)
+#   (resume and sentry_native run against Mesher only; sentry against Mesher and Bugsink; Bugsink runs only sentry)
 #                    [--load-args "--inflight 8 ..."]
 #
 # Installs what is missing (nginx + nchan from Debian, sockudo from crates.io, bugsink from PyPI
@@ -21,7 +21,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 QUICK=0
 RUNS=1
-SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns,resume,sentry"
+SCENARIOS="fanout,rooms,slow,filters,ingest,e2e,conns,resume,sentry,sentry_native"
 TARGETS="mesher,nchan,sockudo,bugsink"
 LOAD_ARGS=""
 PORT_BASE="${BENCH_PORT_BASE:-18080}"
@@ -99,7 +99,7 @@ drop_target() { TARGETS="$(echo ",$TARGETS," | sed "s/,$1,/,/; s/^,//; s/,\$//")
 runs_on() {
     case "$1/$2" in
     */mesher | sentry/bugsink) return 0 ;;
-    resume/* | sentry/* | */bugsink) return 1 ;;
+    resume/* | sentry/* | sentry_native/* | */bugsink) return 1 ;;
     *) return 0 ;;
     esac
 }
@@ -426,7 +426,7 @@ quick_args() {
     e2e) echo "--subscribers 200 --rate 500 --duration 2" ;;
     conns) echo "--subscribers 1000 --duration 1" ;;
     resume) echo "--subscribers 200 --duration 3" ;;
-    sentry) echo "--connections 8 --duration 3 --settle-max 15" ;;
+    sentry | sentry_native) echo "--connections 8 --duration 3 --settle-max 15" ;;
     *) echo "" ;;
     esac
 }
@@ -506,7 +506,7 @@ def runs_on(scenario, target):
         return True
     if scenario == "sentry" or target == "bugsink":
         return scenario == "sentry" and target == "bugsink"
-    return True
+    return scenario not in ("resume", "sentry_native")
 
 def median_row(rows):
     rows = sorted(rows, key=key_figure)
@@ -568,8 +568,16 @@ for scenario in scenarios:
             notes.append(f"{r['violations']} count violations")
         if scenario == "ingest":
             notes.append("accepted events")
+        if scenario == "sentry_native":
+            notes.append("the sentry scenario's events as plain JSON to /api/v1/events")
         if scenario == "sentry":
             notes.append("envelopes answered 200, gzip, ~4 KB event each")
+            native = cells.get(("sentry_native", target))
+            if target == "mesher" and native:
+                native_rate = median_row(native).get("deliveries_per_server_cpu_s") or 0
+                mine = r.get("deliveries_per_server_cpu_s") or 0
+                if native_rate:
+                    notes.append(f"{mine / native_rate:.2f}x of the native endpoint per server CPU-s")
             if r.get("settle_s") is not None:
                 busy = f"server busy {r['settle_s']:.1f} s after the last reply (counted)"
                 if r.get("settled") is False:

@@ -92,6 +92,9 @@ enum Scenario {
     /// Sentry envelopes (one ~4 KB Python exception event each, gzip) on 16 connections, no
     /// subscribers; Mesher or Bugsink. Server CPU is counted until the server is idle again.
     Sentry,
+    /// The same events as `sentry`, each as plain JSON to Mesher's own `/api/v1/events`: what
+    /// the envelope, its parsing and the gzip inflate cost against the native path (Mesher only).
+    SentryNative,
 }
 
 impl Scenario {
@@ -106,6 +109,7 @@ impl Scenario {
             Scenario::Conns => "conns",
             Scenario::Resume => "resume",
             Scenario::Sentry => "sentry",
+            Scenario::SentryNative => "sentry_native",
         }
     }
 }
@@ -221,7 +225,7 @@ impl Plan {
                 E2e => (1000, 20, 512, 2000.0, 4, 16, 10.0, FilterMode::All),
                 Conns => (18_000, 1, 512, 0.0, 0, 0, 5.0, FilterMode::None),
                 Resume => (1000, 1, 512, 200.0, 1, 16, 20.0, FilterMode::None),
-                Sentry => (0, 1, 0, 0.0, 16, 1, 10.0, FilterMode::None),
+                Sentry | SentryNative => (0, 1, 0, 0.0, 16, 1, 10.0, FilterMode::None),
             };
         let slow_secs = cli.slow_secs.unwrap_or(60.0);
         let duration_s = cli.duration.unwrap_or(if cli.scenario == Slow {
@@ -421,10 +425,10 @@ async fn run(cli: Cli) -> Result<Report, String> {
             "{fds_needed} file descriptors needed but the limit is {nofile}: run several processes"
         ));
     }
-    let is_sentry = plan.scenario == Scenario::Sentry;
+    let is_sentry = matches!(plan.scenario, Scenario::Sentry | Scenario::SentryNative);
     let runs_here = match plan.target {
         TargetKind::Mesher => true,
-        TargetKind::Bugsink => is_sentry,
+        TargetKind::Bugsink => plan.scenario == Scenario::Sentry,
         TargetKind::Nchan | TargetKind::Sockudo => !is_sentry,
     };
     if !runs_here {
@@ -485,7 +489,8 @@ async fn run(cli: Cli) -> Result<Report, String> {
     };
     let mut routes = Routes::new(plan.target, endpoint, projects, app, filtered_channels);
     if let Some(dsn) = dsn {
-        routes = routes.with_sentry(sentry::Dsn::parse(&dsn)?, rand::random());
+        let native = plan.scenario == Scenario::SentryNative;
+        routes = routes.with_sentry(sentry::Dsn::parse(&dsn)?, rand::random(), native);
     }
     let routes = Arc::new(routes);
     let probe = ServerProbe::new(cli.server_pid.clone());
@@ -734,7 +739,7 @@ async fn run_traffic(
     }
     // Work the server does after answering (Bugsink digests in a background worker, Mesher
     // writes to storage) is part of what an envelope costs.
-    let settle_s = if plan.scenario == Scenario::Sentry {
+    let settle_s = if matches!(plan.scenario, Scenario::Sentry | Scenario::SentryNative) {
         settle(probe, cli.settle_max).await
     } else {
         None
@@ -785,7 +790,10 @@ async fn run_traffic(
     error_samples.truncate(5);
     let sent: u64 = all.iter().sum();
 
-    let is_ingest = matches!(plan.scenario, Scenario::Ingest | Scenario::Sentry);
+    let is_ingest = matches!(
+        plan.scenario,
+        Scenario::Ingest | Scenario::Sentry | Scenario::SentryNative
+    );
     let deliveries = if is_ingest { sent } else { check.received };
     let latency = if is_ingest {
         &reply_latency

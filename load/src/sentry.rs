@@ -307,6 +307,23 @@ impl Envelopes {
     }
 }
 
+impl Envelopes {
+    /// Appends the event of envelope `seq` as plain JSON, the bytes its item would hold: what
+    /// the native endpoint takes.
+    pub fn push_event_json(&self, out: &mut Vec<u8>, seq: u64, unix_us: u64) {
+        let template = &self.templates[(seq % self.templates.len() as u64) as usize];
+        let event_id = format!("{:016x}{:016x}", self.run_prefix, seq);
+        let item_header_end = template
+            .plain
+            .iter()
+            .position(|byte| *byte == b'\n')
+            .map_or(0, |at| at + 1);
+        out.extend_from_slice(&template.plain[item_header_end..]);
+        let tail = event_tail(&event_id, &rfc3339_us(unix_us));
+        out.extend_from_slice(tail.trim_end_matches('\n').as_bytes());
+    }
+}
+
 /// A stored (uncompressed) deflate block starting on a byte boundary.
 fn push_stored_block(out: &mut Vec<u8>, data: &[u8], last: bool) {
     let len = u16::try_from(data.len()).expect("stored block under 64 KiB");
@@ -327,6 +344,21 @@ mod tests {
             .read_to_end(&mut plain)
             .expect("valid gzip");
         plain
+    }
+
+    #[test]
+    fn the_native_body_is_the_event_the_envelope_carries() {
+        let envelopes = Envelopes::new("k3y", 7);
+        let mut body = Vec::new();
+        envelopes.push_body(&mut body, 3, 1_700_000_000_000_000);
+        let envelope = inflate(&body);
+        let payload = envelope.splitn(3, |byte| *byte == b'\n').nth(2).unwrap();
+        let payload = payload.strip_suffix(b"\n").unwrap_or(payload);
+        let mut json = Vec::new();
+        envelopes.push_event_json(&mut json, 3, 1_700_000_000_000_000);
+        assert_eq!(payload, &json[..]);
+        let event: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(event["event_id"], "00000000000000070000000000000003");
     }
 
     #[test]

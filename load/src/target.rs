@@ -105,6 +105,8 @@ struct SentryRoute {
     path: String,
     headers: String,
     envelopes: Envelopes,
+    /// The events go as plain JSON to Mesher's native endpoint instead of in envelopes.
+    native: bool,
 }
 
 /// Appends the benchmark event: the same JSON for every target, padded to `event_bytes`.
@@ -146,10 +148,22 @@ impl Routes {
 
     /// Every publish becomes a gzip Sentry envelope posted as the DSN says; event ids start
     /// with `run_prefix`.
-    pub fn with_sentry(mut self, dsn: Dsn, run_prefix: u64) -> Routes {
+    /// With `native`, each event goes instead as plain JSON to Mesher's `/api/v1/events`, with
+    /// the DSN's key: the same event through the native path.
+    pub fn with_sentry(mut self, dsn: Dsn, run_prefix: u64, native: bool) -> Routes {
+        let (path, headers) = if native {
+            let headers = format!(
+                "Authorization: Bearer {}\r\nContent-Type: application/json\r\n",
+                dsn.key
+            );
+            ("/api/v1/events".to_string(), headers)
+        } else {
+            (dsn.envelope_path(), dsn.headers())
+        };
         self.sentry = Some(SentryRoute {
-            path: dsn.envelope_path(),
-            headers: dsn.headers(),
+            path,
+            headers,
+            native,
             envelopes: Envelopes::new(&dsn.key, run_prefix),
             dsn,
         });
@@ -207,9 +221,12 @@ impl Routes {
     ) {
         scratch.clear();
         if let Some(sentry) = &self.sentry {
-            sentry
-                .envelopes
-                .push_body(scratch, seq, crate::sys::unix_time_us());
+            let now_us = crate::sys::unix_time_us();
+            if sentry.native {
+                sentry.envelopes.push_event_json(scratch, seq, now_us);
+            } else {
+                sentry.envelopes.push_body(scratch, seq, now_us);
+            }
             push_post_raw(
                 out,
                 &sentry.dsn.host,
@@ -265,7 +282,10 @@ impl Routes {
 
     /// Whether a publish reply means the event was taken (and will be streamed).
     pub fn accepted(&self, status: u16, body: &[u8]) -> bool {
-        if self.sentry.is_some() {
+        if let Some(sentry) = &self.sentry {
+            if sentry.native {
+                return status == 202 && crate::scan::find(body, b"accepted").is_some();
+            }
             // Sentry's answer to a stored (or sampled, or deduplicated) event.
             return status == 200 && crate::scan::find(body, b"\"id\"").is_some();
         }
