@@ -94,6 +94,7 @@ enum Scenario {
     Sentry,
     /// The same events as `sentry`, each as plain JSON to Mesher's own `/api/v1/events`: what
     /// the envelope, its parsing and the gzip inflate cost against the native path (Mesher only).
+    #[value(name = "sentry_native")]
     SentryNative,
 }
 
