@@ -214,6 +214,16 @@ fn has_token(list: &str, token: &str) -> bool {
         .any(|item| item.trim().eq_ignore_ascii_case(token))
 }
 
+/// A host name or address with an optional port (a `Host` header one may write into a URL or a
+/// policy): nothing that would change the text around it.
+pub fn is_plain_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']')
+        })
+}
+
 /// Parses the request head at the start of `buf`. `Ok(None)`: the head is not complete yet.
 /// Fails with `HeadersTooLarge` as soon as `buf` holds more than [`HEADER_BYTES_MAX`] bytes
 /// without a complete head.
@@ -684,6 +694,17 @@ fn trailer_line(trailer_bytes: usize) -> Result<BodyState, HttpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_hosts_are_names_or_addresses_with_a_port() {
+        assert!(is_plain_host("127.0.0.1:8080"));
+        assert!(is_plain_host("[::1]:9000"));
+        assert!(is_plain_host("errors.example.com"));
+        assert!(!is_plain_host("evil.com/x?"));
+        assert!(!is_plain_host("a@b"));
+        assert!(!is_plain_host(""));
+        assert!(!is_plain_host("evil; script-src *"));
+    }
 
     const BODY_LIMIT_BYTES: usize = 1 << 20;
 

@@ -2,7 +2,7 @@
 //! served as they are, with an ETag and a Content-Security-Policy that lets the page reach only
 //! its own origin and WebSocket.
 
-use crate::http::parse::Head;
+use crate::http::parse::{is_plain_host, Head};
 use crate::http::response::Response;
 
 /// One file of the page.
@@ -71,12 +71,7 @@ pub fn respond(head: &Head, asset: &Asset) -> Response {
 /// `ws:` to the same host as `'self'`. A Host header that is not a plain host[:port] adds nothing.
 fn policy(host: Option<&str>) -> String {
     let sockets = host
-        .filter(|host| {
-            !host.is_empty()
-                && host
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-        })
+        .filter(|host| is_plain_host(host))
         .map(|host| format!(" ws://{host} wss://{host}"))
         .unwrap_or_default();
     format!(
