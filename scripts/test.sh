@@ -10,6 +10,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # shellcheck source=scripts/test-postgres.sh
 source scripts/test-postgres.sh
 echo "tests use PostgreSQL at ${DATABASE_URL}"
+# NATS for the tests of several nodes (tests/cluster.rs).
+# shellcheck source=scripts/test-nats.sh
+source scripts/test-nats.sh
 # shellcheck source=scripts/browser.sh
 source scripts/browser.sh
 # The real Sentry SDKs (Python with and without brotli, Node) that tests/sentry_sdks.rs drives.

@@ -85,6 +85,15 @@ pub struct Config {
     #[arg(long, env = "MESHER_DATABASE_URL")]
     pub database_url: Option<String>,
 
+    /// NATS server joining this node to others that share its PostgreSQL (PROTOCOL section
+    /// 10). Needs `--database-url`.
+    #[arg(long, env = "MESHER_NATS_URL")]
+    pub nats_url: Option<String>,
+
+    /// This node's name among the others (default: host name and port).
+    #[arg(long, env = "MESHER_NODE_ID")]
+    pub node_id: Option<String>,
+
     /// Directory of the embedded SQLite store and of the generated admin token.
     #[arg(long, env = "MESHER_DATA_DIR", default_value = "./mesher-data")]
     pub data_dir: PathBuf,

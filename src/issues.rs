@@ -12,7 +12,7 @@ use crate::ingest::fingerprint::FingerprintHash;
 use crate::store::IssueRow;
 use crate::IdMap;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Status {
     Unresolved,
     Resolved,
@@ -50,7 +50,7 @@ impl Status {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Issue {
     pub id: Uuid,
     pub project_id: Uuid,
@@ -154,7 +154,7 @@ pub enum Grouped {
 }
 
 /// A listing position: issues strictly after (last_seen, id) in newest-first order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cursor {
     pub last_seen_us: i64,
     pub id: Uuid,

@@ -30,6 +30,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 #[cfg(any(test, feature = "fuzzing"))]

@@ -4,7 +4,7 @@
 //! writes), so counting costs no contention; any shard may read all of them for a scrape.
 
 use std::fmt::{Display, Write};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::conn::limits::Limits;
@@ -290,6 +290,27 @@ impl ShardMetrics {
 #[derive(Clone)]
 pub struct Metrics {
     pub shards: Arc<Vec<Arc<ShardMetrics>>>,
+    pub cluster: Arc<ClusterMetrics>,
+}
+
+/// Counters of a node that runs as one of several (PROTOCOL section 10); shown only then.
+#[derive(Default)]
+pub struct ClusterMetrics {
+    pub enabled: AtomicBool,
+    pub nats_connected: AtomicBool,
+    /// Requests sent to the owner on another node: answered, and answered 503 for want of one.
+    pub forwarded_answered: AtomicU64,
+    pub forwarded_unavailable: AtomicU64,
+    /// Requests of other nodes this node served as the owner.
+    pub served: AtomicU64,
+    /// Projects this node took ownership of, and lost with its lock connection.
+    pub ownership_taken: AtomicU64,
+    pub ownership_lost: AtomicU64,
+    /// Stream frames received from owners on other nodes, and gaps found in them.
+    pub mirrored_messages: AtomicU64,
+    pub mirror_gaps: AtomicU64,
+    pub nats_in_bytes: AtomicU64,
+    pub nats_out_bytes: AtomicU64,
 }
 
 impl Metrics {
@@ -299,6 +320,7 @@ impl Metrics {
             .collect();
         Metrics {
             shards: Arc::new(shards),
+            cluster: Arc::default(),
         }
     }
 
@@ -500,7 +522,57 @@ impl Metrics {
         text.gauge("mesher_storage_up", "1 while storage commits succeed.")
             .value(storage_up as u64);
         self.render_sentry(&mut text);
+        if self.cluster.enabled.load(Relaxed) {
+            self.render_cluster(&mut text);
+        }
         text.out
+    }
+
+    fn render_cluster(&self, text: &mut Exposition) {
+        let cluster = &self.cluster;
+        text.gauge("mesher_nats_up", "1 while the NATS connection is up.")
+            .value(cluster.nats_connected.load(Relaxed) as u64);
+        text.counter(
+            "mesher_cluster_forwarded_requests_total",
+            "Requests sent to the project's owner on another node, by outcome.",
+        )
+        .labelled(
+            "outcome",
+            [
+                ("answered", cluster.forwarded_answered.load(Relaxed)),
+                ("unavailable", cluster.forwarded_unavailable.load(Relaxed)),
+            ],
+        );
+        text.counter(
+            "mesher_cluster_served_requests_total",
+            "Requests of other nodes served by this node as the project's owner.",
+        )
+        .value(cluster.served.load(Relaxed));
+        text.counter(
+            "mesher_cluster_ownership_changes_total",
+            "Projects this node took ownership of, and lost with its lock connection.",
+        )
+        .labelled(
+            "change",
+            [
+                ("taken", cluster.ownership_taken.load(Relaxed)),
+                ("lost", cluster.ownership_lost.load(Relaxed)),
+            ],
+        );
+        text.counter(
+            "mesher_cluster_mirrored_messages_total",
+            "Stream messages received from owners on other nodes.",
+        )
+        .value(cluster.mirrored_messages.load(Relaxed));
+        text.counter(
+            "mesher_cluster_mirror_gaps_total",
+            "Gaps in a mirrored stream (messages NATS lost); its subscribers were told to resume.",
+        )
+        .value(cluster.mirror_gaps.load(Relaxed));
+        text.counter("mesher_nats_received_bytes_total", "Bytes received from NATS.")
+            .value(cluster.nats_in_bytes.load(Relaxed));
+        text.counter("mesher_nats_sent_bytes_total", "Bytes sent to NATS.")
+            .value(cluster.nats_out_bytes.load(Relaxed));
     }
 
     fn render_sentry(&self, text: &mut Exposition) {

@@ -9,6 +9,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::mpsc;
 
 use crate::auth::Directory;
+use crate::cluster::{Cluster, ClusterConfig, Inbound};
 use crate::config::Config;
 use crate::conn::limits::{Budget, Limits};
 use crate::issues::{Issue, ProjectState};
@@ -37,6 +38,11 @@ pub fn run(config: Config) -> Result<(), String> {
     })?;
     let admin_token: Arc<str> = admin_token(&config)?.into();
     probe_io_uring()?;
+    if config.nats_url.is_some() && config.database_url.is_none() {
+        return Err("--nats-url needs --database-url: the nodes share their projects, issues \
+                    and events through one PostgreSQL database"
+            .into());
+    }
 
     let backend = match &config.database_url {
         Some(url) => store::open_postgres(url),
@@ -79,16 +85,51 @@ pub fn run(config: Config) -> Result<(), String> {
         .map(|_| mpsc::channel(SHARD_QUEUE_MAX))
         .unzip();
     let (drained_tx, drained_rx) = std::sync::mpsc::channel();
-    let mut owned = split_state(&snapshot, shard_count);
+    let cluster = match (&config.nats_url, &config.database_url) {
+        (Some(nats_url), Some(database_url)) => {
+            let port = listeners[0].first().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+            let node_id = config
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", host_name(), port.unwrap_or(0)));
+            let inbound = Inbound {
+                shard_of: owner_of,
+                request: owner::serve_remote,
+                frames: owner::mirrored,
+                disowned: owner::disowned,
+            };
+            let cluster_config = ClusterConfig {
+                nats_url: nats_url.clone(),
+                database_url: database_url.clone(),
+                node_id: node_id.clone(),
+            };
+            let cluster =
+                Cluster::start(cluster_config, senders.clone(), inbound, metrics.cluster.clone())?;
+            eprintln!("mesher node {node_id}: one of several, over NATS at {nats_url}");
+            Some(cluster)
+        }
+        _ => None,
+    };
+    // One of several nodes owns only the projects it takes over, loaded then.
+    let mut owned = match cluster {
+        Some(_) => (0..shard_count).map(|_| IdMap::default()).collect(),
+        None => split_state(&snapshot, shard_count),
+    };
     let mut threads = Vec::new();
     for ((index, inbox), listeners) in inboxes.into_iter().enumerate().zip(listeners) {
         let projects = std::mem::take(&mut owned[index]);
+        let cluster = cluster.clone();
         let init = ShardInit {
             index,
             hooks: Hooks {
                 serve: crate::serve::connection,
                 issue_rows: owner::issue_rows,
-                start: Box::new(move |shard| owner::install(shard, projects)),
+                start: Box::new(move |shard| {
+                    if let Some(cluster) = cluster {
+                        cluster.install();
+                    }
+                    owner::install(shard, projects)
+                }),
             },
             config: config.clone(),
             admin_token: admin_token.clone(),
@@ -141,6 +182,18 @@ pub fn run(config: Config) -> Result<(), String> {
     store.shutdown();
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)
+}
+
+/// The machine's host name, for the default node id.
+fn host_name() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: gethostname writes at most the buffer's length.
+    let ok = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) } == 0;
+    let end = buffer.iter().position(|b| *b == 0).unwrap_or(buffer.len());
+    match std::str::from_utf8(&buffer[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_owned(),
+        _ => "mesher".to_owned(),
+    }
 }
 
 /// Explains a failed io_uring set-up in terms an operator can act on.

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::keys::presented_key;
-use super::{now_us, refusal, shutting_down};
+use super::{now_us, owner_unavailable, refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::{decode_bulk, decode_event, decode_frame, Incoming};
@@ -76,7 +76,7 @@ pub(super) async fn ask_owner(
 ) -> Result<IngestReply, Response> {
     owner::ingest(shard, project_id, events, now_us())
         .await
-        .map_err(|_| shutting_down())
+        .map_err(owner_unavailable)
 }
 
 fn outcome_json(outcome: &EventOutcome) -> Value {

@@ -6,7 +6,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::keys::presented_key;
-use super::{project_for, refusal, shutting_down};
+use super::{owner_unavailable, project_for, refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::ingest::event::Level;
@@ -48,7 +48,7 @@ pub async fn list(shard: &Rc<Shard>, head: &Head, project: &str) -> Response {
     };
     let page = match owner::list_issues(shard, project_id, query).await {
         Ok(page) => page,
-        Err(_) => return shutting_down(),
+        Err(error) => return owner_unavailable(error),
     };
     let views: Vec<_> = page.issues.iter().map(|issue| issue.view()).collect();
     Response::of(
@@ -109,14 +109,14 @@ async fn missing(shard: &Rc<Shard>, issue_id: Uuid) -> Response {
     match owner::issue_exists(shard, issue_id).await {
         Ok(true) => Response::error(403, "forbidden"),
         Ok(false) => Response::not_found(),
-        Err(_) => shutting_down(),
+        Err(error) => owner_unavailable(error),
     }
 }
 
 async fn issue_of(shard: &Rc<Shard>, project_id: Uuid, issue_id: Uuid) -> Result<Issue, Response> {
     let issue = owner::issue(shard, project_id, issue_id)
         .await
-        .map_err(|_| shutting_down())?;
+        .map_err(owner_unavailable)?;
     match issue {
         Some(issue) => Ok(issue),
         None => Err(missing(shard, issue_id).await),
@@ -146,7 +146,7 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
             .timeout(STORE_READ_TIMEOUT_MS, answer)
             .await
             .ok_or_else(|| Response::unavailable("storage unavailable"))?
-            .map_err(|_| shutting_down())?
+            .map_err(|_| owner_unavailable(crate::owner::OwnerError::ShuttingDown))?
             .map_err(|error| {
                 tracing::error!(%error, "reading events failed");
                 Response::unavailable("storage unavailable")
@@ -183,7 +183,7 @@ pub async fn action(shard: &Rc<Shard>, head: &Head, id: &str, action: &str) -> R
         let (issue_id, project_id) = issue_and_project(shard, head, id)?;
         let changed = owner::set_status(shard, project_id, issue_id, status)
             .await
-            .map_err(|_| shutting_down())?;
+            .map_err(owner_unavailable)?;
         match changed {
             Some(changed) => Ok(Response::of(
                 200,

@@ -16,6 +16,7 @@ use crate::auth::{KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::now_us;
+use serde_json::json;
 use crate::owner::DirectoryError;
 use crate::shard::Shard;
 use crate::store::Scope;
@@ -111,12 +112,21 @@ pub fn admit(shard: &Shard, head: &Head, route: &Route<'_>) -> Result<(), Respon
         .map_err(refusal)
 }
 
+/// Storage, and NATS when the node is one of several (PROTOCOL section 10).
 fn health(shard: &Shard) -> Response {
-    if shard.store().healthy() {
-        Response::json(200, r#"{"status":"ok","storage":"ok"}"#)
-    } else {
-        Response::json(503, r#"{"status":"degraded","storage":"down"}"#)
+    let word = |up: bool| if up { "ok" } else { "down" };
+    let storage = shard.store().healthy();
+    let nats = crate::cluster::with(|cluster| cluster.is_connected());
+    let healthy = storage && nats != Some(false);
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
+        "storage": word(storage),
+    });
+    let mut body = body;
+    if let Some(nats) = nats {
+        body["nats"] = word(nats).into();
     }
+    Response::of(if healthy { 200 } else { 503 }, &body)
 }
 
 pub fn refusal(refusal: Refusal) -> Response {
@@ -233,7 +243,12 @@ fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, 
 }
 
 fn shutting_down() -> Response {
-    Response::unavailable("shutting down")
+    owner_unavailable(crate::owner::OwnerError::ShuttingDown)
+}
+
+/// 503 with Retry-After: the owner could not answer (shutdown, or an unreachable node).
+fn owner_unavailable(error: crate::owner::OwnerError) -> Response {
+    Response::unavailable(error.message())
 }
 
 /// What a directory change that did not take effect answers.

@@ -40,7 +40,7 @@ const NIL: u32 = u32::MAX;
 const CHECKED_LEN_MAX: usize = 512;
 
 /// How a waiting message may be treated under backpressure.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     /// A message the client can afford to miss (counted in `dropped`): dropped oldest-first.
     Event,

@@ -229,7 +229,7 @@ pub struct Summary {
 }
 
 /// Severity of an event; also the severity of the issue it opens.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Level {
     Fatal,
     Error,

@@ -29,7 +29,7 @@ use event::{EventError, Level, Summary};
 use native::{body_is_array, parse_bulk, parse_event};
 
 /// An accepted event as its owner shard needs it: the grouping fields and the event's JSON.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Incoming {
     /// The grouping key's hash, made once here on the accepting shard; the key itself is dropped.
     pub fingerprint: fingerprint::FingerprintHash,

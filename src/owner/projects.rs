@@ -14,13 +14,17 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{DirectoryError, EventOutcome, IngestReply, IssuePage, ListQuery};
+use crate::cluster;
 use crate::config::AckMode;
 use crate::ingest::Incoming;
 use crate::issues::{Cursor, Grouped, Issue, ProjectState, Status};
 use crate::metrics::Rejection;
 use crate::shard::Shard;
 use crate::store::{Change, EventRow, KeyRow, Payload, ProjectRow, StoreError};
-use crate::stream::{self, Attributes, HistoryLimits, ProjectStream, Resumption, Since, Watchers};
+use crate::stream::{
+    self, Attributes, HistoryLimits, ProjectStream, Published, Resumption, Since, Watchers,
+};
+use crate::ws::codec::CLOSE_SERVICE_RESTART;
 use crate::IdMap;
 
 /// How often the owner forgets history past its age bound in projects that are quiet (a busy
@@ -41,6 +45,8 @@ struct Owned {
     projects: IdMap<Uuid, Project>,
     /// Slugs of projects being created (shard 0 only).
     pending_slugs: HashSet<String>,
+    /// Projects this node is taking over (several nodes), with who waits for the outcome.
+    taking: IdMap<Uuid, Vec<oneshot::Sender<bool>>>,
 }
 
 thread_local! {
@@ -128,6 +134,135 @@ pub fn issue_rows(touched: &[(Uuid, Uuid)], changes: &mut Vec<Change>) {
 
 fn with_project<T>(project_id: Uuid, f: impl FnOnce(&mut Project) -> T) -> T {
     OWNED.with_borrow_mut(|owned| f(owned.projects.entry(project_id).or_default()))
+}
+
+/// Whether this shard serves the project as its owner. Alone, a node owns every project (a
+/// new one starts empty); one of several owns those whose lock it holds.
+pub(super) fn owns(project_id: &Uuid) -> bool {
+    !cluster::is_active() || OWNED.with_borrow(|owned| owned.projects.contains_key(project_id))
+}
+
+/// Takes the project over, unless another node holds its lock: loads its issues from the
+/// store, starts a new epoch (announced to every mirror by an `issue_count` carrying it) and
+/// serves other nodes' requests for it. The answer is true once this node owns it.
+pub(super) fn take(shard: &Rc<Shard>, project_id: Uuid) -> oneshot::Receiver<bool> {
+    let (done, outcome) = oneshot::channel();
+    let first = OWNED.with_borrow_mut(|owned| {
+        if owned.projects.contains_key(&project_id) {
+            let _ = done.send(true);
+            return false;
+        }
+        let waiting = owned.taking.entry(project_id).or_default();
+        waiting.push(done);
+        waiting.len() == 1
+    });
+    if first {
+        let shard = shard.clone();
+        tokio_uring::spawn(async move {
+            let taken = take_over(&shard, project_id).await;
+            let waiting = OWNED.with_borrow_mut(|owned| owned.taking.remove(&project_id));
+            for done in waiting.into_iter().flatten() {
+                let _ = done.send(taken);
+            }
+        });
+    }
+    outcome
+}
+
+async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
+    let Some(cluster) = cluster::current() else {
+        return true;
+    };
+    if !cluster.try_lock(&project_id).await {
+        return false;
+    }
+    let (reply, rows) = oneshot::channel();
+    shard.store().project_issues(project_id, reply);
+    let rows = match rows.await {
+        Ok(Ok(rows)) => rows,
+        Ok(Err(error)) => {
+            tracing::warn!(%project_id, %error, "cannot load a project to take it over");
+            cluster.unlock(&project_id);
+            return false;
+        }
+        Err(_) => return false,
+    };
+    let mut state = ProjectState::default();
+    for row in &rows {
+        state.restore(Issue::from_row(row));
+    }
+    let now_ms = shard.now_ms();
+    let limits = history_limits(shard);
+    OWNED.with_borrow_mut(|owned| {
+        let mut project = Project {
+            state,
+            watchers: super::mirror::stop(&cluster, project_id),
+            stream: ProjectStream::new(),
+        };
+        // Other nodes' subscribers are unknown here: frames are always made and published.
+        project.stream.set_watched(true, now_ms);
+        let announcement = vec![stream::epoch_message(
+            project.stream.next_offset(),
+            project.stream.epoch(),
+            project_id,
+            project.state.unresolved_count(),
+        )];
+        on_stream(shard, &mut project.stream, |stream| {
+            stream.keep(&announcement, now_ms, &limits)
+        });
+        publish(
+            shard,
+            project_id,
+            &project.stream,
+            &project.watchers,
+            announcement,
+        );
+        owned.projects.insert(project_id, project);
+    });
+    cluster.serve_owner(project_id).await;
+    cluster.metrics().ownership_taken.fetch_add(1, Relaxed);
+    tracing::info!(%project_id, issues = rows.len(), "took the project over");
+    true
+}
+
+/// This node lost its lock connection, and with it every project: their subscribers here are
+/// closed (they reconnect and reach the new owner), their state is dropped.
+pub fn disowned(shard: &Rc<Shard>) {
+    let dropped: Vec<(Uuid, Project)> =
+        OWNED.with_borrow_mut(|owned| owned.projects.drain().collect());
+    let Some(cluster) = cluster::current() else {
+        return;
+    };
+    for (project_id, project) in dropped {
+        cluster.stop_owner(project_id);
+        cluster.metrics().ownership_lost.fetch_add(1, Relaxed);
+        let mut stream = project.stream;
+        on_stream(shard, &mut stream, |stream| stream.forget());
+        for to in project.watchers.shards() {
+            shard.mesh().run(to, move |shard| {
+                stream::close_project(shard, &project_id, CLOSE_SERVICE_RESTART, "owner moved")
+            });
+        }
+    }
+}
+
+/// Sends a project's new messages to this node's subscribers and, when it is one of several,
+/// to the other nodes' mirrors.
+fn publish(
+    shard: &Shard,
+    project_id: Uuid,
+    stream: &ProjectStream,
+    watchers: &Watchers,
+    items: Vec<Published>,
+) {
+    if items.is_empty() {
+        return;
+    }
+    cluster::with(|cluster| {
+        let batch = stream::encode_batch(stream.epoch(), &items);
+        cluster.publish_frames(&project_id, batch);
+    });
+    stream::publish(shard, project_id, watchers, items);
 }
 
 /// What the owner made of an ingest request.
@@ -344,7 +479,7 @@ pub(super) fn ingest(
             }
             stream.keep(&items, now_ms, &limits);
         });
-        stream::publish(shard, project_id, watchers, items);
+        publish(shard, project_id, stream, watchers, items);
         Ok(outcomes)
     });
     let outcomes = match accepted {
@@ -405,7 +540,7 @@ pub(super) fn set_status(
             ));
         }
         on_stream(shard, stream, |stream| stream.keep(&items, now_ms, &limits));
-        stream::publish(shard, project_id, watchers, items);
+        publish(shard, project_id, stream, watchers, items);
         Some(true)
     })
 }
@@ -483,7 +618,39 @@ pub(super) fn watch(
             frame,
             last_offset: stream.last_offset(),
             resumption,
+            live: Vec::new(),
         }
+    })
+}
+
+/// Another node's mirror asks for a subscriber's welcome: as `watch`, but the subscriber is
+/// counted there, not here (its frames reach it through NATS).
+pub(super) fn welcome_remote(
+    shard: &Shard,
+    project_id: Uuid,
+    since: Option<Since>,
+) -> (stream::Welcome, std::sync::Arc<str>) {
+    let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+    with_project(project_id, |project| {
+        let stream = &mut project.stream;
+        let frame = stream::welcome_frame(
+            stream.epoch(),
+            stream.last_offset(),
+            project_id,
+            project.state.unresolved_count(),
+        );
+        let resumption = since.map(|since| {
+            on_stream(shard, stream, |stream| {
+                stream.resume(&since, now_ms, &limits)
+            })
+        });
+        let welcome = stream::Welcome {
+            frame,
+            last_offset: stream.last_offset(),
+            resumption,
+            live: Vec::new(),
+        };
+        (welcome, stream.epoch_shared())
     })
 }
 
@@ -501,7 +668,8 @@ pub(super) fn unwatch(shard: &Shard, project_id: Uuid, from: usize) {
     let now_ms = shard.now_ms();
     with_project(project_id, |project| {
         project.watchers.remove(from);
-        let watched = project.watchers.any();
+        // One of several nodes: the others' subscribers count too, unseen here.
+        let watched = project.watchers.any() || cluster::is_active();
         project.stream.set_watched(watched, now_ms);
     });
 }
@@ -525,7 +693,7 @@ pub(super) fn create_project(
         let slug = project.slug.clone();
         let mut changes = vec![Change::Project(project)];
         changes.extend(keys.into_iter().map(Change::Key));
-        let result = shard.publish_directory(changes).await;
+        let result = super::publish_directory(&shard, changes).await;
         OWNED.with_borrow_mut(|owned| owned.pending_slugs.remove(&slug));
         let _ = reply.send(result);
     });

@@ -24,6 +24,8 @@ impl Shard {
         self.store.submit(changes.clone(), Some(ack));
         match committed.await {
             Ok(Ok(())) => {}
+            // Another node took the slug first (the database's unique constraint).
+            Ok(Err(error)) if error.is_conflict() => return Err(DirectoryError::SlugTaken),
             Ok(Err(error)) => {
                 tracing::error!(%error, "storing a directory change failed");
                 return Err(DirectoryError::StorageUnavailable);

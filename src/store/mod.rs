@@ -35,7 +35,7 @@ pub const RETENTION_DAYS_DEFAULT: u32 = 90;
 
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProjectRow {
     pub id: Uuid,
     /// PROTOCOL 8: a positive integer the database assigned at creation
@@ -52,7 +52,7 @@ pub struct ProjectRow {
     pub retention_days: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Scope {
     Ingest,
     Dashboard,
@@ -75,7 +75,7 @@ impl Scope {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KeyRow {
     pub id: Uuid,
     pub project_id: Uuid,
@@ -263,6 +263,12 @@ pub trait Backend: Send + 'static {
     /// Applies the versioned migrations not yet recorded in `schema_migrations`; idempotent.
     fn migrate(&mut self) -> Result<(), StoreError>;
     fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// One project's issues, as `load` reads them.
+    fn project_issues(&mut self, project_id: Uuid) -> Result<Vec<IssueRow>, StoreError> {
+        let mut issues = self.load()?.issues;
+        issues.retain(|issue| issue.project_id == project_id);
+        Ok(issues)
+    }
     /// Writes the whole batch in one transaction: all of it or nothing. Upserts of the same id
     /// within the batch keep the last row.
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError>;

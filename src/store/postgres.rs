@@ -64,6 +64,25 @@ macro_rules! us_from_ts {
     };
 }
 
+/// An issue row of `SELECT_ISSUES` or `SELECT_PROJECT_ISSUES`.
+fn issue_row(row: &postgres::Row, operation: &'static str) -> Result<IssueRow, StoreError> {
+    let event_count: i64 = row.get(6);
+    Ok(IssueRow {
+        id: parse_uuid(row.get(0), operation)?,
+        project_id: parse_uuid(row.get(1), operation)?,
+        fingerprint: row.get::<_, &[u8]>(2).try_into().map_err(|_| {
+            let cause = "an issue's fingerprint_hash is not 16 bytes";
+            StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause)
+        })?,
+        title: row.get(3),
+        level: row.get(4),
+        status: row.get(5),
+        event_count: u64::try_from(event_count).unwrap_or(0),
+        first_seen_us: row.get(7),
+        last_seen_us: row.get(8),
+    })
+}
+
 const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -153,6 +172,18 @@ ALTER TABLE projects ALTER COLUMN number SET NOT NULL,
 ALTER SEQUENCE project_numbers OWNED BY projects.number;
 ",
     },
+    Migration {
+        version: 4,
+        name: "cluster id",
+        // The id the nodes sharing this database share (PROTOCOL section 10): their NATS
+        // subjects are named under it. Made by the first node that runs as one of several.
+        sql: "
+CREATE TABLE cluster (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    id uuid NOT NULL
+);
+",
+    },
 ];
 
 const UPSERT_PROJECTS: &str = concat!(
@@ -234,6 +265,14 @@ const SELECT_ISSUES: &str = concat!(
     ", ",
     us_from_ts!("last_seen"),
     " FROM issues ORDER BY first_seen, id"
+);
+
+const SELECT_PROJECT_ISSUES: &str = concat!(
+    "SELECT id::text, project_id::text, fingerprint_hash, title, level, status, event_count, ",
+    us_from_ts!("first_seen"),
+    ", ",
+    us_from_ts!("last_seen"),
+    " FROM issues WHERE project_id = $1::text::uuid ORDER BY first_seen, id"
 );
 
 const SELECT_LATEST_EVENTS: &str = concat!(
@@ -574,23 +613,19 @@ impl Backend for PostgresBackend {
             });
         }
         for row in query(&mut self.client, SELECT_ISSUES)? {
-            let event_count: i64 = row.get(6);
-            snapshot.issues.push(IssueRow {
-                id: parse_uuid(row.get(0), operation)?,
-                project_id: parse_uuid(row.get(1), operation)?,
-                fingerprint: row.get::<_, &[u8]>(2).try_into().map_err(|_| {
-                    let cause = "an issue's fingerprint_hash is not 16 bytes";
-                    StoreError::new(BACKEND, operation, StoreErrorKind::Rejected, cause)
-                })?,
-                title: row.get(3),
-                level: row.get(4),
-                status: row.get(5),
-                event_count: u64::try_from(event_count).unwrap_or(0),
-                first_seen_us: row.get(7),
-                last_seen_us: row.get(8),
-            });
+            snapshot.issues.push(issue_row(&row, operation)?);
         }
         Ok(snapshot)
+    }
+
+    fn project_issues(&mut self, project_id: Uuid) -> Result<Vec<IssueRow>, StoreError> {
+        let operation = "project issues";
+        self.client
+            .query(SELECT_PROJECT_ISSUES, &[&project_id.to_string()])
+            .map_err(|error| pg_error(operation, error))?
+            .iter()
+            .map(|row| issue_row(row, operation))
+            .collect()
     }
 
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {

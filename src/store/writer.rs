@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{now_us, Backend, Change, EventRow, Snapshot, StoreError, StoreErrorKind};
+use super::{now_us, Backend, Change, EventRow, IssueRow, Snapshot, StoreError, StoreErrorKind};
 
 /// First wait after a failed commit; doubled after each further failure.
 const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
@@ -127,6 +127,10 @@ enum Command {
     },
     NextProjectNumber {
         reply: oneshot::Sender<Result<i64, StoreError>>,
+    },
+    ProjectIssues {
+        project_id: Uuid,
+        reply: oneshot::Sender<Result<Vec<IssueRow>, StoreError>>,
     },
     /// Run the retention pass after this take's commit instead of at the next hourly one.
     ApplyRetention,
@@ -324,6 +328,19 @@ impl Store {
         };
         if let Err(Command::LatestEvents { reply, .. }) = self.inner.commands.send(command) {
             let _ = reply.send(Err(self.closed_error("latest events")));
+        }
+    }
+
+    /// A project's stored issues (a node taking the project over), read after everything
+    /// submitted before it is committed.
+    pub fn project_issues(
+        &self,
+        project_id: Uuid,
+        reply: oneshot::Sender<Result<Vec<IssueRow>, StoreError>>,
+    ) {
+        let command = Command::ProjectIssues { project_id, reply };
+        if let Err(Command::ProjectIssues { reply, .. }) = self.inner.commands.send(command) {
+            let _ = reply.send(Err(self.closed_error("project issues")));
         }
     }
 
@@ -648,6 +665,11 @@ impl Writer {
             }
             Command::NextProjectNumber { reply } => {
                 let result = self.query(|backend| backend.next_project_number());
+                let _ = reply.send(result);
+            }
+            Command::ProjectIssues { project_id, reply } => {
+                self.flush();
+                let result = self.query(|backend| backend.project_issues(project_id));
                 let _ = reply.send(result);
             }
             Command::ApplyRetention => self.next_maintain_at = Instant::now(),

@@ -34,7 +34,7 @@ struct Kept {
 
 /// What a resume found: whether the client's place is still covered, and if so the kept
 /// messages after it (handles to the shared frames, not yet filtered for the client).
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Resumption {
     pub recovered: bool,
     pub epoch: Arc<str>,
@@ -76,6 +76,16 @@ impl ProjectStream {
 
     pub fn epoch(&self) -> &str {
         &self.epoch
+    }
+
+    pub fn epoch_shared(&self) -> Arc<str> {
+        self.epoch.clone()
+    }
+
+    /// Drops the history (the project left this node).
+    pub fn forget(&mut self) {
+        self.kept.clear();
+        self.kept_bytes = 0;
     }
 
     /// The last offset produced (0 before the first message).

@@ -23,10 +23,12 @@ use crate::ws::codec::{encode_text, encode_text_parts};
 mod history;
 mod registry;
 pub use history::{HistoryLimits, ProjectStream, Resumption};
-pub use registry::{join, leave, publish, resumed, set_filters, welcome, Watchers, Welcome};
+pub use registry::{
+    close_project, join, leave, publish, resumed, set_filters, welcome, Watchers, Welcome,
+};
 
 /// One message as every subscriber receives it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Published {
     pub frame: Bytes,
     pub kind: Kind,
@@ -37,7 +39,7 @@ pub struct Published {
 }
 
 /// What filters look at.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Attributes {
     pub level: Level,
     pub environment: Option<Arc<str>>,
@@ -149,6 +151,38 @@ pub fn issue_count_message(offset: u64, project_id: Uuid, count: u64) -> Publish
     }
 }
 
+/// The first message of a new epoch when a node takes a project over: the unresolved count,
+/// carrying the epoch, at offset 1. Subscribers on other nodes learn from it that offsets
+/// restarted.
+pub fn epoch_message(offset: u64, epoch: &str, project_id: Uuid, count: u64) -> Published {
+    Published {
+        frame: welcome_frame(epoch, offset, project_id, count),
+        kind: Kind::Count,
+        offset,
+        attributes: None,
+    }
+}
+
+/// A batch of one project's messages as its owner publishes them to other nodes.
+#[derive(Serialize, serde::Deserialize)]
+pub struct Batch {
+    pub epoch: Arc<str>,
+    pub items: Vec<Published>,
+}
+
+pub fn encode_batch(epoch: &str, items: &[Published]) -> Bytes {
+    #[derive(Serialize)]
+    struct BatchRef<'a> {
+        epoch: &'a str,
+        items: &'a [Published],
+    }
+    Bytes::from(postcard::to_stdvec(&BatchRef { epoch, items }).expect("stream messages serialize"))
+}
+
+pub fn decode_batch(bytes: &[u8]) -> Option<Batch> {
+    postcard::from_bytes(bytes).ok()
+}
+
 /// A subscriber's first message: the unresolved count, with the project's epoch and the last
 /// offset produced (PROTOCOL.md section 9).
 pub fn welcome_frame(epoch: &str, last_offset: u64, project_id: Uuid, count: u64) -> Bytes {
@@ -210,7 +244,7 @@ pub fn error_frame(message: &str) -> Bytes {
 }
 
 /// Where a client resumes: the epoch and the last offset it got (PROTOCOL.md section 9).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Since {
     pub epoch: String,
     pub offset: u64,

@@ -39,7 +39,7 @@ impl Watchers {
         self.by_shard.iter().any(|n| *n > 0)
     }
 
-    fn shards(&self) -> impl Iterator<Item = usize> + '_ {
+    pub fn shards(&self) -> impl Iterator<Item = usize> + '_ {
         self.by_shard
             .iter()
             .enumerate()
@@ -115,6 +115,10 @@ pub struct Welcome {
     pub frame: Bytes,
     pub last_offset: u64,
     pub resumption: Option<Resumption>,
+    /// Messages after `last_offset` that fan-out sent before this welcome arrived (a mirror
+    /// of another node's stream received them while the owner's answer travelled); they go
+    /// out right after it, through the subscriber's filters.
+    pub live: Vec<Published>,
 }
 
 /// The owner's welcome of a subscriber: its messages go out before anything else, and fan-out
@@ -130,6 +134,7 @@ pub fn welcome(shard: &Shard, conn: ConnId, project_id: Uuid, welcome: Welcome) 
             let replayed = replay_into(&mut frames, &resumption.replay, &subscriber.filters);
             frames.push(resumed_reply(shard, resumption, replayed));
         }
+        replay_into(&mut frames, &welcome.live, &subscriber.filters);
         Some(frames)
     });
     if let Some(frames) = frames {
@@ -219,6 +224,22 @@ fn resumed_reply(shard: &Shard, resumption: &Resumption, replayed: u64) -> Bytes
         &resumption.epoch,
         resumption.last_offset,
     )
+}
+
+/// Closes this shard's subscribers of a project with `code` (their stream cannot go on here;
+/// they reconnect and resume).
+pub fn close_project(shard: &Shard, project_id: &Uuid, code: u16, reason: &str) {
+    let conns = REGISTRY.with_borrow(|registry| {
+        registry
+            .by_project
+            .get(project_id)
+            .cloned()
+            .unwrap_or_default()
+    });
+    for conn in conns {
+        let frame = crate::ws::codec::encode_close(code, reason);
+        shard.close_socket(conn, frame.into(), crate::metrics::CloseReason::Normal);
+    }
 }
 
 /// The subscriber's session ended; the project it watched, for the owner to be told.

@@ -20,6 +20,7 @@ pub const CLOSE_INVALID_PAYLOAD: u16 = 1007;
 pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 pub const CLOSE_MESSAGE_TOO_BIG: u16 = 1009;
 /// "Try again later": a stream client too far behind to be fed (it may resume).
+pub const CLOSE_SERVICE_RESTART: u16 = 1012;
 pub const CLOSE_TRY_AGAIN_LATER: u16 = 1013;
 
 /// RFC 6455 section 5.5: control frames carry at most 125 payload bytes.
