@@ -60,12 +60,6 @@ pub fn run(config: Config) -> Result<(), String> {
 
     let shard_count = config.shard_count();
     let listeners = bind_all(&config.listen, shard_count)?;
-    for address in &listeners[0] {
-        let address = address.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!("listening on {address}");
-        eprintln!("mesher listening on http://{address}");
-        eprintln!("mesher live page: http://{address}/");
-    }
 
     let metrics = Metrics::new(shard_count);
     let limits = Arc::new(Limits {
@@ -110,6 +104,12 @@ pub fn run(config: Config) -> Result<(), String> {
         }
         _ => None,
     };
+    for address in &listeners[0] {
+        let address = address.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!("listening on {address}");
+        eprintln!("mesher listening on http://{address}");
+        eprintln!("mesher live page: http://{address}/");
+    }
     // One of several nodes owns only the projects it takes over, loaded then.
     let mut owned = match cluster {
         Some(_) => (0..shard_count).map(|_| IdMap::default()).collect(),

@@ -131,12 +131,14 @@ pub fn start(init: BridgeInit) -> Result<mpsc::UnboundedSender<Command>, String>
         .map_err(|e| format!("cannot connect to NATS at {url}: {e}"))?;
     init.metrics.nats_connected.store(true, Relaxed);
     let (commands, queue) = mpsc::unbounded_channel();
-    let bridge = Bridge {
+    let mut bridge = Bridge {
         client,
         init,
         commands: commands.clone(),
         subscriptions: HashMap::new(),
     };
+    // Other nodes' directory changes are heard before this node serves anything.
+    runtime.block_on(bridge.listen_directory())?;
     std::thread::Builder::new()
         .name("nats".into())
         .spawn(move || runtime.block_on(bridge.run(queue)))
@@ -153,7 +155,6 @@ struct Bridge {
 
 impl Bridge {
     async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Command>) {
-        self.listen_directory().await;
         tokio::spawn(count_traffic(
             self.client.clone(),
             self.init.metrics.clone(),
@@ -214,15 +215,14 @@ impl Bridge {
     }
 
     /// Applies other nodes' directory changes on every shard of this one.
-    async fn listen_directory(&mut self) {
+    async fn listen_directory(&mut self) -> Result<(), String> {
         let subject = self.init.subjects.directory();
-        let mut subscriber = match self.client.subscribe(subject.clone()).await {
-            Ok(subscriber) => subscriber,
-            Err(error) => {
-                tracing::error!(%subject, %error, "NATS subscribe failed: directory changes of other nodes will not arrive");
-                return;
-            }
-        };
+        let mut subscriber = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| format!("cannot subscribe to {subject} on NATS: {e}"))?;
+        let _ = self.client.flush().await;
         let shards = self.init.shards.clone();
         let node_id = self.init.node_id.clone();
         tokio::spawn(async move {
@@ -244,6 +244,7 @@ impl Bridge {
                 }
             }
         });
+        Ok(())
     }
 }
 

@@ -1,0 +1,353 @@
+//! Several nodes as one Mesher (PROTOCOL section 10): real server processes sharing one
+//! PostgreSQL schema and one NATS server.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The NATS the test script found or started.
+fn nats_url() -> String {
+    std::env::var("MESHER_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// `count` nodes on one fresh schema and `nats`; the first starts alone so that it applies
+/// the migrations.
+fn start_nodes(count: usize, nats: &str, extra: &[&str]) -> Vec<Server> {
+    let url = fresh_schema_url();
+    (0..count)
+        .map(|index| {
+            let node_id = format!("node-{index}");
+            let mut args = vec!["--nats-url", nats, "--node-id", &node_id];
+            args.extend(extra);
+            Server::start_on_database(&url, &args)
+        })
+        .collect()
+}
+
+/// The messages a dashboard gets after its first, until it has `events` events.
+fn read_events(ws: &mut Ws, events: usize) -> Vec<Value> {
+    let mut messages = Vec::new();
+    let mut seen = 0;
+    while seen < events {
+        let message = next_json(ws);
+        if message["type"] == "event" {
+            seen += 1;
+        }
+        messages.push(message);
+    }
+    messages
+}
+
+/// What must be identical between dashboards: each message's type, offset and subject.
+fn shape(message: &Value) -> Value {
+    json!({
+        "type": message["type"],
+        "offset": message["offset"],
+        "event_id": message["event_id"],
+        "issue_id": message["issue_id"],
+        "action": message["action"],
+        "count": message["count"],
+        "event_count": message["issue"]["event_count"],
+    })
+}
+
+fn accepted_event_id(reply: &(u16, Value)) -> Option<String> {
+    (reply.0 == 202).then(|| reply.1["event_id"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn three_nodes_act_as_one_mesher() {
+    let nodes = start_nodes(3, &nats_url(), &[]);
+    let project = nodes[0].project("shop");
+    // The project (created through node 0) reaches the others.
+    for node in &nodes[1..] {
+        let known = wait_until(Duration::from_secs(1), || {
+            node.get(&format!("/api/v1/projects/{}/issues", project.id), Some(&project.dashboard_key))
+                .0
+                == 200
+        });
+        assert!(known, "node {} learns of the project within 1 s", node.addr);
+    }
+    // A dashboard on each node, connected before anything happens.
+    let mut dashboards: Vec<(Ws, Value)> = nodes.iter().map(|n| n.subscribe(&project)).collect();
+    for (_, first) in &dashboards {
+        assert_eq!(first["type"], "issue_count", "{first}");
+        assert!(first["epoch"].is_string(), "{first}");
+    }
+    let epoch = dashboards[0].1["epoch"].clone();
+    assert!(dashboards.iter().all(|(_, first)| first["epoch"] == epoch));
+
+    // 30 fingerprints, 10 events each, posted round-robin to the three nodes.
+    let mut posted = 0;
+    for round in 0..10 {
+        for fingerprint in 0..30 {
+            let node = &nodes[posted % 3];
+            let event = json!({
+                "message": format!("failure {fingerprint}"),
+                "level": "error",
+                "fingerprint": [format!("fp-{fingerprint}")],
+                "tags": {"round": round.to_string()},
+            });
+            let (status, body) = node.event(&project.ingest_key, &event);
+            assert_eq!(status, 202, "{body}");
+            posted += 1;
+        }
+    }
+    // Every node sees the same 30 issues, 10 events each.
+    for node in &nodes {
+        let issues = node.all_issues(&project);
+        assert_eq!(issues.len(), 30, "issues through {}", node.addr);
+        assert!(issues.iter().all(|issue| issue["event_count"] == 10), "{issues:?}");
+    }
+    // Every dashboard got the same messages, in the same order, with the same offsets.
+    let sequences: Vec<Vec<Value>> = dashboards
+        .iter_mut()
+        .map(|(ws, _)| read_events(ws, posted).iter().map(shape).collect())
+        .collect();
+    assert_eq!(sequences[0].len(), posted + 30 + 30, "events, issues created, counts");
+    let offsets: Vec<u64> = sequences[0].iter().map(|m| m["offset"].as_u64().unwrap()).collect();
+    assert!(offsets.windows(2).all(|w| w[1] == w[0] + 1), "no gap, no repeat");
+    assert_eq!(sequences[1], sequences[0], "node 1's dashboard");
+    assert_eq!(sequences[2], sequences[0], "node 2's dashboard");
+
+    // No issue was ever made twice: the database holds exactly 30.
+    let mut store = nodes[0].store_reader();
+    let StoreReader::Postgres(client) = &mut store else {
+        unreachable!("nodes share PostgreSQL")
+    };
+    let row = client
+        .query_one("SELECT count(*), count(DISTINCT fingerprint_hash) FROM issues", &[])
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (30, 30));
+    store.assert_event_rows(posted as u64);
+
+    // The project's rate limit holds across nodes: one owner counts for all.
+    let limited = nodes[1].project("limited");
+    nodes[2].set_project(&limited, json!({"rate_limit_per_minute": 20}));
+    thread::sleep(Duration::from_secs(1));
+    let mut accepted = 0;
+    for index in 0..45 {
+        let (status, body) = nodes[index % 3].event(&limited.ingest_key, &json!({"message": "x"}));
+        match status {
+            202 => accepted += 1,
+            429 => {}
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert_eq!(accepted, 20, "the limit of 20 per minute across three nodes");
+}
+
+#[test]
+fn a_key_revoked_on_one_node_is_refused_by_another_within_a_second() {
+    let nodes = start_nodes(3, &nats_url(), &[]);
+    let project = nodes[0].project("keys");
+    let (status, key) = nodes[0].post(
+        &format!("/api/v1/projects/{}/keys", project.id),
+        Some(ADMIN_TOKEN),
+        &json!({"scope": "dashboard", "label": "wall"}),
+    );
+    assert_eq!(status, 201, "{key}");
+    let plain = key["key"].as_str().unwrap().to_string();
+    let issues_path = format!("/api/v1/projects/{}/issues", project.id);
+    assert!(wait_until(Duration::from_secs(1), || {
+        nodes[2].get(&issues_path, Some(&plain)).0 == 200
+    }));
+    let mut stream = nodes[2]
+        .ws(&format!("/stream/projects/{}?key={plain}", project.id))
+        .unwrap();
+    assert_eq!(next_json(&mut stream)["type"], "issue_count");
+
+    let (status, body) = nodes[0].post(
+        &format!("/api/v1/keys/{}/revoke", key["id"].as_str().unwrap()),
+        Some(ADMIN_TOKEN),
+        &json!({}),
+    );
+    assert_eq!(status, 200, "{body}");
+    let revoked_at = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || {
+            nodes[2].get(&issues_path, Some(&plain)).0 == 401
+        }),
+        "node 2 refuses the key within 1 s"
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    // The stream opened with it on node 2 is closed (1008).
+    loop {
+        match stream.read() {
+            Ok(tungstenite::Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 1008, "{frame:?}");
+                break;
+            }
+            Ok(_) => continue,
+            Err(error) => panic!("closed without a close frame: {error}"),
+        }
+    }
+}
+
+/// Posts events to `node` until `stop`, recording the ids answered 202 and every status.
+fn post_until(
+    node: &Server,
+    key: &str,
+    stop: Arc<AtomicBool>,
+    accepted: Arc<Mutex<Vec<String>>>,
+    statuses: Arc<Mutex<Vec<(Instant, u16)>>>,
+) -> thread::JoinHandle<()> {
+    let url = node.url("/api/v1/events");
+    let key = format!("Bearer {key}");
+    thread::spawn(move || {
+        let agent = http_agent();
+        let mut index = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            index += 1;
+            let body = json!({"message": format!("load {}", index % 7), "level": "error"});
+            let headers = [("authorization", key.as_str()), ("content-type", "application/json")];
+            let status = match try_http_exchange(&agent, "POST", &url, &headers, Some(body.to_string().as_bytes())) {
+                Ok(reply) => {
+                    if reply.status == 202 {
+                        let id = reply.json()["event_id"].as_str().unwrap().to_string();
+                        accepted.lock().unwrap().push(id);
+                    }
+                    reply.status
+                }
+                Err(_) => 0,
+            };
+            statuses.lock().unwrap().push((Instant::now(), status));
+            thread::sleep(Duration::from_millis(5));
+        }
+    })
+}
+
+#[test]
+fn the_owner_killed_under_load_loses_no_acknowledged_event() {
+    let mut nodes = start_nodes(3, &nats_url(), &["--ack", "durable"]);
+    let project = nodes[0].project("failover");
+    // Node 0 takes the project over with the first event.
+    let first = nodes[0].event(&project.ingest_key, &json!({"message": "first"}));
+    let mut acknowledged = vec![accepted_event_id(&first).expect("first event accepted")];
+    assert!(wait_until(Duration::from_secs(1), || {
+        nodes[1].get(&format!("/api/v1/projects/{}/issues", project.id), Some(&project.dashboard_key)).0 == 200
+    }));
+    let mut dashboards: Vec<(Ws, Value)> = nodes[1..].iter().map(|n| n.subscribe(&project)).collect();
+    let old_epoch = dashboards[0].1["epoch"].clone();
+    assert_eq!(dashboards[1].1["epoch"], old_epoch);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let posters: Vec<_> = nodes[1..]
+        .iter()
+        .map(|node| post_until(node, &project.ingest_key, stop.clone(), accepted.clone(), statuses.clone()))
+        .collect();
+    thread::sleep(Duration::from_secs(2));
+    let killed_at = Instant::now();
+    nodes[0].signal(libc::SIGKILL);
+    thread::sleep(Duration::from_secs(4));
+    // Posts on the surviving nodes succeed again well within 15 s.
+    let recovered = wait_until(Duration::from_secs(15), || {
+        statuses
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(at, status)| *at > killed_at + Duration::from_secs(1) && *status == 202)
+    });
+    assert!(recovered, "posts succeed again after the owner died");
+    thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for poster in posters {
+        poster.join().unwrap();
+    }
+    let after_kill: Vec<u16> = statuses
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(at, _)| *at > killed_at)
+        .map(|(_, status)| *status)
+        .collect();
+    let first_ok = after_kill.iter().position(|s| *s == 202).expect("a post after the kill succeeded");
+    assert!(
+        after_kill[first_ok..].iter().all(|s| *s == 202),
+        "once taken over, every post succeeds: {:?}",
+        &after_kill[first_ok..]
+    );
+    assert!(
+        after_kill.iter().all(|s| *s == 202 || *s == 503),
+        "the others are 503 with Retry-After, never an error: {after_kill:?}"
+    );
+    // Every event answered 202 is in PostgreSQL.
+    acknowledged.extend(accepted.lock().unwrap().iter().cloned());
+    let mut store = nodes[1].store_reader();
+    let stored = store.event_ids();
+    let missing: Vec<_> = acknowledged.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(missing.is_empty(), "{} acknowledged events missing: {missing:?}", missing.len());
+    // The dashboards on the surviving nodes go on, after a new epoch.
+    for (ws, _) in &mut dashboards {
+        let mut new_epoch = None;
+        while new_epoch.is_none() {
+            let message = next_json(ws);
+            if message["type"] == "issue_count" && message["epoch"].is_string() {
+                new_epoch = Some(message["epoch"].clone());
+            }
+        }
+        assert_ne!(new_epoch.unwrap(), old_epoch);
+        assert_eq!(next_of_type(ws, "event")["type"], "event");
+    }
+    let _ = nodes.remove(0).wait(Duration::from_secs(5));
+}
+
+/// A `nats-server` of this test's own, on `port`.
+fn own_nats(port: u16) -> std::process::Child {
+    let binary = std::env::var("MESHER_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+    let child = std::process::Command::new(binary)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server (the test script installs it)");
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }));
+    child
+}
+
+#[test]
+fn nats_stopped_for_five_seconds_fails_only_what_needs_another_node() {
+    let port = free_port();
+    let mut nats = own_nats(port);
+    let url = format!("nats://127.0.0.1:{port}");
+    let nodes = start_nodes(2, &url, &[]);
+    let project = nodes[0].project("outage");
+    let event = json!({"message": "through the outage"});
+    assert_eq!(nodes[0].event(&project.ingest_key, &event).0, 202, "node 0 owns it now");
+    assert!(wait_until(Duration::from_secs(1), || nodes[1].event(&project.ingest_key, &event).0 == 202));
+
+    nats.kill().unwrap();
+    nats.wait().unwrap();
+    let down_at = Instant::now();
+    assert!(wait_until(Duration::from_secs(3), || nodes[1].get("/health", None).0 == 503));
+    let (_, health) = nodes[1].get("/health", None);
+    assert_eq!(health["nats"], "down", "{health}");
+    // Node 1 needs node 0 for this project: 503 with Retry-After. Node 0 serves it alone.
+    let reply = nodes[1].request("POST", "/api/v1/events", Some(&project.ingest_key), Some(event.to_string().as_bytes()));
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.header("retry-after").is_some());
+    assert_eq!(nodes[0].event(&project.ingest_key, &event).0, 202);
+    let (status, issues) = nodes[0].get(&format!("/api/v1/projects/{}/issues", project.id), Some(&project.dashboard_key));
+    assert_eq!(status, 200, "{issues}");
+
+    thread::sleep(Duration::from_secs(5).saturating_sub(down_at.elapsed()));
+    let _nats = own_nats(port);
+    // Without restarting a node, everything works again.
+    assert!(
+        wait_until(Duration::from_secs(15), || nodes[1].event(&project.ingest_key, &event).0 == 202),
+        "node 1 reaches the owner again"
+    );
+    assert_eq!(nodes[1].get("/health", None).0, 200);
+    let issues = nodes[1].all_issues(&project);
+    assert_eq!(issues.len(), 1);
+}
