@@ -569,8 +569,11 @@ impl Metrics {
             "Gaps in a mirrored stream (messages NATS lost); its subscribers were told to resume.",
         )
         .value(cluster.mirror_gaps.load(Relaxed));
-        text.counter("mesher_nats_received_bytes_total", "Bytes received from NATS.")
-            .value(cluster.nats_in_bytes.load(Relaxed));
+        text.counter(
+            "mesher_nats_received_bytes_total",
+            "Bytes received from NATS.",
+        )
+        .value(cluster.nats_in_bytes.load(Relaxed));
         text.counter("mesher_nats_sent_bytes_total", "Bytes sent to NATS.")
             .value(cluster.nats_out_bytes.load(Relaxed));
     }

@@ -39,9 +39,11 @@ pub fn run(config: Config) -> Result<(), String> {
     let admin_token: Arc<str> = admin_token(&config)?.into();
     probe_io_uring()?;
     if config.nats_url.is_some() && config.database_url.is_none() {
-        return Err("--nats-url needs --database-url: the nodes share their projects, issues \
+        return Err(
+            "--nats-url needs --database-url: the nodes share their projects, issues \
                     and events through one PostgreSQL database"
-            .into());
+                .into(),
+        );
     }
 
     let backend = match &config.database_url {
@@ -81,7 +83,10 @@ pub fn run(config: Config) -> Result<(), String> {
     let (drained_tx, drained_rx) = std::sync::mpsc::channel();
     let cluster = match (&config.nats_url, &config.database_url) {
         (Some(nats_url), Some(database_url)) => {
-            let port = listeners[0].first().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+            let port = listeners[0]
+                .first()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.port());
             let node_id = config
                 .node_id
                 .clone()
@@ -97,8 +102,12 @@ pub fn run(config: Config) -> Result<(), String> {
                 database_url: database_url.clone(),
                 node_id: node_id.clone(),
             };
-            let cluster =
-                Cluster::start(cluster_config, senders.clone(), inbound, metrics.cluster.clone())?;
+            let cluster = Cluster::start(
+                cluster_config,
+                senders.clone(),
+                inbound,
+                metrics.cluster.clone(),
+            )?;
             eprintln!("mesher node {node_id}: one of several, over NATS at {nats_url}");
             Some(cluster)
         }

@@ -16,7 +16,6 @@ use crate::auth::{KeyEntry, Refusal};
 use crate::http::parse::Head;
 use crate::http::response::Response;
 use crate::now_us;
-use serde_json::json;
 use crate::owner::DirectoryError;
 use crate::shard::Shard;
 use crate::store::Scope;
@@ -24,6 +23,7 @@ use crate::stream::Since;
 use crate::ws::codec::{accept_key, is_valid_key};
 use keys::presented_key;
 use routes::Route;
+use serde_json::json;
 
 /// What a WebSocket connection does once upgraded.
 #[derive(Clone, Debug)]

@@ -131,9 +131,9 @@ pub fn resume(shard: &Rc<Shard>, project_id: Uuid, from: usize, conn: ConnId, si
         if let Asked::Answered(Reply::Resumed(resumption)) =
             remote::ask(&shard, shard.index(), project_id, &request).await
         {
-            shard.mesh().run(from, move |shard| {
-                stream::resumed(shard, conn, resumption)
-            });
+            shard
+                .mesh()
+                .run(from, move |shard| stream::resumed(shard, conn, resumption));
         }
     });
 }
@@ -219,7 +219,12 @@ pub fn received(shard: &Rc<Shard>, project_id: Uuid, payload: Bytes) {
         tracing::warn!(%project_id, "messages from the project's owner were lost; its subscribers here resume");
         for to in shards {
             shard.mesh().run(to, move |shard| {
-                stream::close_project(shard, &project_id, CLOSE_SERVICE_RESTART, "stream interrupted; resume")
+                stream::close_project(
+                    shard,
+                    &project_id,
+                    CLOSE_SERVICE_RESTART,
+                    "stream interrupted; resume",
+                )
             });
         }
     }

@@ -147,7 +147,10 @@ pub async fn ask(shard: &Rc<Shard>, to: usize, project_id: Uuid, request: &Reque
         // Disconnected: the owner is out of reach. Timed out: it is too slow to wait for
         // again. No owner: another node holds the lock and is about to serve; look again.
         if failed != RemoteError::NoOwner || shard.now_ms() >= deadline_ms {
-            cluster.metrics().forwarded_unavailable.fetch_add(1, Relaxed);
+            cluster
+                .metrics()
+                .forwarded_unavailable
+                .fetch_add(1, Relaxed);
             return Asked::Unavailable;
         }
         shard.sleep(OWNER_RETRY_MS).await;

@@ -425,8 +425,17 @@ mod tests {
         };
         let data = b"a sentry event, compressed as sentry-python sends it ".repeat(40);
         let body = compress(ContentEncoding::Gzip, &data);
-        assert_eq!(decode_body(ContentEncoding::Gzip, body.clone(), MIB).unwrap(), data);
-        for declared in [0, 10, data.len() as u32 - 1, data.len() as u32 + 1, MIB as u32] {
+        assert_eq!(
+            decode_body(ContentEncoding::Gzip, body.clone(), MIB).unwrap(),
+            data
+        );
+        for declared in [
+            0,
+            10,
+            data.len() as u32 - 1,
+            data.len() as u32 + 1,
+            MIB as u32,
+        ] {
             let lying = with_size(body.clone(), declared);
             assert!(
                 matches!(
@@ -438,7 +447,9 @@ mod tests {
         }
         // A bomb claiming to be small: the small buffer overflows, and streaming stops it at
         // the limit.
-        let bomb = compress_with(ContentEncoding::Gzip, |encoder| write_zeros(encoder, 64 * MIB as u64));
+        let bomb = compress_with(ContentEncoding::Gzip, |encoder| {
+            write_zeros(encoder, 64 * MIB as u64)
+        });
         assert_eq!(
             decode_body(ContentEncoding::Gzip, with_size(bomb, 100), MIB),
             Err(BodyError::TooLarge { limit_bytes: MIB })
