@@ -128,6 +128,10 @@ struct Cli {
     target: TargetKind,
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// Where stream subscribers connect, round-robin (other nodes of one Mesher); default:
+    /// `--url`. Events are still posted to `--url`.
+    #[arg(long, value_delimiter = ',')]
+    stream_url: Vec<String>,
     /// Mesher admin token (creates the benchmark's projects).
     #[arg(long, env = "MESHER_ADMIN_TOKEN")]
     admin_token: Option<String>,
@@ -492,6 +496,18 @@ async fn run(cli: Cli) -> Result<Report, String> {
     if let Some(dsn) = dsn {
         let native = plan.scenario == Scenario::SentryNative;
         routes = routes.with_sentry(sentry::Dsn::parse(&dsn)?, rand::random(), native);
+    }
+    if !cli.stream_url.is_empty() {
+        let mut endpoints = Vec::new();
+        for url in &cli.stream_url {
+            let endpoint = Endpoint::resolve(url)
+                .await
+                .map_err(|e| format!("resolve {url}: {e}"))?;
+            endpoints.push(endpoint);
+        }
+        routes = routes.with_stream_endpoints(endpoints);
+        // Projects made through `--url` reach the other nodes within 1 s (PROTOCOL 10).
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let routes = Arc::new(routes);
     let probe = ServerProbe::new(cli.server_pid.clone());

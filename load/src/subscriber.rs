@@ -260,8 +260,9 @@ async fn set_up(
 ) -> Result<TcpStream, String> {
     let routes = &ctx.routes;
     let rcvbuf = spec.slow.then_some(SLOW_RCVBUF_BYTES);
+    let endpoint = routes.stream_endpoint(spec.index);
     let mut stream = connect_client(
-        routes.endpoint.addr,
+        endpoint.addr,
         &ctx.ports,
         !ctx.source_addrs.is_empty(),
         spec.index,
@@ -270,7 +271,7 @@ async fn set_up(
     .await
     .map_err(|e| format!("connect: {e}"))?;
     let path = routes.subscribe_path(spec.project, spec.filtered);
-    upgrade(&mut stream, &routes.endpoint.host, &path, reader).await?;
+    upgrade(&mut stream, &endpoint.host, &path, reader).await?;
     let dialect = routes.kind.dialect();
     match routes.kind {
         TargetKind::Mesher => {

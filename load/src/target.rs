@@ -97,6 +97,8 @@ pub struct Routes {
     auth_headers: Vec<String>,
     /// The `sentry` scenario: every publish is a Sentry envelope to this project.
     sentry: Option<SentryRoute>,
+    /// Where subscribers connect, round-robin (several Mesher nodes); `endpoint` by default.
+    stream_endpoints: Vec<Endpoint>,
 }
 
 /// Where Sentry envelopes go and what they hold.
@@ -143,6 +145,21 @@ impl Routes {
             filtered_channels,
             auth_headers,
             sentry: None,
+            stream_endpoints: Vec::new(),
+        }
+    }
+
+    /// Subscribers connect to these nodes, round-robin, instead of `endpoint`.
+    pub fn with_stream_endpoints(mut self, endpoints: Vec<Endpoint>) -> Routes {
+        self.stream_endpoints = endpoints;
+        self
+    }
+
+    /// The node subscriber `index` connects to.
+    pub fn stream_endpoint(&self, index: usize) -> &Endpoint {
+        match self.stream_endpoints.len() {
+            0 => &self.endpoint,
+            n => &self.stream_endpoints[index % n],
         }
     }
 
