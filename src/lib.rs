@@ -19,6 +19,11 @@
 //!   reconnecting clients resume from.
 //! - `issues`: grouping and the issue lifecycle of one project.
 //! - `ingest`: event decoding (Mesher JSON, Sentry), validation and fingerprinting.
+//! - `cluster`: several nodes as one (PROTOCOL section 10): the NATS bridge thread that carries
+//!   requests to other nodes' owners, stream frames and directory changes, and the PostgreSQL
+//!   lock thread that makes each project's owner exclusive. What arrives is handed to the layers
+//!   above through hooks (`Inbound`); the owner interface (`owner::remote`, `owner::mirror`)
+//!   uses it for projects owned elsewhere.
 //! - `shard`: the runtime: one io_uring reactor per core with its connections, `mesh` queues
 //!   between shards (carrying `Run` tasks of the layers above), the timer `wheel` behind every
 //!   timeout, the store turn. It runs what it is handed at start (`Hooks`) and never names the
