@@ -100,11 +100,11 @@ for scenario in "${SCENARIOS[@]}"; do
         for index in 0 1 2; do
             "$LOAD" conns --url "${NODE_URLS[$index]}" --subscribers "$per_node" --duration 5 \
                 --admin-token "$ADMIN_TOKEN" --server-pid "${NODE_PIDS[$index]}" \
-                >"$WORK/conns-$index.json" 2>"$WORK/conns-$index.md" &
+                >"$WORK/conns-$index.md" 2>"$WORK/conns-$index.log" &
             loads+=($!)
         done
         for pid in "${loads[@]}"; do wait "$pid"; done
-        cat "$WORK"/conns-*.md
+        grep -h "^| conns" "$WORK"/conns-*.md || cat "$WORK"/conns-*.log
         stop_nodes
         ;;
     *)
