@@ -10,6 +10,7 @@
 //! - `subscriber`: stream connections and their read loop.
 //! - `publisher`: paced, windowed publishers that count accepted events.
 //! - `resume`: subscribers that drop their connection and resume from their last offset.
+//! - `mixed`: every ingest path and stream behaviour at once, for soak runs (`scripts/soak.sh`).
 //! - `stats`: shared counters, latency histograms, the per-subscriber count check.
 //! - `sys`: monotonic clock, server CPU/RSS from /proc, TCP segment counter.
 //!
@@ -20,6 +21,7 @@
 
 mod frame;
 mod http;
+mod mixed;
 mod publisher;
 mod pusher;
 mod resume;
@@ -96,6 +98,10 @@ enum Scenario {
     /// the envelope, its parsing and the gzip inflate cost against the native path (Mesher only).
     #[value(name = "sentry_native")]
     SentryNative,
+    /// Soak load (Mesher only): single, bulk, WebSocket and Sentry ingest into 4 projects,
+    /// 5,000 stream subscribers (filtered, slow, never reading, reconnecting), issue status
+    /// changes; checks delivery accounting, writes accepted event ids and server samples.
+    Mixed,
 }
 
 impl Scenario {
@@ -111,6 +117,7 @@ impl Scenario {
             Scenario::Resume => "resume",
             Scenario::Sentry => "sentry",
             Scenario::SentryNative => "sentry_native",
+            Scenario::Mixed => "mixed",
         }
     }
 }
@@ -184,6 +191,12 @@ struct Cli {
     /// Seconds allowed for creating projects and connecting subscribers.
     #[arg(long, default_value_t = 120.0)]
     setup_timeout: f64,
+    /// mixed: file to write the id of every event the server accepted to, one per line.
+    #[arg(long)]
+    accepted_ids: Option<std::path::PathBuf>,
+    /// mixed: file to append a JSON line of server samples to every 10 s.
+    #[arg(long)]
+    samples: Option<std::path::PathBuf>,
     #[arg(long, default_value = "bench")]
     app_id: String,
     #[arg(long, default_value = "bench-key")]
@@ -231,6 +244,8 @@ impl Plan {
                 Conns => (18_000, 1, 512, 0.0, 0, 0, 5.0, FilterMode::None),
                 Resume => (1000, 1, 512, 200.0, 1, 16, 20.0, FilterMode::None),
                 Sentry | SentryNative => (0, 1, 0, 0.0, 16, 1, 10.0, FilterMode::None),
+                // Rates and connections of `mixed` are its own (see mixed.rs).
+                Mixed => (5000, 4, 0, 0.0, 1, 1, 60.0, FilterMode::None),
             };
         let slow_secs = cli.slow_secs.unwrap_or(60.0);
         let duration_s = cli.duration.unwrap_or(if cli.scenario == Slow {
@@ -343,13 +358,17 @@ fn main() {
     };
     let runtime = builder.enable_all().build().expect("tokio runtime");
     let json_output = cli.json;
+    // The mixed report is not a benchmark row.
+    let headed = cli.scenario != Scenario::Mixed;
     match runtime.block_on(run(cli)) {
         Ok(report) => {
             if json_output {
                 eprintln!("{}", report.markdown);
                 println!("{}", report.json);
             } else {
-                println!("{}", MARKDOWN_HEADER);
+                if headed {
+                    println!("{}", MARKDOWN_HEADER);
+                }
                 println!("{}", report.markdown);
             }
             // Do not wait for tasks stuck on dead sockets.
@@ -416,6 +435,9 @@ fn sample(probe: &ServerProbe) -> Option<ServerSample> {
 }
 
 async fn run(cli: Cli) -> Result<Report, String> {
+    if cli.scenario == Scenario::Mixed {
+        return run_mixed(&cli).await;
+    }
     let plan = Plan::from_cli(&cli);
     if plan.scenario == Scenario::Resume && plan.target != TargetKind::Mesher {
         return Err(format!(
@@ -1137,6 +1159,47 @@ async fn run_resume(
         v["errors"],
     );
     Ok(Report { json: v, markdown })
+}
+
+/// The `mixed` scenario (see `mixed.rs`), bounded by a watchdog like the others.
+async fn run_mixed(cli: &Cli) -> Result<Report, String> {
+    if cli.target != TargetKind::Mesher {
+        return Err("the mixed scenario is Mesher only".into());
+    }
+    let plan = Plan::from_cli(cli);
+    let nofile = sys::raise_nofile_limit();
+    let fds_needed = plan.subscribers as u64 + SPARE_FDS;
+    if nofile < fds_needed {
+        return Err(format!(
+            "{fds_needed} file descriptors needed but the limit is {nofile}"
+        ));
+    }
+    // Setup, the run, the drain and teardown inside mixed.rs (10 s + 20 s), and a margin.
+    spawn_watchdog(cli.setup_timeout + plan.duration_s + 30.0 + WATCHDOG_MARGIN_S + 30.0);
+    let endpoint = Endpoint::resolve(&cli.url)
+        .await
+        .map_err(|e| format!("resolve {}: {e}", cli.url))?;
+    let admin_token = cli
+        .admin_token
+        .clone()
+        .ok_or("--admin-token is required for mixed")?;
+    let json = mixed::run(mixed::MixedOptions {
+        endpoint,
+        admin_token,
+        duration_s: plan.duration_s,
+        projects: plan.projects,
+        subscribers: plan.subscribers,
+        server_pid: cli.server_pid.first().copied(),
+        accepted_ids: cli.accepted_ids.clone(),
+        samples: cli.samples.clone(),
+        setup_timeout_s: cli.setup_timeout,
+    })
+    .await?;
+    let markdown = format!(
+        "mixed: {} events accepted; {} subscribers accounted, {} not; {} reconnects",
+        json["accepted"], json["accounted"], json["unaccounted"], json["reconnects"]
+    );
+    Ok(Report { json, markdown })
 }
 
 fn round3(x: f64) -> f64 {
