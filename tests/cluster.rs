@@ -380,8 +380,18 @@ fn the_owner_killed_under_load_loses_no_acknowledged_event() {
     let _ = nodes.remove(0).wait(Duration::from_secs(5));
 }
 
+/// A `nats-server` of this test's own, stopped when dropped.
+struct OwnNats(std::process::Child);
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `nats-server` of this test's own, on `port`.
-fn own_nats(port: u16) -> std::process::Child {
+fn own_nats(port: u16) -> OwnNats {
     let binary = std::env::var("MESHER_TEST_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
     let child = std::process::Command::new(binary)
         .args(["-a", "127.0.0.1", "-p", &port.to_string()])
@@ -392,13 +402,13 @@ fn own_nats(port: u16) -> std::process::Child {
     assert!(wait_until(Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     }));
-    child
+    OwnNats(child)
 }
 
 #[test]
 fn nats_stopped_for_five_seconds_fails_only_what_needs_another_node() {
     let port = free_port();
-    let mut nats = own_nats(port);
+    let nats = own_nats(port);
     let url = format!("nats://127.0.0.1:{port}");
     let nodes = start_nodes(2, &url, &[]);
     let project = nodes[0].project("outage");
@@ -413,8 +423,7 @@ fn nats_stopped_for_five_seconds_fails_only_what_needs_another_node() {
         .0
         == 202));
 
-    nats.kill().unwrap();
-    nats.wait().unwrap();
+    drop(nats);
     let down_at = Instant::now();
     assert!(wait_until(Duration::from_secs(3), || nodes[1]
         .get("/health", None)
@@ -437,6 +446,14 @@ fn nats_stopped_for_five_seconds_fails_only_what_needs_another_node() {
         Some(&project.dashboard_key),
     );
     assert_eq!(status, 200, "{issues}");
+    // A key made meanwhile cannot reach node 1 over NATS; node 1 reads it once NATS is back.
+    let (status, key) = nodes[0].post(
+        &format!("/api/v1/projects/{}/keys", project.id),
+        Some(ADMIN_TOKEN),
+        &json!({"scope": "ingest", "label": "made during the outage"}),
+    );
+    assert_eq!(status, 201, "{key}");
+    let new_key = key["key"].as_str().unwrap().to_string();
 
     thread::sleep(Duration::from_secs(5).saturating_sub(down_at.elapsed()));
     let _nats = own_nats(port);
@@ -451,4 +468,11 @@ fn nats_stopped_for_five_seconds_fails_only_what_needs_another_node() {
     assert_eq!(nodes[1].get("/health", None).0, 200);
     let issues = nodes[1].all_issues(&project);
     assert_eq!(issues.len(), 1);
+    assert!(
+        wait_until(Duration::from_secs(5), || nodes[1]
+            .event(&new_key, &event)
+            .0
+            == 202),
+        "node 1 knows the key made while NATS was down"
+    );
 }

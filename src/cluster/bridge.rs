@@ -67,6 +67,9 @@ impl Responder {
 
 pub struct BridgeInit {
     pub url: String,
+    /// Where the directory is read again after NATS comes back (changes sent meanwhile were
+    /// lost to this node).
+    pub database_url: String,
     pub node_id: String,
     pub subjects: Arc<Subjects>,
     pub shards: Vec<mpsc::Sender<ShardMsg>>,
@@ -106,6 +109,7 @@ pub fn start(init: BridgeInit) -> Result<mpsc::UnboundedSender<Command>, String>
         .build()
         .map_err(|e| format!("cannot start the NATS thread: {e}"))?;
     let metrics = init.metrics.clone();
+    let catch_up = (init.database_url.clone(), init.shards.clone());
     let options = async_nats::ConnectOptions::new()
         .name(format!("mesher {}", init.node_id))
         .request_timeout(Some(Duration::from_millis(REQUEST_TIMEOUT_MS)))
@@ -113,10 +117,13 @@ pub fn start(init: BridgeInit) -> Result<mpsc::UnboundedSender<Command>, String>
         .max_reconnects(None)
         .event_callback(move |event| {
             let metrics = metrics.clone();
+            let (database_url, shards) = catch_up.clone();
             async move {
                 let connected = &metrics.nats_connected;
                 match event {
-                    async_nats::Event::Connected => connected.store(true, Relaxed),
+                    async_nats::Event::Connected if !connected.swap(true, Relaxed) => {
+                        std::thread::spawn(move || reload_directory(&database_url, &shards));
+                    }
                     async_nats::Event::Disconnected => {
                         tracing::warn!("NATS connection lost; reconnecting");
                         connected.store(false, Relaxed)
@@ -274,6 +281,33 @@ async fn forward(
             return;
         }
     }
+}
+
+/// Reads projects and keys from the database and applies them on every shard: what other
+/// nodes changed while NATS was out of reach.
+fn reload_directory(database_url: &str, shards: &[mpsc::Sender<ShardMsg>]) {
+    let directory =
+        crate::store::open_postgres(database_url).and_then(|mut backend| backend.directory());
+    let snapshot = match directory {
+        Ok(snapshot) => snapshot,
+        Err(error) => {
+            tracing::error!(%error, "cannot read the directory again after NATS came back");
+            return;
+        }
+    };
+    for sender in shards {
+        for row in &snapshot.projects {
+            let _ = sender.blocking_send(ShardMsg::Project(row.clone(), None));
+        }
+        for row in &snapshot.keys {
+            let _ = sender.blocking_send(ShardMsg::Key(row.clone(), None));
+        }
+    }
+    tracing::info!(
+        projects = snapshot.projects.len(),
+        keys = snapshot.keys.len(),
+        "directory read again after NATS came back"
+    );
 }
 
 fn remote_error(error: async_nats::RequestError) -> RemoteError {

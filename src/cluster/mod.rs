@@ -12,7 +12,7 @@ mod ownership;
 
 use std::cell::OnceCell;
 use std::rc::Rc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -29,6 +29,9 @@ pub use bridge::Responder;
 /// How long a request to another node may take before it is answered 503; an owner that
 /// takes longer is as good as gone for the client, which retries.
 pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// Requests to other nodes one node may have waiting at once; one more is answered 503 at
+/// once, so a slow or unreachable owner cannot pile up this node's memory.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 8_192;
 
 /// What other nodes send this one, handed to the layers above on the project's owner shard.
 #[derive(Clone, Copy)]
@@ -52,6 +55,8 @@ pub enum RemoteError {
     Disconnected,
     /// The owner did not answer within `REQUEST_TIMEOUT_MS`.
     TimedOut,
+    /// `REQUESTS_IN_FLIGHT_MAX` requests of this node already wait for answers.
+    Busy,
 }
 
 /// This node's handle on the cluster, cloned into every shard thread.
@@ -62,6 +67,7 @@ pub struct Cluster {
     commands: mpsc::UnboundedSender<bridge::Command>,
     locks: std::sync::mpsc::Sender<ownership::LockCommand>,
     metrics: Arc<ClusterMetrics>,
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// Subject names, under a prefix unique to the database the nodes share, so that clusters
@@ -117,6 +123,7 @@ impl Cluster {
         metrics.enabled.store(true, Relaxed);
         let commands = bridge::start(bridge::BridgeInit {
             url: config.nats_url,
+            database_url: config.database_url.clone(),
             node_id: config.node_id.clone(),
             subjects: subjects.clone(),
             shards,
@@ -129,6 +136,7 @@ impl Cluster {
             commands,
             locks,
             metrics,
+            in_flight: Arc::default(),
         })
     }
 
@@ -161,6 +169,17 @@ impl Cluster {
     pub async fn request(&self, project_id: &Uuid, payload: Bytes) -> Result<Bytes, RemoteError> {
         if !self.is_connected() {
             return Err(RemoteError::Disconnected);
+        }
+        // Counted until answered or given up (the guard also covers a dropped request).
+        struct InFlight<'a>(&'a AtomicUsize);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        let _in_flight = InFlight(&self.in_flight);
+        if self.in_flight.fetch_add(1, Relaxed) >= REQUESTS_IN_FLIGHT_MAX {
+            return Err(RemoteError::Busy);
         }
         let (reply, answer) = oneshot::channel();
         self.command(bridge::Command::Request {

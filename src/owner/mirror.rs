@@ -87,7 +87,7 @@ pub fn watch(shard: &Rc<Shard>, project_id: Uuid, from: usize, conn: ConnId, sin
                 });
             }
             Asked::Answered(_) | Asked::Unavailable => {
-                unwatch(&shard, project_id, from);
+                unwatch(project_id, from);
                 shard.mesh().run(from, move |shard| {
                     let frame = crate::ws::codec::encode_close(
                         CLOSE_TRY_AGAIN_LATER,
@@ -144,8 +144,7 @@ pub fn has(project_id: &Uuid) -> bool {
 }
 
 /// A subscriber on shard `from` left; the last one ends the mirror.
-pub fn unwatch(shard: &Shard, project_id: Uuid, from: usize) {
-    let _ = shard;
+pub fn unwatch(project_id: Uuid, from: usize) {
     let ended = MIRRORS.with_borrow_mut(|mirrors| {
         let mirror = mirrors.get_mut(&project_id)?;
         mirror.watchers.remove(from);
@@ -179,13 +178,13 @@ pub fn received(shard: &Rc<Shard>, project_id: Uuid, payload: Bytes) {
         tracing::error!(%project_id, "undecodable stream messages from another node");
         return;
     };
-    let metrics = cluster::with(|cluster| {
+    cluster::with(|cluster| {
+        let received = batch.items.len() as u64;
         cluster
             .metrics()
             .mirrored_messages
-            .fetch_add(batch.items.len() as u64, Relaxed);
+            .fetch_add(received, Relaxed);
     });
-    let _ = metrics;
     let gap = MIRRORS.with_borrow_mut(|mirrors| {
         let mirror = mirrors.get_mut(&project_id)?;
         let mut items = batch.items;

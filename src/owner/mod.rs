@@ -345,7 +345,7 @@ pub fn unwatch(shard: &Rc<Shard>, project_id: Uuid) {
     let from = shard.index();
     let unwatch = move |shard: &Rc<Shard>| {
         if mirror::has(&project_id) {
-            mirror::unwatch(shard, project_id, from);
+            mirror::unwatch(project_id, from);
         } else {
             projects::unwatch(shard, project_id, from);
         }

@@ -141,11 +141,13 @@ pub async fn ask(shard: &Rc<Shard>, to: usize, project_id: Uuid, request: &Reque
             },
             Err(error) => error,
         };
-        if failed != RemoteError::TimedOut && take(shard, to, project_id).await {
+        let owner_may_be_gone = matches!(failed, RemoteError::NoOwner | RemoteError::Disconnected);
+        if owner_may_be_gone && take(shard, to, project_id).await {
             return Asked::TakenHere;
         }
         // Disconnected: the owner is out of reach. Timed out: it is too slow to wait for
-        // again. No owner: another node holds the lock and is about to serve; look again.
+        // again. Busy: too many requests wait already. No owner: another node holds the lock
+        // and is about to serve; look again.
         if failed != RemoteError::NoOwner || shard.now_ms() >= deadline_ms {
             cluster
                 .metrics()

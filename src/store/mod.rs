@@ -9,7 +9,8 @@
 //! - `sqlite.rs`: the embedded default (one file in the data directory).
 //! - `postgres.rs`: PostgreSQL, events COPYed into day partitions.
 //!
-//! Backends run only on the writer thread (and on the starting thread before it), never on a
+//! Backends run only on the writer thread (and on the starting thread before it, and on a
+//! short-lived thread of a node reading the directory again after NATS came back), never on a
 //! reactor: every method blocks.
 
 mod postgres;
@@ -263,6 +264,13 @@ pub trait Backend: Send + 'static {
     /// Applies the versioned migrations not yet recorded in `schema_migrations`; idempotent.
     fn migrate(&mut self) -> Result<(), StoreError>;
     fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// Projects and keys only, as `load` reads them (a node catching up on directory changes
+    /// it may have missed).
+    fn directory(&mut self) -> Result<Snapshot, StoreError> {
+        let mut snapshot = self.load()?;
+        snapshot.issues.clear();
+        Ok(snapshot)
+    }
     /// One project's issues, as `load` reads them.
     fn project_issues(&mut self, project_id: Uuid) -> Result<Vec<IssueRow>, StoreError> {
         let mut issues = self.load()?.issues;

@@ -577,6 +577,18 @@ impl Backend for PostgresBackend {
     }
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
+        let mut snapshot = self.directory()?;
+        for row in self
+            .client
+            .query(SELECT_ISSUES, &[])
+            .map_err(|error| pg_error("load", error))?
+        {
+            snapshot.issues.push(issue_row(&row, "load")?);
+        }
+        Ok(snapshot)
+    }
+
+    fn directory(&mut self) -> Result<Snapshot, StoreError> {
         let operation = "load";
         let query = |client: &mut Client, sql: &str| {
             client
@@ -611,9 +623,6 @@ impl Backend for PostgresBackend {
                 revoked: row.get(5),
                 created_at_us: row.get(6),
             });
-        }
-        for row in query(&mut self.client, SELECT_ISSUES)? {
-            snapshot.issues.push(issue_row(&row, operation)?);
         }
         Ok(snapshot)
     }
