@@ -165,6 +165,42 @@ fn three_nodes_act_as_one_mesher() {
         .unwrap();
     assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (30, 30));
     store.assert_event_rows(posted as u64);
+    // Exactly one node took the project over; the others forwarded to it and mirrored it.
+    let metric = |node: &Server, name: &str| node.metric(name);
+    let taken: f64 = nodes
+        .iter()
+        .map(|n| {
+            metric(
+                n,
+                "mesher_cluster_ownership_changes_total{change=\"taken\"}",
+            )
+        })
+        .sum();
+    assert_eq!(taken, 1.0, "one owner for the project");
+    let forwarded: f64 = nodes
+        .iter()
+        .map(|n| {
+            metric(
+                n,
+                "mesher_cluster_forwarded_requests_total{outcome=\"answered\"}",
+            )
+        })
+        .sum();
+    assert!(
+        forwarded >= 200.0,
+        "two thirds of the posts went to the owner: {forwarded}"
+    );
+    let mirrored: f64 = nodes
+        .iter()
+        .map(|n| metric(n, "mesher_cluster_mirrored_messages_total"))
+        .sum();
+    assert!(
+        mirrored >= 2.0 * 360.0,
+        "two mirrors got every message: {mirrored}"
+    );
+    assert!(nodes
+        .iter()
+        .all(|n| metric(n, "mesher_nats_sent_bytes_total") > 0.0));
 
     // The project's rate limit holds across nodes: one owner counts for all.
     let limited = nodes[1].project("limited");
