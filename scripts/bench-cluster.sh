@@ -27,6 +27,11 @@ cargo build --release --workspace -q
 MESHER="${MESHER_BIN:-$ROOT/target/release/mesher}"
 LOAD="$ROOT/target/release/mesher-load"
 ADMIN_TOKEN=bench-cluster-admin
+# As in bench.sh: the servers on CPU 0, the load on CPU 1 (NATS and PostgreSQL run where the
+# system puts them), so the load tool does not take the servers' CPU.
+PIN_SERVER=(taskset -c 0)
+PIN_LOAD=(taskset -c 1)
+if [ "$(nproc)" -lt 2 ]; then PIN_SERVER=() PIN_LOAD=(); fi
 PORT_BASE=${BENCH_PORT_BASE:-38080}
 WORK=$(mktemp -d /tmp/mesher-bench-cluster.XXXXXX)
 PIDS=()
@@ -55,7 +60,7 @@ start_nodes() {
     for index in $(seq 0 $((count - 1))); do
         local port=$((PORT_BASE + index)) dir="$WORK/node-$schema-$index"
         mkdir -p "$dir"
-        "$MESHER" serve --listen "127.0.0.1:$port" --shards 1 --data-dir "$dir" \
+        "${PIN_SERVER[@]}" "$MESHER" serve --listen "127.0.0.1:$port" --shards 1 --data-dir "$dir" \
             --admin-token "$ADMIN_TOKEN" --database-url "$url" \
             --nats-url "$MESHER_TEST_NATS_URL" --node-id "node-$index" >"$dir/log" 2>&1 &
         NODE_PIDS+=($!)
@@ -77,8 +82,16 @@ duration=10
 for scenario in "${SCENARIOS[@]}"; do
     case "$scenario" in
     e2e)
+        # Dashboards connect first, so their node owns the projects: every post to node A is
+        # forwarded. The same run on one node is the baseline.
         start_nodes 2
-        "$LOAD" e2e --url "${NODE_URLS[0]}" --stream-url "${NODE_URLS[1]}" --rate 2000 \
+        echo "e2e, posts to node A, dashboards on node B:" >&2
+        "${PIN_LOAD[@]}" "$LOAD" e2e --url "${NODE_URLS[0]}" --stream-url "${NODE_URLS[1]}" --rate 2000 \
+            --duration "$duration" --admin-token "$ADMIN_TOKEN" --server-pid "$(join "${NODE_PIDS[@]}")"
+        stop_nodes
+        start_nodes 1
+        echo "e2e, one node:" >&2
+        "${PIN_LOAD[@]}" "$LOAD" e2e --url "${NODE_URLS[0]}" --rate 2000 \
             --duration "$duration" --admin-token "$ADMIN_TOKEN" --server-pid "$(join "${NODE_PIDS[@]}")"
         stop_nodes
         ;;
@@ -87,7 +100,7 @@ for scenario in "${SCENARIOS[@]}"; do
             start_nodes "$count"
             streams=$(join "${NODE_URLS[@]}")
             echo "fanout over $count node(s):" >&2
-            "$LOAD" fanout --url "${NODE_URLS[0]}" --stream-url "$streams" --subscribers 1200 \
+            "${PIN_LOAD[@]}" "$LOAD" fanout --url "${NODE_URLS[0]}" --stream-url "$streams" --subscribers 1200 \
                 --duration "$duration" --admin-token "$ADMIN_TOKEN" --server-pid "$(join "${NODE_PIDS[@]}")"
             stop_nodes
         done
@@ -98,7 +111,7 @@ for scenario in "${SCENARIOS[@]}"; do
         [ "$QUICK" = 1 ] && per_node=2000
         loads=()
         for index in 0 1 2; do
-            "$LOAD" conns --url "${NODE_URLS[$index]}" --subscribers "$per_node" --duration 5 \
+            "${PIN_LOAD[@]}" "$LOAD" conns --url "${NODE_URLS[$index]}" --subscribers "$per_node" --duration 5 \
                 --admin-token "$ADMIN_TOKEN" --server-pid "${NODE_PIDS[$index]}" \
                 >"$WORK/conns-$index.md" 2>"$WORK/conns-$index.log" &
             loads+=($!)
