@@ -201,12 +201,13 @@ samples = [json.loads(line) for line in open(f"{out_dir}/samples.jsonl") if line
 
 tenth = duration / 10
 first = [s for s in samples if warmup <= s["elapsed_s"] <= warmup + tenth]
-last = [s for s in samples if s["elapsed_s"] >= duration - tenth]
+# Samples after the load (the drain) are left out: no events, so no CPU per event.
+last = [s for s in samples if duration - tenth <= s["elapsed_s"] <= duration + 2]
 # A short run has few samples per tenth: take at least two at each end.
 if len(first) < 2:
     first = [s for s in samples if s["elapsed_s"] >= warmup][:2]
 if len(last) < 2:
-    last = samples[-2:]
+    last = [s for s in samples if s["elapsed_s"] <= duration + 2][-2:]
 
 def mean(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
@@ -238,6 +239,13 @@ if first and last:
     c0, c1 = mean(first, "cpu_per_event_us"), mean(last, "cpu_per_event_us")
     check("CPU per event flat", c1 <= c0 * (1 + cpu_pct / 100),
           f"{c0:.0f} -> {c1:.0f} µs (bound +{cpu_pct:g}%)")
+    during = [s for s in samples if s["elapsed_s"] <= duration + 2]
+    span = during[-1]["elapsed_s"] - during[0]["elapsed_s"] if len(during) > 1 else 0
+    if span > 0:
+        server = (during[-1]["cpu_s"] - during[0]["cpu_s"]) / span
+        client = (during[-1]["client_cpu_s"] - during[0]["client_cpu_s"]) / span
+        print(f"  info CPU used: server {server:.2f} cores, load client {client:.2f} cores; "
+              f"{(during[-1]['accepted'] - during[0]['accepted']) / span:.0f} events/s accepted")
     l0, l1 = mean(first, "loop_lag_us"), mean(last, "loop_lag_us")
     print(f"  info loop lag {l0:.0f} -> {l1:.0f} µs; max seen "
           f"{max((s.get('loop_lag_max_us') or 0) for s in samples):.0f} µs")
@@ -247,7 +255,8 @@ print(f"  info paths: single {load['single']}, bulk {load['bulk']}, ws {load['ws
       f"sentry {load['sentry']}")
 print(f"  info stream: {load['subscribers_ready']} subscribers ready, {load['reconnects']} "
       f"resumes ({load['resumed_recovered']} recovered, {load['resumed_not_recovered']} not), "
-      f"{load['unexpected_closes']} unexpected closes, never-readers closed by the server "
+      f"{load['unexpected_closes']} connections closed by the server and resumed "
+      f"({load['slow_closes']} of slow readers), never-readers closed by the server "
       f"{load['never_readers_closed_by_server']}/{load['never_readers']}")
 print(f"  info status changes: {load['status_changes_ok']} ok, "
       f"{load['status_changes_failed']} failed")

@@ -1193,6 +1193,7 @@ async fn run_mixed(cli: &Cli) -> Result<Report, String> {
         accepted_ids: cli.accepted_ids.clone(),
         samples: cli.samples.clone(),
         setup_timeout_s: cli.setup_timeout,
+        events_per_s: cli.rate.unwrap_or(mixed::DEFAULT_EVENTS_PER_S),
     })
     .await?;
     let markdown = format!(

@@ -34,21 +34,31 @@ use crate::sys::{monotonic_us, parse_stat_cpu_s, parse_status_rss_kib};
 use crate::target::{create_mesher_projects, Endpoint, Project};
 
 // Rates: the machine the soak runs on has 2 cores shared by the server, PostgreSQL and this
-// client, so the totals stay at a few hundred events/s (about 210/s) while 5,000 subscribers
-// turn them into a few hundred thousand deliveries/s.
+// client. Every event of a project goes to its ~1,250 subscribers, so 100 events/s are already
+// ~125,000 deliveries/s for this client to read; beyond that the client, not the server, sets
+// the pace (and starves the server of CPU). `--rate` sets the total on a bigger machine.
 
-/// Keep-alive connections posting single events to `/api/v1/events`, and each one's rate.
-const SINGLE_CONNECTIONS: usize = 2;
-const SINGLE_EVENTS_PER_S: f64 = 40.0;
-/// `/api/v1/events/bulk` requests per second on one connection, and events per request.
-const BULK_REQUESTS_PER_S: f64 = 5.0;
+/// Events per second over all ingest paths, unless `--rate` says otherwise.
+pub const DEFAULT_EVENTS_PER_S: f64 = 100.0;
+/// Shares of the total per ingest path.
+const SINGLE_SHARE: f64 = 0.4;
+const BULK_SHARE: f64 = 0.2;
+const WS_INGEST_SHARE: f64 = 0.2;
+const SENTRY_SHARE: f64 = 0.2;
+/// Keep-alive connections posting single events to `/api/v1/events`, one request at a time
+/// each: enough of them that a slow answer (a storage outage, loop lag) does not lower the
+/// rate.
+const SINGLE_CONNECTIONS: usize = 4;
+/// Events per `/api/v1/events/bulk` request (one connection).
 const BULK_EVENTS: usize = 10;
-/// WebSocket `/ingest` connections (one per project: the key at the upgrade decides the
-/// project), and text messages (one event each) per second on each.
+/// WebSocket `/ingest` connections, one per project (the key at the upgrade decides it).
 const WS_INGEST_CONNECTIONS: usize = 4;
-const WS_INGEST_EVENTS_PER_S: f64 = 12.5;
-/// Sentry envelopes (gzip, one event each) per second on one connection.
-const SENTRY_ENVELOPES_PER_S: f64 = 30.0;
+/// Connections posting Sentry envelopes (gzip, one ~4.7 KB event each).
+const SENTRY_CONNECTIONS: usize = 2;
+/// The project that receives every Sentry envelope and holds every slow subscriber: the big
+/// Sentry events make its stream heavy enough (~100 KB/s at the default rate) that a slow
+/// subscriber's pause overflows what the server holds for it, so drops get exercised.
+const HOT_PROJECT: usize = 0;
 /// Native events of a project spread over this many fingerprints, so issues repeat (status
 /// changes pick among them) without growing without bound.
 const ISSUES_PER_PROJECT: u64 = 8;
@@ -63,11 +73,15 @@ const NEVER_READ_EVERY: usize = 100;
 const FILTERED_EVERY: usize = 3;
 /// Slow subscribers read for `SLOW_READ`, then stop reading for `SLOW_PAUSE`: long enough to
 /// overflow what the server holds for them (its 100-event buffer and a 256 KiB socket send
-/// buffer, about 5 s of a project's ~50 KB/s), shorter than the server's 10 s pong timeout
+/// buffer, about 3.5 s of the hot project's stream), shorter than the server's 10 s pong timeout
 /// (a ping sent during the pause is answered when reading resumes) and 30 s stall timeout, so
 /// the server must drop events for them but never disconnect them.
-const SLOW_READ: Duration = Duration::from_secs(2);
-const SLOW_PAUSE: Duration = Duration::from_secs(8);
+const SLOW_READ: Duration = Duration::from_secs(3);
+const SLOW_PAUSE: Duration = Duration::from_secs(5);
+/// Receive buffer of slow subscribers. With 4 KiB the server holds their backlog and drops
+/// (16 KiB let them catch up, so nothing was dropped); on a busy client a few fall more than
+/// 10 s behind and are closed for a late pong, then resume like any dashboard.
+const SLOW_RCVBUF: u32 = SLOW_RCVBUF_BYTES;
 /// Subscribers dropping their socket and resuming with `?since=`, per second.
 const RECONNECTS_PER_S: f64 = 10.0;
 /// Issue status changes per second (resolve), and how long after a resolve the same issue is
@@ -108,6 +122,7 @@ pub struct MixedOptions {
     pub accepted_ids: Option<PathBuf>,
     pub samples: Option<PathBuf>,
     pub setup_timeout_s: f64,
+    pub events_per_s: f64,
 }
 
 /// How the server answered what was sent, per ingest path.
@@ -162,6 +177,9 @@ struct Shared {
     not_recovered: AtomicU64,
     /// Connections of reading subscribers that the server closed or broke (they resume).
     unexpected_closes: AtomicU64,
+    /// Of those, the slow subscribers' (a pong later than the server's timeout, when the
+    /// client itself is too busy to catch up in its reading phase).
+    slow_closes: AtomicU64,
     status_ok: AtomicU64,
     status_failed: AtomicU64,
     next_event: AtomicU64,
@@ -345,9 +363,9 @@ async fn run_single(shared: Arc<Shared>, rate: f64) {
     }
 }
 
-async fn run_bulk(shared: Arc<Shared>) {
+async fn run_bulk(shared: Arc<Shared>, requests_per_s: f64) {
     let mut conn = HttpConn::new();
-    let mut interval = ticker(BULK_REQUESTS_PER_S);
+    let mut interval = ticker(requests_per_s);
     let mut request = Vec::new();
     let mut round = 0usize;
     while next_tick(&mut interval, &shared).await {
@@ -446,10 +464,10 @@ async fn next_text(stream: &mut TcpStream, reader: &mut FrameReader) -> Result<V
 
 /// WebSocket ingest: one project per connection (the key is given at the upgrade), one event
 /// per text message, each answered in order.
-async fn run_ws_ingest(shared: Arc<Shared>, connection: usize) {
+async fn run_ws_ingest(shared: Arc<Shared>, connection: usize, rate: f64) {
     let project = connection % shared.projects.len();
     let path = format!("/ingest?key={}", shared.projects[project].ingest_key);
-    let mut interval = ticker(WS_INGEST_EVENTS_PER_S);
+    let mut interval = ticker(rate);
     let counts = &shared.ws_ingest;
     let mut open: Option<(TcpStream, FrameReader)> = None;
     while next_tick(&mut interval, &shared).await {
@@ -514,31 +532,26 @@ async fn run_ws_ingest(shared: Arc<Shared>, connection: usize) {
     }
 }
 
-/// Sentry envelopes to each project's DSN in turn; each event id is unique in the run.
-async fn run_sentry(shared: Arc<Shared>) {
-    let run_prefix: u64 = rand::random();
-    let routes: Vec<(Dsn, Envelopes)> = shared
-        .projects
-        .iter()
-        .filter_map(|p| p.dsn.as_deref().and_then(|dsn| Dsn::parse(dsn).ok()))
-        .map(|dsn| {
-            let envelopes = Envelopes::new(&dsn.key, run_prefix);
-            (dsn, envelopes)
-        })
-        .collect();
-    if routes.is_empty() {
-        shared.note_error("sentry: no project carries a DSN".into());
+/// Sentry envelopes to the hot project's DSN; event ids are unique in the run (`run_prefix`
+/// shared by the connections, sequence numbers interleaved between them).
+async fn run_sentry(shared: Arc<Shared>, connection: usize, run_prefix: u64, rate: f64) {
+    let Some(dsn) = shared.projects[HOT_PROJECT]
+        .dsn
+        .as_deref()
+        .and_then(|dsn| Dsn::parse(dsn).ok())
+    else {
+        shared.note_error("sentry: the project carries no DSN".into());
         return;
-    }
+    };
+    let envelopes = Envelopes::new(&dsn.key, run_prefix);
     let mut conn = HttpConn::new();
-    let mut interval = ticker(SENTRY_ENVELOPES_PER_S);
+    let mut interval = ticker(rate);
     let (mut request, mut body) = (Vec::new(), Vec::new());
-    let mut seq = 0u64;
+    let mut seq = connection as u64;
     while next_tick(&mut interval, &shared).await {
-        let (dsn, envelopes) = &routes[(seq % routes.len() as u64) as usize];
         body.clear();
         envelopes.push_body(&mut body, seq, crate::sys::unix_time_us());
-        seq += 1;
+        seq += SENTRY_CONNECTIONS as u64;
         request.clear();
         push_post_raw(
             &mut request,
@@ -794,6 +807,7 @@ impl Accounting {
 
 struct SubscriberOutcome {
     index: usize,
+    project: usize,
     role: Role,
     ready: bool,
     accounting: Accounting,
@@ -827,7 +841,12 @@ async fn run_subscriber(
         "/stream/projects/{}?key={}",
         shared.projects[project].id, shared.projects[project].dashboard_key
     );
-    let rcvbuf = matches!(role, Role::Slow | Role::NeverRead).then_some(SLOW_RCVBUF_BYTES);
+    let rcvbuf = match role {
+        Role::Slow => Some(SLOW_RCVBUF),
+        // The smallest buffer: the server's stall detection should not wait for it to fill.
+        Role::NeverRead => Some(SLOW_RCVBUF_BYTES),
+        _ => None,
+    };
     let mut place: Option<(String, u64)> = None;
     let mut ready = false;
     let mut setup_failures = 0u32;
@@ -841,10 +860,15 @@ async fn run_subscriber(
         };
         let resuming = place.is_some();
         let opened = async {
-            let _permit = shared.handshakes.acquire().await.map_err(|e| e.to_string())?;
-            let mut stream = connect_client(shared.endpoint.addr, &shared.ports, false, index, rcvbuf)
+            let _permit = shared
+                .handshakes
+                .acquire()
                 .await
-                .map_err(|e| format!("connect: {e}"))?;
+                .map_err(|e| e.to_string())?;
+            let mut stream =
+                connect_client(shared.endpoint.addr, &shared.ports, false, index, rcvbuf)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?;
             let mut reader = FrameReader::with_capacity(READ_BUFFER_BYTES);
             upgrade(&mut stream, &shared.endpoint.host, &path, &mut reader).await?;
             if let Some(subscribe) = role.subscribe_message() {
@@ -878,7 +902,8 @@ async fn run_subscriber(
         setup_failures = 0;
         if role == Role::NeverRead {
             // The welcome arrived with the upgrade or soon after; after it, nothing is read.
-            let welcome = tokio::time::timeout(REQUEST_TIMEOUT, next_text(&mut stream, &mut reader)).await;
+            let welcome =
+                tokio::time::timeout(REQUEST_TIMEOUT, next_text(&mut stream, &mut reader)).await;
             if !matches!(welcome, Ok(Ok(_))) {
                 shared.setup_failed.fetch_add(1, Ordering::Relaxed);
                 break;
@@ -888,6 +913,7 @@ async fn run_subscriber(
             let closed_by_server = server_closed(&mut stream).await;
             return SubscriberOutcome {
                 index,
+                project,
                 role,
                 ready: true,
                 accounting,
@@ -1027,6 +1053,9 @@ async fn run_subscriber(
             }
             Ended::Broken(why) => {
                 shared.unexpected_closes.fetch_add(1, Ordering::Relaxed);
+                if role == Role::Slow {
+                    shared.slow_closes.fetch_add(1, Ordering::Relaxed);
+                }
                 shared.note_error(format!("subscriber {index} ({}): {why}", role.name()));
                 tokio::time::sleep(RETRY_PAUSE).await;
             }
@@ -1036,6 +1065,7 @@ async fn run_subscriber(
     }
     SubscriberOutcome {
         index,
+        project,
         role,
         ready,
         accounting,
@@ -1173,6 +1203,9 @@ async fn run_sampler(
             "storage_queue_events": metric_max(&metrics, "mesher_storage_queue_events"),
             "subscribers_ready": shared.subscribers_ready.load(Ordering::Relaxed),
             "reconnects": shared.reconnects.load(Ordering::Relaxed),
+            // This client's own CPU: when it nears the machine's cores, rates and latencies
+            // are the client's, not the server's.
+            "client_cpu_s": round3(crate::sys::own_cpu_s()),
         });
         eprintln!("sample {line}");
         if let Some(f) = file.as_mut() {
@@ -1208,7 +1241,12 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
     );
     let projects = tokio::time::timeout(
         Duration::from_secs_f64(options.setup_timeout_s),
-        create_mesher_projects(&options.endpoint, &options.admin_token, &run_id, options.projects),
+        create_mesher_projects(
+            &options.endpoint,
+            &options.admin_token,
+            &run_id,
+            options.projects,
+        ),
     )
     .await
     .map_err(|_| "project setup timed out".to_string())??;
@@ -1233,6 +1271,7 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
         recovered: AtomicU64::new(0),
         not_recovered: AtomicU64::new(0),
         unexpected_closes: AtomicU64::new(0),
+        slow_closes: AtomicU64::new(0),
         status_ok: AtomicU64::new(0),
         status_failed: AtomicU64::new(0),
         next_event: AtomicU64::new(0),
@@ -1250,7 +1289,13 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
             (index, Role::Reference)
         } else {
             let i = index - project_count;
-            (i % project_count, Role::of(i))
+            let role = Role::of(i);
+            let project = if role == Role::Slow {
+                HOT_PROJECT
+            } else {
+                i % project_count
+            };
+            (project, role)
         };
         let (ask_tx, ask_rx) = mpsc::channel(1);
         if matches!(role, Role::Fast | Role::Filtered(_)) {
@@ -1288,14 +1333,31 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
         stop_rx.clone(),
     ));
     let mut publishers = Vec::new();
+    let rate = options.events_per_s;
     for _ in 0..SINGLE_CONNECTIONS {
-        publishers.push(tokio::spawn(run_single(shared.clone(), SINGLE_EVENTS_PER_S)));
+        let per_connection = rate * SINGLE_SHARE / SINGLE_CONNECTIONS as f64;
+        publishers.push(tokio::spawn(run_single(shared.clone(), per_connection)));
     }
-    publishers.push(tokio::spawn(run_bulk(shared.clone())));
+    let bulk_requests_per_s = rate * BULK_SHARE / BULK_EVENTS as f64;
+    publishers.push(tokio::spawn(run_bulk(shared.clone(), bulk_requests_per_s)));
     for connection in 0..WS_INGEST_CONNECTIONS {
-        publishers.push(tokio::spawn(run_ws_ingest(shared.clone(), connection)));
+        let per_connection = rate * WS_INGEST_SHARE / WS_INGEST_CONNECTIONS as f64;
+        publishers.push(tokio::spawn(run_ws_ingest(
+            shared.clone(),
+            connection,
+            per_connection,
+        )));
     }
-    publishers.push(tokio::spawn(run_sentry(shared.clone())));
+    let run_prefix: u64 = rand::random();
+    for connection in 0..SENTRY_CONNECTIONS {
+        let per_connection = rate * SENTRY_SHARE / SENTRY_CONNECTIONS as f64;
+        publishers.push(tokio::spawn(run_sentry(
+            shared.clone(),
+            connection,
+            run_prefix,
+            per_connection,
+        )));
+    }
     publishers.push(tokio::spawn(run_status_changes(shared.clone())));
     publishers.push(tokio::spawn(run_reconnects(shared.clone(), resume_asks)));
     for publisher in publishers {
@@ -1321,7 +1383,8 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
     let samples = sampler.await.unwrap_or_default();
 
     // The final check: every gap against everything the references saw.
-    let (mut accounted, mut unaccounted, mut gap_events, mut dropped_ranges) = (0u64, 0u64, 0u64, 0u64);
+    let (mut accounted, mut unaccounted, mut gap_events, mut dropped_ranges) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut received = 0u64;
     let mut unaccounted_list = Vec::new();
     let (mut never_readers, mut never_readers_closed, mut not_ready) = (0u64, 0u64, 0u64);
@@ -1335,12 +1398,10 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
             never_readers_closed += u64::from(outcome.closed_by_server);
             continue;
         }
-        let project = if outcome.index < project_count {
-            outcome.index
-        } else {
-            (outcome.index - project_count) % project_count
-        };
-        outcome.accounting.resolve(&shared.references[project], true);
+        let project = outcome.project;
+        outcome
+            .accounting
+            .resolve(&shared.references[project], true);
         let a = &outcome.accounting;
         gap_events += a.gap_events;
         received += a.received;
@@ -1411,7 +1472,82 @@ pub async fn run(options: MixedOptions) -> Result<Value, String> {
         "resumed_recovered": shared.recovered.load(Ordering::Relaxed),
         "resumed_not_recovered": shared.not_recovered.load(Ordering::Relaxed),
         "unexpected_closes": shared.unexpected_closes.load(Ordering::Relaxed),
+        "slow_closes": shared.slow_closes.load(Ordering::Relaxed),
         "error_samples": *shared.error_samples.lock().unwrap(),
         "samples": samples.len(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reference that saw events at `offsets` with `level`.
+    fn reference(events: &[(u64, &str)]) -> RwLock<ReferenceLog> {
+        let mut log = ReferenceLog::default();
+        for &(offset, level) in events {
+            if log.levels.len() <= offset as usize {
+                log.levels.resize(offset as usize + 1, 0);
+            }
+            log.levels[offset as usize] = level_bit(level.as_bytes());
+            log.seen_up_to = log.seen_up_to.max(offset);
+        }
+        RwLock::new(log)
+    }
+
+    #[test]
+    fn a_missed_event_is_found_unless_announced_as_dropped() {
+        let log = reference(&[(1, "error"), (2, "error"), (4, "error"), (5, "error")]);
+        let mut missed = Accounting::new(u8::MAX);
+        missed.receive(1);
+        missed.receive(5);
+        missed.resolve(&log, true);
+        assert_eq!((missed.missing, missed.first_missing), (2, Some(2)));
+
+        let mut told = Accounting::new(u8::MAX);
+        told.receive(1);
+        told.dropped.push((2, 4));
+        told.receive(5);
+        told.resolve(&log, true);
+        assert_eq!((told.missing, told.gap_events), (0, 2));
+    }
+
+    #[test]
+    fn filtered_out_events_and_other_messages_are_not_owed() {
+        // Offset 3 is not an event (an issue_count), 2 is a warning.
+        let log = reference(&[(1, "error"), (2, "warning"), (4, "error")]);
+        let mut errors_only = Accounting::new(level_bit(b"error"));
+        errors_only.receive(1);
+        errors_only.receive(4);
+        errors_only.resolve(&log, true);
+        assert_eq!(errors_only.missing, 0);
+    }
+
+    #[test]
+    fn gaps_wait_for_the_reference_and_a_new_window_forgets_the_old_bound() {
+        let log = reference(&[(1, "error"), (2, "error")]);
+        let mut early = Accounting::new(u8::MAX);
+        early.receive(1);
+        early.receive(9);
+        // The reference has not got past 8 yet: nothing is decided.
+        early.resolve(&log, false);
+        assert_eq!((early.gaps.len(), early.missing), (1, 0));
+
+        let mut resumed = Accounting::new(u8::MAX);
+        resumed.receive(1);
+        resumed.new_window();
+        resumed.receive(9);
+        assert!(resumed.gaps.is_empty());
+    }
+
+    #[test]
+    fn metric_families_are_read_by_their_largest_label() {
+        let text = "# HELP x\nmesher_loop_lag_microseconds{shard=\"0\"} 12\n\
+                    mesher_loop_lag_microseconds{shard=\"1\"} 40\n\
+                    mesher_loop_lag_max_microseconds{shard=\"0\"} 900\n\
+                    mesher_storage_queue_events 3\n";
+        assert_eq!(metric_max(text, "mesher_loop_lag_microseconds"), Some(40.0));
+        assert_eq!(metric_max(text, "mesher_storage_queue_events"), Some(3.0));
+        assert_eq!(metric_max(text, "mesher_missing"), None);
+    }
 }
