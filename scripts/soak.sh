@@ -199,6 +199,13 @@ rss_pct, rss_mib, files_pct, cpu_pct = map(float, (rss_pct, rss_mib, files_pct, 
 load = json.load(open(f"{out_dir}/load.json"))
 samples = [json.loads(line) for line in open(f"{out_dir}/samples.jsonl") if line.strip()]
 
+# Server CPU per 1,000 stream messages written, per interval: a comparison that does not
+# depend on how many messages each event cost (informational).
+for before, after in zip(samples, samples[1:]):
+    sent = (after.get("stream_messages_sent") or 0) - (before.get("stream_messages_sent") or 0)
+    if sent > 0:
+        after["cpu_per_k_messages_ms"] = (after["cpu_s"] - before["cpu_s"]) * 1e6 / sent
+
 tenth = duration / 10
 first = [s for s in samples if warmup <= s["elapsed_s"] <= warmup + tenth]
 # Samples after the load (the drain) are left out: no events, so no CPU per event.
@@ -246,6 +253,8 @@ if first and last:
         client = (during[-1]["client_cpu_s"] - during[0]["client_cpu_s"]) / span
         print(f"  info CPU used: server {server:.2f} cores, load client {client:.2f} cores; "
               f"{(during[-1]['accepted'] - during[0]['accepted']) / span:.0f} events/s accepted")
+    m0, m1 = mean(first, "cpu_per_k_messages_ms"), mean(last, "cpu_per_k_messages_ms")
+    print(f"  info server CPU per 1,000 stream messages: {m0:.1f} -> {m1:.1f} ms")
     l0, l1 = mean(first, "loop_lag_us"), mean(last, "loop_lag_us")
     print(f"  info loop lag {l0:.0f} -> {l1:.0f} µs; max seen "
           f"{max((s.get('loop_lag_max_us') or 0) for s in samples):.0f} µs")
@@ -254,7 +263,8 @@ else:
 print(f"  info paths: single {load['single']}, bulk {load['bulk']}, ws {load['ws_ingest']}, "
       f"sentry {load['sentry']}")
 print(f"  info stream: {load['subscribers_ready']} subscribers ready, {load['reconnects']} "
-      f"resumes ({load['resumed_recovered']} recovered, {load['resumed_not_recovered']} not), "
+      f"drops and resumes, {load['resumed_recovered']} resumes recovered and "
+      f"{load['resumed_not_recovered']} not, "
       f"{load['unexpected_closes']} connections closed by the server and resumed "
       f"({load['slow_closes']} of slow readers), never-readers closed by the server "
       f"{load['never_readers_closed_by_server']}/{load['never_readers']}")
