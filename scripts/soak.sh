@@ -79,6 +79,9 @@ soak_cleanup() {
     mesher_test_pg_stop
 }
 trap soak_cleanup EXIT
+# An interrupted run still stops what it started.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 port_free() {
     ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
