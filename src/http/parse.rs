@@ -1225,6 +1225,22 @@ mod tests {
         }
     }
 
+    /// obs-text (bytes 0x80-0xFF) in a header value is allowed and read lossily: each byte that
+    /// is not UTF-8 becomes U+FFFD. Found by fuzzing (http_head): such a head, within the limit,
+    /// written back out as text can be three times its size.
+    #[test]
+    fn header_values_that_are_not_utf8_are_read_lossily() {
+        let mut raw = b"GET / HTTP/1.1\r\nhost: a\r\nx-opaque: ".to_vec();
+        raw.extend(std::iter::repeat_n(0xcb, 3000));
+        raw.extend_from_slice(b"\r\n\r\n");
+        assert!(raw.len() < HEADER_BYTES_MAX);
+        let head = parse_head(&raw).unwrap().unwrap();
+        let value = head.header("x-opaque").unwrap();
+        assert_eq!(value.chars().count(), 3000);
+        assert!(value.chars().all(|c| c == char::REPLACEMENT_CHARACTER));
+        assert!(value.len() > HEADER_BYTES_MAX);
+    }
+
     #[test]
     fn chunked_bounds() {
         let mut long_extension = b"1;".to_vec();
