@@ -21,7 +21,8 @@ if [ "${1:-}" = --merge ]; then
         merged="$(mktemp -d)"
         cargo +nightly fuzz run --fuzz-dir fuzz -O "$target" "$merged" "fuzz/corpus/$target" "$FROM/$target" -- \
             -merge=1 -max_len=65536 >/dev/null 2>&1
-        find "fuzz/corpus/$target" -type f ! -name 'seed-*' -delete
+        # Seeds and inputs of fixed crashes stay under their names, whatever the merge keeps.
+        find "fuzz/corpus/$target" -type f ! -name 'seed-*' ! -name 'crash-*' -delete
         cp -n "$merged"/* "fuzz/corpus/$target/" 2>/dev/null || true
         rm -rf "$merged"
         printf '%-14s %8s inputs kept\n' "$target" "$(find "fuzz/corpus/$target" -type f | wc -l)"
