@@ -156,6 +156,9 @@ struct ReferenceLog {
     dropped: u64,
 }
 
+/// The issues seen, as a set (to add each once) and a list (to pick from): id and project index.
+type KnownIssues = (HashSet<String>, Vec<(String, usize)>);
+
 struct Shared {
     endpoint: Endpoint,
     projects: Vec<Project>,
@@ -167,7 +170,7 @@ struct Shared {
     sentry: PathCounts,
     accepted_ids: Mutex<Vec<String>>,
     /// Issues answered for native events (id, project index), for status changes.
-    issues: Mutex<(HashSet<String>, Vec<(String, usize)>)>,
+    issues: Mutex<KnownIssues>,
     error_samples: Mutex<Vec<String>>,
     references: Vec<RwLock<ReferenceLog>>,
     subscribers_ready: AtomicU64,
@@ -673,7 +676,7 @@ impl Role {
             Role::Slow
         } else if index % FILTERED_EVERY == 1 {
             // Half want errors only, half errors and warnings.
-            let mask = if index % 2 == 0 {
+            let mask = if index.is_multiple_of(2) {
                 level_bit(b"error")
             } else {
                 level_bit(b"error") | level_bit(b"warning")
