@@ -229,11 +229,18 @@ impl Cluster {
     /// Serves requests for the project from other nodes (this node owns it); Ok once NATS
     /// knows, so that no request can find the project without an owner afterwards.
     pub async fn serve_owner(&self, project_id: Uuid) {
+        let subject = self.subjects.owner(&project_id);
+        self.subscribe(subject, project_id, bridge::Kind::Owner)
+            .await;
+    }
+
+    /// Subscribes the bridge to `subject`; returns once the NATS server knows.
+    async fn subscribe(&self, subject: String, project_id: Uuid, kind: bridge::Kind) {
         let (ready, subscribed) = oneshot::channel();
         self.command(bridge::Command::Subscribe {
-            subject: self.subjects.owner(&project_id),
+            subject,
             project_id,
-            kind: bridge::Kind::Owner,
+            kind,
             ready,
         });
         let _ = subscribed.await;
@@ -248,14 +255,9 @@ impl Cluster {
 
     /// Receives the project's stream frames from its owner; Ok once NATS knows.
     pub async fn mirror(&self, project_id: Uuid) {
-        let (ready, subscribed) = oneshot::channel();
-        self.command(bridge::Command::Subscribe {
-            subject: self.subjects.stream(&project_id),
-            project_id,
-            kind: bridge::Kind::Stream,
-            ready,
-        });
-        let _ = subscribed.await;
+        let subject = self.subjects.stream(&project_id);
+        self.subscribe(subject, project_id, bridge::Kind::Stream)
+            .await;
     }
 
     pub fn stop_mirror(&self, project_id: Uuid) {

@@ -598,33 +598,16 @@ pub(super) fn watch(
     from: usize,
     since: Option<Since>,
 ) -> stream::Welcome {
-    let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+    let now_ms = shard.now_ms();
     with_project(project_id, |project| {
         project.watchers.add(from);
-        let stream = &mut project.stream;
-        stream.set_watched(true, now_ms);
-        let frame = stream::welcome_frame(
-            stream.epoch(),
-            stream.last_offset(),
-            project_id,
-            project.state.unresolved_count(),
-        );
-        let resumption = since.map(|since| {
-            on_stream(shard, stream, |stream| {
-                stream.resume(&since, now_ms, &limits)
-            })
-        });
-        stream::Welcome {
-            frame,
-            last_offset: stream.last_offset(),
-            resumption,
-            live: Vec::new(),
-        }
-    })
+        project.stream.set_watched(true, now_ms);
+    });
+    welcome_remote(shard, project_id, since).0
 }
 
-/// Another node's mirror asks for a subscriber's welcome: as `watch`, but the subscriber is
-/// counted there, not here (its frames reach it through NATS).
+/// A subscriber's welcome without counting it here: the part of `watch` another node's mirror
+/// asks for (its subscriber is counted there, its frames reach it through NATS).
 pub(super) fn welcome_remote(
     shard: &Shard,
     project_id: Uuid,
