@@ -949,8 +949,10 @@ fn full_histories_hold_the_frames_and_no_copies() {
         history_bytes.abs_diff(estimate) < estimate / 20,
         "history bytes {history_bytes}, estimate {estimate}"
     );
+    // The allocator's size classes and partly filled pages add up to about a fifth (measured
+    // 1.08x-1.21x); one more copy of the frames anywhere would make it at least 2x.
     assert!(
-        rss_after <= rss_before + history_bytes * 6 / 5,
+        rss_after <= rss_before + history_bytes * 3 / 2,
         "RSS grew {} for {history_bytes} bytes of frames",
         rss_after.saturating_sub(rss_before)
     );
