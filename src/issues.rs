@@ -217,6 +217,13 @@ impl RecentEventIds {
         debug_assert!(self.order.len() <= RECENT_EVENT_IDS_MAX);
     }
 
+    /// Forgets an id taken whose event was then not stored (rare: the cost is a scan).
+    pub fn forget(&mut self, id: &Uuid) {
+        if self.ids.remove(id) {
+            self.order.retain(|(_, kept)| kept != id);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.order.len()
     }
@@ -589,5 +596,20 @@ mod tests {
         assert!(!recent.contains(&Uuid::from_u128(1000 + 9), 2_000_000));
         assert!(!recent.contains(&Uuid::from_u128(1000), 2_000_000 + RECENT_EVENT_IDS_TTL_US));
         assert!(recent.is_empty());
+    }
+
+    #[test]
+    fn a_forgotten_event_id_is_taken_again() {
+        let mut recent = RecentEventIds::default();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        recent.insert(a, 0);
+        recent.insert(b, 0);
+        recent.forget(&a);
+        recent.forget(&Uuid::from_u128(3));
+        assert!(!recent.contains(&a, 1));
+        assert!(recent.contains(&b, 1));
+        recent.insert(a, 2);
+        assert_eq!(recent.len(), 2);
+        assert!(recent.contains(&a, 3));
     }
 }

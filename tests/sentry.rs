@@ -547,6 +547,14 @@ fn cors_preflight_and_the_key_in_the_query(backend: Backend) {
     let reply = server.request_with("POST", &wrong, &[origin], Some(&body));
     assert_eq!(reply.status, 401);
     assert_cors(&reply);
+    // So does a method the Sentry paths do not take; other paths' 405s carry none.
+    let reply = server.request_with("GET", &envelope_path(&project), &[origin], None);
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("allow"), Some("POST, OPTIONS"));
+    assert_cors(&reply);
+    let reply = server.request_with("GET", "/api/v1/events", &[origin], None);
+    assert_eq!(reply.status, 405);
+    assert_eq!(reply.header("access-control-allow-origin"), None);
 }
 
 /// The key must be an ingest key of the project the number names: missing or unknown 401,
@@ -889,3 +897,53 @@ on_both_backends!(
     the_stream_carries_the_sentry_event_as_sent,
     project_numbers_and_dsns,
 );
+
+/// With `--ack durable`, an event the database refuses for good is answered 503, and its id is
+/// not remembered: the SDK's retry is taken again (not answered as a copy of a stored event),
+/// and stored once the database takes it.
+#[test]
+fn a_retry_after_a_refused_commit_is_taken_again() {
+    let server = Server::start_with(Backend::Postgres, &["--ack", "durable"]);
+    let project = server.project("Refused");
+    let mut db = postgres::Client::connect(server.database_url.as_ref().unwrap(), postgres::NoTls)
+        .expect("connect to the server's schema");
+    // The database itself refuses the rows: a check that fails on the event's payload.
+    db.batch_execute(
+        "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             RAISE EXCEPTION 'poison refused' USING ERRCODE = 'check_violation';
+         END $$;
+         CREATE TRIGGER refuse_poison BEFORE INSERT ON events FOR EACH ROW
+             WHEN (NEW.payload LIKE '%poison%') EXECUTE FUNCTION refuse_poison();",
+    )
+    .unwrap();
+    let key = Some(project.ingest_key.as_str());
+    let body = event(&id(0x30), "poison");
+    for _ in 0..2 {
+        let reply = post(&server, &store_path(&project), key, &[], body.as_bytes());
+        assert_eq!(
+            reply.status,
+            503,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert!(reply.header("retry-after").is_some(), "{:?}", reply.headers);
+    }
+    assert_eq!(
+        server.metric("mesher_events_rejected_total{reason=\"duplicate\"}"),
+        0.0
+    );
+    db.batch_execute("DROP TRIGGER refuse_poison ON events")
+        .unwrap();
+    let reply = post(&server, &store_path(&project), key, &[], body.as_bytes());
+    assert_answered_id(&reply, &id(0x30));
+    let events = server.store_reader().event_ids();
+    assert!(
+        events.contains("00000000-0000-0000-0000-000000000030"),
+        "{events:?}"
+    );
+    // Now stored, a further copy is one.
+    let reply = post(&server, &store_path(&project), key, &[], body.as_bytes());
+    assert_answered_id(&reply, &id(0x30));
+    server.store_reader().assert_event_rows(1);
+}

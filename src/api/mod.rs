@@ -231,7 +231,7 @@ fn upgraded(head: &Head, role: Role, key: KeyEntry) -> Handled {
 }
 
 pub use ingest::ingest_frame;
-pub use sentry::decorate;
+pub use sentry::{decorate, with_cors};
 
 /// Parses a JSON request body of a management or status request.
 fn json_body(body: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, Response> {

@@ -75,6 +75,17 @@ pub enum NoRoute {
     BadPath,
 }
 
+impl NoRoute {
+    /// A Sentry path with another method: its 405 carries the CORS headers too, so a browser
+    /// SDK can read it.
+    pub fn is_sentry(&self) -> bool {
+        *self == NoRoute::MethodNotAllowed(SENTRY_METHODS)
+    }
+}
+
+/// The methods of the Sentry paths (and only theirs).
+const SENTRY_METHODS: &str = "POST, OPTIONS";
+
 /// Segments of the longest route's path (`/api/v1/issues/:id/resolve`).
 const SEGMENTS_MAX: usize = 5;
 
@@ -121,7 +132,7 @@ pub fn route<'a>(method: &str, path: &'a str) -> Result<Route<'a>, NoRoute> {
                 ("OPTIONS", _) => Some(Route::SentryPreflight(number)),
                 _ => None,
             };
-            ("POST, OPTIONS", found)
+            (SENTRY_METHODS, found)
         }
         ["api", "v1", rest @ ..] => match rest {
             ["projects"] => (
@@ -217,6 +228,8 @@ mod tests {
             route("GET", "/api/3/envelope/"),
             Err(NoRoute::MethodNotAllowed("POST, OPTIONS"))
         );
+        assert!(route("GET", "/api/3/store/").unwrap_err().is_sentry());
+        assert!(!route("GET", "/api/v1/events").unwrap_err().is_sentry());
         assert_eq!(route("POST", "/api/x3/envelope/"), Err(NoRoute::NotFound));
         assert_eq!(route("POST", "/api//envelope/"), Err(NoRoute::NotFound));
         assert_eq!(route("POST", "/api/3/envelope//"), Err(NoRoute::NotFound));

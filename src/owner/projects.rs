@@ -271,24 +271,44 @@ pub enum Ingested {
     /// `--ack durable`: the events are accepted, and answered once the commit that holds
     /// them is made.
     AfterCommit {
+        project_id: Uuid,
         outcomes: Vec<EventOutcome>,
         committed: oneshot::Receiver<Result<(), StoreError>>,
     },
 }
 
 impl Ingested {
+    /// The answer; awaited on the owner shard.
     pub async fn reply(self) -> IngestReply {
         match self {
             Ingested::Reply(reply) => reply,
             Ingested::AfterCommit {
+                project_id,
                 outcomes,
                 committed,
             } => match committed.await {
                 Ok(Ok(())) => IngestReply::Done(outcomes),
-                _ => IngestReply::StorageFailed,
+                _ => {
+                    // Not stored: the SDK's retry must be taken again, not answered as a copy.
+                    forget_event_ids(project_id, &outcomes);
+                    IngestReply::StorageFailed
+                }
             },
         }
     }
+}
+
+fn forget_event_ids(project_id: Uuid, outcomes: &[EventOutcome]) {
+    OWNED.with_borrow_mut(|owned| {
+        let Some(project) = owned.projects.get_mut(&project_id) else {
+            return;
+        };
+        for outcome in outcomes {
+            if let EventOutcome::Accepted { event_id, .. } = outcome {
+                project.state.recent_event_ids.forget(event_id);
+            }
+        }
+    });
 }
 
 /// Groups, streams and queues a project's events (this shard owns the project).
@@ -497,6 +517,7 @@ pub(super) fn ingest(
         let (ack, committed) = oneshot::channel();
         shard.flush_store(Some(ack));
         Ingested::AfterCommit {
+            project_id,
             outcomes,
             committed,
         }

@@ -200,6 +200,7 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         // Answers of the Sentry routes carry CORS headers, refusals made here included.
         let decorate = |response: Response| match &route {
             Ok(route) => api::decorate(route, response),
+            Err(no_route) if no_route.is_sentry() => api::with_cors(response),
             Err(_) => response,
         };
         let mut decoder = match BodyDecoder::new(&head.body, limit) {
@@ -266,9 +267,9 @@ async fn serve_requests(shard: &Rc<Shard>, id: ConnId, stream: &TcpStream) -> En
         let handled = match route {
             Ok(route) => api::handle(shard, &head, route, body).await,
             Err(NoRoute::NotFound) => Handled::Respond(Response::not_found()),
-            Err(NoRoute::MethodNotAllowed(allow)) => Handled::Respond(
+            Err(NoRoute::MethodNotAllowed(allow)) => Handled::Respond(decorate(
                 Response::error(405, "method not allowed").with_header("allow", allow),
-            ),
+            )),
             Err(NoRoute::BadPath) => {
                 Handled::Respond(Response::error(400, "bad request: invalid path escape"))
             }
