@@ -220,6 +220,25 @@ fn three_nodes_act_as_one_mesher() {
         accepted, 20,
         "the limit of 20 per minute across three nodes"
     );
+
+    // Another project's issue is 403 through every node, owner or not; an unknown one 404.
+    let issue_id = nodes[0].all_issues(&project)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let unknown = uuid::Uuid::new_v4();
+    for node in &nodes {
+        let (status, body) = node.get(
+            &format!("/api/v1/issues/{issue_id}"),
+            Some(&limited.dashboard_key),
+        );
+        assert_eq!(status, 403, "{body} through {}", node.addr);
+        let (status, body) = node.get(
+            &format!("/api/v1/issues/{unknown}"),
+            Some(&limited.dashboard_key),
+        );
+        assert_eq!(status, 404, "{body} through {}", node.addr);
+    }
 }
 
 #[test]

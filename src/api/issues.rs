@@ -106,11 +106,42 @@ fn issue_and_project(shard: &Shard, head: &Head, id: &str) -> Result<(Uuid, Uuid
 
 /// The project has no such issue: 403 if another project has it, else 404.
 async fn missing(shard: &Rc<Shard>, issue_id: Uuid) -> Response {
-    match owner::issue_exists(shard, issue_id).await {
+    let elsewhere = match owner::issue_exists(shard, issue_id).await {
+        Ok(true) => Ok(true),
+        // One of several nodes owns only some projects: the others' issues are in the store.
+        Ok(false) if crate::cluster::is_active() => stored_issue_exists(shard, issue_id).await,
+        Ok(false) => Ok(false),
+        Err(error) => Err(owner_unavailable(error)),
+    };
+    match elsewhere {
         Ok(true) => Response::error(403, "forbidden"),
         Ok(false) => Response::not_found(),
-        Err(error) => owner_unavailable(error),
+        Err(response) => response,
     }
+}
+
+async fn stored_issue_exists(shard: &Rc<Shard>, issue_id: Uuid) -> Result<bool, Response> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    shard.store().has_issue(issue_id, reply);
+    store_answer(shard, answer, "reading an issue failed").await
+}
+
+/// A store read's answer; reads queue behind pending writes, so while storage is down they
+/// would wait for it: past `STORE_READ_TIMEOUT_MS` the answer is 503.
+async fn store_answer<T>(
+    shard: &Rc<Shard>,
+    answer: tokio::sync::oneshot::Receiver<Result<T, crate::store::StoreError>>,
+    what: &str,
+) -> Result<T, Response> {
+    shard
+        .timeout(STORE_READ_TIMEOUT_MS, answer)
+        .await
+        .ok_or_else(|| Response::unavailable("storage unavailable"))?
+        .map_err(|_| owner_unavailable(crate::owner::OwnerError::ShuttingDown))?
+        .map_err(|error| {
+            tracing::error!(%error, "{what}");
+            Response::unavailable("storage unavailable")
+        })
 }
 
 async fn issue_of(shard: &Rc<Shard>, project_id: Uuid, issue_id: Uuid) -> Result<Issue, Response> {
@@ -141,16 +172,7 @@ pub async fn events(shard: &Rc<Shard>, head: &Head, id: &str) -> Response {
         issue_of(shard, project_id, issue_id).await?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         shard.store().latest_events(issue_id, limit, reply);
-        // Reads queue behind pending writes; while storage is down they would wait for it.
-        let rows = shard
-            .timeout(STORE_READ_TIMEOUT_MS, answer)
-            .await
-            .ok_or_else(|| Response::unavailable("storage unavailable"))?
-            .map_err(|_| owner_unavailable(crate::owner::OwnerError::ShuttingDown))?
-            .map_err(|error| {
-                tracing::error!(%error, "reading events failed");
-                Response::unavailable("storage unavailable")
-            })?;
+        let rows = store_answer(shard, answer, "reading events failed").await?;
         // Each event's JSON goes out as stored, which is as sent: read back through a JSON
         // library, numbers beyond 64 bits would lose their text.
         let mut body = Vec::with_capacity(rows.iter().map(|r| r.payload.len() + 200).sum());

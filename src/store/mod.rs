@@ -280,6 +280,8 @@ pub trait Backend: Send + 'static {
     /// Writes the whole batch in one transaction: all of it or nothing. Upserts of the same id
     /// within the batch keep the last row.
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError>;
+    /// Whether any project has an issue with this id.
+    fn has_issue(&mut self, issue_id: Uuid) -> Result<bool, StoreError>;
     /// The newest `limit` events of an issue, newest first.
     fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError>;
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError>;

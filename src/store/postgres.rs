@@ -655,6 +655,16 @@ impl Backend for PostgresBackend {
         result
     }
 
+    fn has_issue(&mut self, issue_id: Uuid) -> Result<bool, StoreError> {
+        self.client
+            .query_opt(
+                "SELECT 1 FROM issues WHERE id = $1::text::uuid",
+                &[&issue_id.to_string()],
+            )
+            .map(|row| row.is_some())
+            .map_err(|error| pg_error("has issue", error))
+    }
+
     fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         let operation = "latest events";
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);

@@ -595,6 +595,18 @@ impl Backend for SqliteBackend {
         read().map_err(|error| sqlite_error("latest events", error))
     }
 
+    fn has_issue(&mut self, issue_id: Uuid) -> Result<bool, StoreError> {
+        self.connection
+            .query_row(
+                "SELECT 1 FROM issues WHERE id = ?1",
+                [issue_id.as_bytes()],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|row| row.is_some())
+            .map_err(|error| sqlite_error("has issue", error))
+    }
+
     fn count_events(&mut self, project_id: Option<Uuid>) -> Result<u64, StoreError> {
         let count: rusqlite::Result<i64> = match project_id {
             Some(project_id) => self.connection.query_row(

@@ -132,6 +132,10 @@ enum Command {
         project_id: Uuid,
         reply: oneshot::Sender<Result<Vec<IssueRow>, StoreError>>,
     },
+    HasIssue {
+        issue_id: Uuid,
+        reply: oneshot::Sender<Result<bool, StoreError>>,
+    },
     /// Run the retention pass after this take's commit instead of at the next hourly one.
     ApplyRetention,
     Shutdown,
@@ -341,6 +345,15 @@ impl Store {
         let command = Command::ProjectIssues { project_id, reply };
         if let Err(Command::ProjectIssues { reply, .. }) = self.inner.commands.send(command) {
             let _ = reply.send(Err(self.closed_error("project issues")));
+        }
+    }
+
+    /// Whether any project has a stored issue with this id, read after everything submitted
+    /// before it is committed.
+    pub fn has_issue(&self, issue_id: Uuid, reply: oneshot::Sender<Result<bool, StoreError>>) {
+        let command = Command::HasIssue { issue_id, reply };
+        if let Err(Command::HasIssue { reply, .. }) = self.inner.commands.send(command) {
+            let _ = reply.send(Err(self.closed_error("has issue")));
         }
     }
 
@@ -672,6 +685,11 @@ impl Writer {
                 let result = self.query(|backend| backend.project_issues(project_id));
                 let _ = reply.send(result);
             }
+            Command::HasIssue { issue_id, reply } => {
+                self.flush();
+                let result = self.query(|backend| backend.has_issue(issue_id));
+                let _ = reply.send(result);
+            }
             Command::ApplyRetention => self.next_maintain_at = Instant::now(),
             Command::Shutdown => unreachable!("shutdown is handled by the loop"),
         }
@@ -852,6 +870,9 @@ mod tests {
             self.events += Load::of(batch).events as u64;
             self.batches.lock().unwrap().push(batch.len());
             Ok(())
+        }
+        fn has_issue(&mut self, _: Uuid) -> Result<bool, StoreError> {
+            Ok(false)
         }
         fn latest_events(&mut self, _: Uuid, _: usize) -> Result<Vec<EventRow>, StoreError> {
             Ok(Vec::new())
