@@ -499,6 +499,9 @@ impl Backend for Hooked {
         (self.before_commit)(self.inner.name())?;
         self.inner.commit(batch)
     }
+    fn has_issue(&mut self, issue_id: Uuid) -> Result<bool, StoreError> {
+        self.inner.has_issue(issue_id)
+    }
     fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         self.inner.latest_events(issue_id, limit)
     }
