@@ -1013,6 +1013,8 @@ mod tests {
         let issues = backend.load().unwrap().issues;
         assert_eq!(issues.len(), 1);
         assert_eq!(issues[0].id, issue_id);
+        assert!(backend.has_issue(issue_id).unwrap());
+        assert!(!backend.has_issue(project_id).unwrap());
         assert_eq!(
             issues[0].fingerprint,
             crate::ingest::fingerprint::hash("msg:old key")
