@@ -306,6 +306,8 @@ pub struct ClusterMetrics {
     /// Projects this node took ownership of, and lost with its lock connection.
     pub ownership_taken: AtomicU64,
     pub ownership_lost: AtomicU64,
+    /// Stream messages published for other nodes' mirrors of projects this node owns.
+    pub published_messages: AtomicU64,
     /// Stream frames received from owners on other nodes, and gaps found in them.
     pub mirrored_messages: AtomicU64,
     pub mirror_gaps: AtomicU64,
@@ -559,6 +561,11 @@ impl Metrics {
                 ("lost", cluster.ownership_lost.load(Relaxed)),
             ],
         );
+        text.counter(
+            "mesher_cluster_published_messages_total",
+            "Stream messages published for other nodes' mirrors (only while one watches).",
+        )
+        .value(cluster.published_messages.load(Relaxed));
         text.counter(
             "mesher_cluster_mirrored_messages_total",
             "Stream messages received from owners on other nodes.",

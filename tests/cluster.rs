@@ -337,6 +337,61 @@ fn a_dashboard_resumes_on_a_node_that_does_not_own_the_project() {
     );
 }
 
+/// The owner publishes a project's stream over NATS only while another node mirrors it: a
+/// mirror renews its interest, so its dashboard gets every message long past the first lease;
+/// a project no other node watches costs no NATS traffic once the lease after its takeover
+/// has lapsed, while its dashboards on the owner get everything.
+#[test]
+fn streams_are_published_only_while_another_node_mirrors_them() {
+    let nodes = start_nodes(2, &nats_url(), &[]);
+    let watched = nodes[0].project("mirrored");
+    let unwatched = nodes[0].project("not mirrored");
+    wait_known(&nodes, &watched);
+    wait_known(&nodes, &unwatched);
+    let post = |project: &Project, n: u64| {
+        let (status, body) = nodes[0].event(&project.ingest_key, &json!({"message": "m", "n": n}));
+        assert_eq!(status, 202, "{body}");
+    };
+    // Node 0 takes both over.
+    post(&watched, 0);
+    post(&unwatched, 0);
+    let (mut ws, _) = nodes[1].subscribe(&watched);
+    // Past the lease that follows a takeover (30 s): the mirror's renewals keep it going.
+    let mut last_offset = None;
+    for n in 1..=17 {
+        post(&watched, n);
+        let event = next_of_type(&mut ws, "event");
+        assert_eq!(event["data"]["n"], n, "{event}");
+        let offset = event["offset"].as_u64().unwrap();
+        if let Some(last) = last_offset {
+            assert_eq!(offset, last + 1, "no gap");
+        }
+        last_offset = Some(offset);
+        thread::sleep(Duration::from_secs(2));
+    }
+    let published = "mesher_cluster_published_messages_total";
+    let before = nodes[0].metric(published);
+    for n in 1..=10 {
+        post(&unwatched, n);
+    }
+    assert_eq!(
+        nodes[0].metric(published),
+        before,
+        "nobody else watches: nothing published"
+    );
+    // A dashboard on the owner gets its messages all the same, still without NATS.
+    let (mut local, _) = nodes[0].subscribe(&unwatched);
+    post(&unwatched, 11);
+    assert_eq!(next_of_type(&mut local, "event")["data"]["n"], 11);
+    assert_eq!(nodes[0].metric(published), before);
+    post(&watched, 18);
+    assert_eq!(
+        next_of_type(&mut ws, "event")["offset"],
+        last_offset.unwrap() + 1
+    );
+    assert_eq!(nodes[0].metric(published), before + 1.0);
+}
+
 #[test]
 fn a_key_revoked_on_one_node_is_refused_by_another_within_a_second() {
     let nodes = start_nodes(3, &nats_url(), &[]);

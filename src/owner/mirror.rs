@@ -25,8 +25,17 @@ use crate::IdMap;
 /// from the owner while the messages after it already arrived. A round trip to the owner is
 /// milliseconds; this covers it at tens of thousands of messages per second.
 const RECENT_MAX: usize = 4096;
+/// A mirror tells the owner this often that it still watches the project: the owner
+/// publishes the project's messages over NATS only while someone does.
+const INTEREST_RENEW_MS: u64 = 10_000;
+/// How long the owner counts on a mirror after it last heard of it: a few renewals may be
+/// lost before the owner stops publishing (and the mirror, seeing the gap, has its
+/// subscribers resume).
+pub const INTEREST_LEASE_MS: u64 = 3 * INTEREST_RENEW_MS;
 
 struct Mirror {
+    /// Tells this mirror from a later one of the same project (whose renewals are its own).
+    generation: u64,
     watchers: Watchers,
     /// The owner's epoch and the last offset received (or known from a welcome) in it.
     epoch: Option<Arc<str>>,
@@ -36,20 +45,31 @@ struct Mirror {
 
 thread_local! {
     static MIRRORS: RefCell<IdMap<Uuid, Mirror>> = RefCell::default();
+    static GENERATIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// A subscriber `conn` on shard `from` joins a project owned by another node (this runs on the
 /// project's shard): the owner sends its welcome, the mirror its messages from then on.
 pub fn watch(shard: &Rc<Shard>, project_id: Uuid, from: usize, conn: ConnId, since: Option<Since>) {
-    MIRRORS.with_borrow_mut(|mirrors| {
-        let mirror = mirrors.entry(project_id).or_insert_with(|| Mirror {
-            watchers: Watchers::default(),
-            epoch: None,
-            last_offset: 0,
-            recent: VecDeque::new(),
+    let started = MIRRORS.with_borrow_mut(|mirrors| {
+        let mut started = None;
+        let mirror = mirrors.entry(project_id).or_insert_with(|| {
+            let generation = GENERATIONS.replace(GENERATIONS.get() + 1);
+            started = Some(generation);
+            Mirror {
+                generation,
+                watchers: Watchers::default(),
+                epoch: None,
+                last_offset: 0,
+                recent: VecDeque::new(),
+            }
         });
         mirror.watchers.add(from);
+        started
     });
+    if let Some(generation) = started {
+        renew_interest(shard.clone(), project_id, generation);
+    }
     let shard = shard.clone();
     tokio_uring::spawn(async move {
         let Some(cluster) = cluster::current() else {
@@ -96,6 +116,25 @@ pub fn watch(shard: &Rc<Shard>, project_id: Uuid, from: usize, conn: ConnId, sin
                     shard.close_socket(conn, frame.into(), crate::metrics::CloseReason::Normal);
                 });
             }
+        }
+    });
+}
+
+/// While the mirror lives, tells the project's owner (whoever it is by then) that this node
+/// still watches. A renewal lost is followed by the next, well within the lease.
+fn renew_interest(shard: Rc<Shard>, project_id: Uuid, generation: u64) {
+    tokio_uring::spawn(async move {
+        loop {
+            shard.sleep(INTEREST_RENEW_MS).await;
+            let alive = MIRRORS.with_borrow(|mirrors| {
+                mirrors
+                    .get(&project_id)
+                    .is_some_and(|mirror| mirror.generation == generation)
+            });
+            if !alive {
+                return;
+            }
+            let _ = remote::ask(&shard, shard.index(), project_id, &Request::Interest).await;
         }
     });
 }

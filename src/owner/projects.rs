@@ -38,6 +38,22 @@ struct Project {
     state: ProjectState,
     watchers: Watchers,
     stream: ProjectStream,
+    /// One of several nodes: until when (shard clock, ms) another node is known to mirror the
+    /// stream. Its messages are published over NATS only until then.
+    mirrored_until_ms: u64,
+}
+
+/// Whether anyone watches the stream, here or through another node's mirror whose interest
+/// has not lapsed (then messages are built and kept); answers whether a mirror does.
+fn update_watched(
+    watchers: &Watchers,
+    stream: &mut ProjectStream,
+    mirrored_until_ms: u64,
+    now_ms: u64,
+) -> bool {
+    let mirrored = now_ms < mirrored_until_ms;
+    stream.set_watched(watchers.any() || mirrored, now_ms);
+    mirrored
 }
 
 #[derive(Default)]
@@ -198,9 +214,16 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
             state,
             watchers: super::mirror::stop(&cluster, project_id),
             stream: ProjectStream::new(),
+            // Other nodes' mirrors are unknown here until they renew their interest: until
+            // then, every message is published.
+            mirrored_until_ms: now_ms + super::mirror::INTEREST_LEASE_MS,
         };
-        // Other nodes' subscribers are unknown here: frames are always made and published.
-        project.stream.set_watched(true, now_ms);
+        update_watched(
+            &project.watchers,
+            &mut project.stream,
+            project.mirrored_until_ms,
+            now_ms,
+        );
         let announcement = vec![stream::epoch_message(
             project.stream.next_offset(),
             project.stream.epoch(),
@@ -216,6 +239,7 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
             &project.stream,
             &project.watchers,
             announcement,
+            true,
         );
         owned.projects.insert(project_id, project);
     });
@@ -246,22 +270,27 @@ pub fn disowned(shard: &Rc<Shard>) {
     }
 }
 
-/// Sends a project's new messages to this node's subscribers and, when it is one of several,
-/// to the other nodes' mirrors.
+/// Sends a project's new messages to this node's subscribers and, when other nodes mirror
+/// the project, to them.
 fn publish(
     shard: &Shard,
     project_id: Uuid,
     stream: &ProjectStream,
     watchers: &Watchers,
     items: Vec<Published>,
+    mirrored: bool,
 ) {
     if items.is_empty() {
         return;
     }
-    cluster::with(|cluster| {
-        let batch = stream::encode_batch(stream.epoch(), &items);
-        cluster.publish_frames(&project_id, batch);
-    });
+    if mirrored {
+        cluster::with(|cluster| {
+            let batch = stream::encode_batch(stream.epoch(), &items);
+            cluster.publish_frames(&project_id, batch);
+            let published = &cluster.metrics().published_messages;
+            published.fetch_add(items.len() as u64, Relaxed);
+        });
+    }
     stream::publish(shard, project_id, watchers, items);
 }
 
@@ -328,6 +357,7 @@ pub(super) fn ingest(
             state,
             watchers,
             stream,
+            mirrored_until_ms,
         } = project;
         // SDKs send an event again when unsure it arrived: a request whose events all carry
         // ids taken within the dedupe window is answered without counting them again.
@@ -407,6 +437,7 @@ pub(super) fn ingest(
         let mut turn = shard.store_turn();
         // Stream messages are built only when someone watches the project or could resume.
         let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+        let mirrored = update_watched(watchers, stream, *mirrored_until_ms, now_ms);
         let builds = stream.builds(now_ms, &limits);
         let mut items = Vec::new();
         let mut skipped_messages = 0;
@@ -499,7 +530,7 @@ pub(super) fn ingest(
             }
             stream.keep(&items, now_ms, &limits);
         });
-        publish(shard, project_id, stream, watchers, items);
+        publish(shard, project_id, stream, watchers, items, mirrored);
         Ok(outcomes)
     });
     let outcomes = match accepted {
@@ -537,6 +568,7 @@ pub(super) fn set_status(
             state,
             watchers,
             stream,
+            mirrored_until_ms,
         } = owned.projects.get_mut(&project_id)?;
         let count_before = state.unresolved_count();
         let (changed, issue) = state.set_status(&issue_id, status)?;
@@ -545,6 +577,7 @@ pub(super) fn set_status(
         }
         shard.store_turn().touch(project_id, issue_id);
         let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
+        let mirrored = update_watched(watchers, stream, *mirrored_until_ms, now_ms);
         if !stream.builds(now_ms, &limits) {
             let counted = state.unresolved_count() != count_before;
             on_stream(shard, stream, |stream| stream.skip(1 + u64::from(counted)));
@@ -561,7 +594,7 @@ pub(super) fn set_status(
             ));
         }
         on_stream(shard, stream, |stream| stream.keep(&items, now_ms, &limits));
-        publish(shard, project_id, stream, watchers, items);
+        publish(shard, project_id, stream, watchers, items, mirrored);
         Some(true)
     })
 }
@@ -672,9 +705,27 @@ pub(super) fn unwatch(shard: &Shard, project_id: Uuid, from: usize) {
     let now_ms = shard.now_ms();
     with_project(project_id, |project| {
         project.watchers.remove(from);
-        // One of several nodes: the others' subscribers count too, unseen here.
-        let watched = project.watchers.any() || cluster::is_active();
-        project.stream.set_watched(watched, now_ms);
+        update_watched(
+            &project.watchers,
+            &mut project.stream,
+            project.mirrored_until_ms,
+            now_ms,
+        );
+    });
+}
+
+/// Another node mirrors the project (it asked for a welcome or a resume, or renewed its
+/// interest): its messages are published over NATS for the lease that follows.
+pub(super) fn mirrored(shard: &Shard, project_id: Uuid) {
+    let now_ms = shard.now_ms();
+    with_project(project_id, |project| {
+        project.mirrored_until_ms = now_ms + super::mirror::INTEREST_LEASE_MS;
+        update_watched(
+            &project.watchers,
+            &mut project.stream,
+            project.mirrored_until_ms,
+            now_ms,
+        );
     });
 }
 

@@ -51,6 +51,8 @@ pub enum Request {
     Resume {
         since: Since,
     },
+    /// A node still mirrors the project (renewed while it has subscribers of it).
+    Interest,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,6 +74,8 @@ pub enum Reply {
     Resumed(Resumption),
     /// The node no longer owns the project (it lost its lock): ask again.
     NotOwner,
+    /// Taken note of (an `Interest`).
+    Noted,
 }
 
 impl Reply {
@@ -226,6 +230,8 @@ pub fn serve(shard: &Rc<Shard>, project_id: Uuid, payload: Bytes, responder: Res
             })
         }
         Request::Watch { since } => {
+            // Published from before the welcome's offset on, so the mirror misses nothing.
+            projects::mirrored(shard, project_id);
             let (welcome, epoch) = projects::welcome_remote(shard, project_id, since);
             answer(Reply::Welcome {
                 frame: welcome.frame,
@@ -235,7 +241,12 @@ pub fn serve(shard: &Rc<Shard>, project_id: Uuid, payload: Bytes, responder: Res
             })
         }
         Request::Resume { since } => {
+            projects::mirrored(shard, project_id);
             answer(Reply::Resumed(projects::resume(shard, project_id, &since)))
+        }
+        Request::Interest => {
+            projects::mirrored(shard, project_id);
+            answer(Reply::Noted)
         }
     }
 }
