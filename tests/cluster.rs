@@ -583,6 +583,18 @@ fn the_owner_killed_under_load_loses_no_acknowledged_event() {
         assert_ne!(new_epoch.unwrap(), old_epoch);
         assert_eq!(next_of_type(ws, "event")["type"], "event");
     }
+    // Past the lease that follows the takeover: the new owner learned of the surviving mirror.
+    thread::sleep(Duration::from_secs(6));
+    let (status, body) = nodes[1].event(&project.ingest_key, &json!({"message": "later"}));
+    assert_eq!(status, 202, "{body}");
+    for (ws, _) in &mut dashboards {
+        loop {
+            let event = next_of_type(ws, "event");
+            if event["data"]["message"] == "later" {
+                break;
+            }
+        }
+    }
     let _ = nodes.remove(0).wait(Duration::from_secs(5));
 }
 

@@ -32,6 +32,9 @@ const INTEREST_RENEW_MS: u64 = 10_000;
 /// lost before the owner stops publishing (and the mirror, seeing the gap, has its
 /// subscribers resume).
 pub const INTEREST_LEASE_MS: u64 = 3 * INTEREST_RENEW_MS;
+/// A new owner publishes everything for this long: the previous owner's mirrors are unknown to
+/// it, and each renews its interest as soon as it sees the new epoch's first message.
+pub const TAKEOVER_LEASE_MS: u64 = 5_000;
 
 struct Mirror {
     /// Tells this mirror from a later one of the same project (whose renewals are its own).
@@ -134,9 +137,15 @@ fn renew_interest(shard: Rc<Shard>, project_id: Uuid, generation: u64) {
             if !alive {
                 return;
             }
-            let _ = remote::ask(&shard, shard.index(), project_id, &Request::Interest).await;
+            tell_interest(&shard, project_id).await;
         }
     });
+}
+
+/// Tells the project's owner that this node mirrors it; a lost one is followed by the next,
+/// well within the lease.
+async fn tell_interest(shard: &Rc<Shard>, project_id: Uuid) {
+    let _ = remote::ask(shard, shard.index(), project_id, &Request::Interest).await;
 }
 
 /// The messages after `last_offset` of `epoch` that the mirror already fanned out, for a
@@ -235,7 +244,16 @@ pub fn received(shard: &Rc<Shard>, project_id: Uuid, payload: Bytes) {
                 return Some(mirror.watchers.shards().collect::<Vec<_>>());
             }
         } else {
-            // A new owner (a new epoch): offsets start again.
+            // A new owner (a new epoch): offsets start again, and the owner learns of this
+            // mirror before the lease that follows its takeover ends.
+            if mirror.epoch.is_some() {
+                // Its beginning lost, or a late batch of the previous owner: a gap all the same.
+                if items.first()?.offset != 1 {
+                    return Some(mirror.watchers.shards().collect::<Vec<_>>());
+                }
+                let shard = shard.clone();
+                tokio_uring::spawn(async move { tell_interest(&shard, project_id).await });
+            }
             mirror.epoch = Some(batch.epoch.clone());
             mirror.recent.clear();
         }

@@ -214,9 +214,9 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
             state,
             watchers: super::mirror::stop(&cluster, project_id),
             stream: ProjectStream::new(),
-            // Other nodes' mirrors are unknown here until they renew their interest: until
-            // then, every message is published.
-            mirrored_until_ms: now_ms + super::mirror::INTEREST_LEASE_MS,
+            // The previous owner's mirrors are unknown here until they tell their interest:
+            // until then, every message is published.
+            mirrored_until_ms: now_ms + super::mirror::TAKEOVER_LEASE_MS,
         };
         update_watched(
             &project.watchers,
