@@ -5,6 +5,8 @@
 #   fanout    the same fan-out work (1 publisher on node A, subscribers spread over the nodes)
 #             on 3 nodes and on 1 node: deliveries per server CPU-second (all nodes' CPU)
 #   conns     3 nodes, each holding 15,000 idle streams of its own mesher-load process
+#   ingest    posts to one node of a cluster with no dashboards anywhere (nothing to publish
+#             once the lease after each takeover has lapsed): events per server CPU-second
 #
 #   scripts/bench-cluster.sh [--quick] [scenario...]     (default: e2e fanout conns)
 #
@@ -116,6 +118,13 @@ for scenario in "${SCENARIOS[@]}"; do
                 --duration "$duration" --admin-token "$ADMIN_TOKEN" --server-pid "$(join "${NODE_PIDS[@]}")"
             stop_nodes
         done
+        ;;
+    ingest)
+        start_nodes 1
+        echo "ingest into one node of a cluster, no dashboards:" >&2
+        "${PIN_LOAD[@]}" "$LOAD" ingest --url "${NODE_URLS[0]}" --duration $((duration * 2)) \
+            --admin-token "$ADMIN_TOKEN" --server-pid "$(join "${NODE_PIDS[@]}")"
+        stop_nodes
         ;;
     conns)
         start_nodes 3
