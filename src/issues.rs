@@ -182,12 +182,15 @@ struct RateWindow {
 
 /// How long a project remembers the id of an event it took (PROTOCOL 8): SDKs send an event
 /// again when they are not sure it arrived, and the copy must not count twice.
-pub const RECENT_EVENT_IDS_TTL_US: i64 = 5 * 60 * 1_000_000;
+/// The store reads the ids of this window when it loads projects, so the memory outlives a
+/// restart and a takeover by another node.
+pub const RECENT_EVENT_IDS_TTL_US: i64 = crate::store::RECENT_EVENTS_US;
 /// Most event ids one project remembers: about 40 bytes each, so at most ~700 KiB for a
-/// project that sends ids, nothing for one that does not. Past it the oldest id is forgotten
+/// project that sends ids, nothing for one that does not (but for the window read at a
+/// start, which expires). Past it the oldest id is forgotten
 /// first, so at more than ~55 events per second the window is shorter than five minutes;
 /// retries come within seconds.
-pub const RECENT_EVENT_IDS_MAX: usize = 16_384;
+pub const RECENT_EVENT_IDS_MAX: usize = crate::store::RECENT_EVENTS_PER_PROJECT_MAX;
 
 /// The event ids a project took within the last `RECENT_EVENT_IDS_TTL_US`, oldest first.
 #[derive(Default)]

@@ -309,6 +309,16 @@ fn split_state(snapshot: &Snapshot, shard_count: usize) -> Vec<IdMap<uuid::Uuid,
             .or_default()
             .restore(Issue::from_row(row));
     }
+    // Oldest first, so each project keeps the newest when it has more than it remembers.
+    for event in &snapshot.recent_events {
+        if let Some(state) =
+            owned[owner_of(&event.project_id, shard_count)].get_mut(&event.project_id)
+        {
+            state
+                .recent_event_ids
+                .insert(event.id, event.received_at_us);
+        }
+    }
     owned
 }
 

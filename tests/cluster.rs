@@ -511,6 +511,24 @@ fn the_owner_killed_under_load_loses_no_acknowledged_event() {
             )
         })
         .collect();
+    // A Sentry event the owner took, with the id the SDK gave it.
+    let sentry_event = json!({"event_id": "5e1f0000000000000000000000000001", "message": "sdk"});
+    let send_sentry = |node: &Server| {
+        let auth = format!("Sentry sentry_key={}, sentry_version=7", project.ingest_key);
+        node.request_with(
+            "POST",
+            &format!("/api/{}/store/", project.number),
+            &[("x-sentry-auth", &auth)],
+            Some(sentry_event.to_string().as_bytes()),
+        )
+    };
+    let reply = send_sentry(&nodes[0]);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     thread::sleep(Duration::from_secs(2));
     let killed_at = Instant::now();
     nodes[0].signal(libc::SIGKILL);
@@ -571,6 +589,19 @@ fn the_owner_killed_under_load_loses_no_acknowledged_event() {
         "{} acknowledged events missing: {missing:?}",
         missing.len()
     );
+    // The SDK's retry through another node after the takeover is still known as one.
+    let reply = send_sentry(&nodes[1]);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let duplicates: f64 = nodes[1..]
+        .iter()
+        .map(|node| node.metric("mesher_events_rejected_total{reason=\"duplicate\"}"))
+        .sum();
+    assert_eq!(duplicates, 1.0, "the new owner remembered the id");
     // The dashboards on the surviving nodes go on, after a new epoch.
     for (ws, _) in &mut dashboards {
         let mut new_epoch = None;

@@ -692,6 +692,15 @@ fn a_repeated_event_id_is_answered_and_counted_once(backend: Backend) {
         events.contains("00000000-0000-0000-0000-000000000021"),
         "{events:?}"
     );
+    // The window outlives a restart: the ids are read back with the projects.
+    let server = server.restart_with(&[]);
+    let reply = post(&server, &store_path(&project), key, &[], body.as_bytes());
+    assert_answered_id(&reply, &id(20));
+    assert_eq!(
+        server.metric("mesher_events_rejected_total{reason=\"duplicate\"}"),
+        1.0
+    );
+    server.store_reader().assert_event_rows(3);
 }
 
 /// Past the project's per-minute limit: 429 with Retry-After and Sentry's

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mesher::store::{
     open_postgres, open_sqlite, Backend, Change, EventRow, IssueRow, KeyRow, Overloaded,
-    ProjectRow, Scope, Snapshot, Store, StoreError, StoreErrorKind, WriterConfig,
+    ProjectRow, RecentEvent, Scope, Snapshot, Store, StoreError, StoreErrorKind, WriterConfig,
 };
 use tokio::sync::oneshot;
 use uuid::Uuid;
@@ -297,6 +297,7 @@ fn commit_and_load_round_trip(db: &dyn TestDb) {
         projects: vec![shop, blog],
         keys: keys.to_vec(),
         issues: vec![crash, other],
+        recent_events: Vec::new(),
     });
     assert_eq!(sorted(backend.load().unwrap()), expected);
     assert_eq!(
@@ -409,6 +410,50 @@ fn latest_events_newest_first_with_limit(db: &dyn TestDb) {
     assert_eq!(backend.count_events(None).unwrap(), 6);
 }
 
+/// The events of the dedupe window, oldest first, of one project or of all; `load` includes
+/// them, so a restart (or a takeover) remembers the ids.
+fn recent_events_of_the_dedupe_window(db: &dyn TestDb) {
+    let mut backend = migrated(db);
+    let (shop, crash) = seeded(backend.as_mut(), "shop");
+    let (_, blog_issue) = seeded(backend.as_mut(), "blog");
+    let now = now_us();
+    let old = event(&crash, now - 10 * 60 * 1_000_000, "{}");
+    let shop_new = event(&crash, now - 2_000_000, "{}");
+    let shop_newer = event(&crash, now - 1_000_000, "{}");
+    let blog_new = event(&blog_issue, now - 1_500_000, "{}");
+    // Stored out of order: the order comes from received_at.
+    backend
+        .commit(&[
+            Change::Event(shop_newer.clone()),
+            Change::Event(old),
+            Change::Event(blog_new.clone()),
+            Change::Event(shop_new.clone()),
+        ])
+        .unwrap();
+    let recent = |event: &EventRow| RecentEvent {
+        project_id: event.project_id,
+        id: event.id,
+        received_at_us: event.received_at_us,
+    };
+    let since = now - 5 * 60 * 1_000_000;
+    assert_eq!(
+        backend.recent_events(None, since).unwrap(),
+        vec![recent(&shop_new), recent(&blog_new), recent(&shop_newer)]
+    );
+    assert_eq!(
+        backend.recent_events(Some(shop.id), since).unwrap(),
+        vec![recent(&shop_new), recent(&shop_newer)]
+    );
+    assert_eq!(
+        backend.recent_events(Some(Uuid::now_v7()), since).unwrap(),
+        vec![]
+    );
+    assert_eq!(
+        backend.load().unwrap().recent_events,
+        vec![recent(&shop_new), recent(&blog_new), recent(&shop_newer)]
+    );
+}
+
 fn a_batch_is_one_transaction(db: &dyn TestDb) {
     let mut backend = migrated(db);
     let (shop, crash) = seeded(backend.as_mut(), "shop");
@@ -501,6 +546,13 @@ impl Backend for Hooked {
     }
     fn has_issue(&mut self, issue_id: Uuid) -> Result<bool, StoreError> {
         self.inner.has_issue(issue_id)
+    }
+    fn recent_events(
+        &mut self,
+        project_id: Option<Uuid>,
+        since_us: i64,
+    ) -> Result<Vec<RecentEvent>, StoreError> {
+        self.inner.recent_events(project_id, since_us)
     }
     fn latest_events(&mut self, issue_id: Uuid, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         self.inner.latest_events(issue_id, limit)
@@ -841,6 +893,7 @@ behaviour_suite!(
     upsert_replaces_the_row,
     duplicate_slug_is_a_conflict,
     latest_events_newest_first_with_limit,
+    recent_events_of_the_dedupe_window,
     a_batch_is_one_transaction,
     store_acks_after_commit,
     store_refuses_past_the_queue_bound,

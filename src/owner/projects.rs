@@ -204,8 +204,14 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
         Err(_) => return false,
     };
     let mut state = ProjectState::default();
-    for row in &rows {
+    for row in &rows.issues {
         state.restore(Issue::from_row(row));
+    }
+    // The previous owner's dedupe window: an SDK's retry after the takeover is still one.
+    for event in &rows.recent_events {
+        state
+            .recent_event_ids
+            .insert(event.id, event.received_at_us);
     }
     let now_ms = shard.now_ms();
     let limits = history_limits(shard);
@@ -245,7 +251,7 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
     });
     cluster.serve_owner(project_id).await;
     cluster.metrics().ownership_taken.fetch_add(1, Relaxed);
-    tracing::info!(%project_id, issues = rows.len(), "took the project over");
+    tracing::info!(%project_id, issues = rows.issues.len(), "took the project over");
     true
 }
 

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::now_us;
 
 pub use writer::{
-    Ack, Overloaded, Store, StoreStats, WriterConfig, BATCH_EVENTS_DEFAULT,
+    Ack, Overloaded, ProjectRows, Store, StoreStats, WriterConfig, BATCH_EVENTS_DEFAULT,
     FLUSH_INTERVAL_MS_DEFAULT, QUEUE_BYTES_DEFAULT, QUEUE_EVENTS_DEFAULT,
 };
 
@@ -162,6 +162,26 @@ pub struct Snapshot {
     pub projects: Vec<ProjectRow>,
     pub keys: Vec<KeyRow>,
     pub issues: Vec<IssueRow>,
+    /// Events of the dedupe window (`RECENT_EVENTS_US`), so an SDK's retry after a restart is
+    /// known as one.
+    pub recent_events: Vec<RecentEvent>,
+}
+
+/// How far back the ids of received events are read when projects are loaded: the window
+/// within which a repeated event id is a retry (PROTOCOL 8; `issues::RECENT_EVENT_IDS_TTL_US`).
+pub const RECENT_EVENTS_US: i64 = 5 * 60 * 1_000_000;
+/// Most ids read per project: the most a project remembers (`issues::RECENT_EVENT_IDS_MAX`).
+pub const RECENT_EVENTS_PER_PROJECT_MAX: usize = 16_384;
+/// Most rows SQLite looks at for every project's (the newest by insertion order), so a
+/// start after a burst stays quick.
+const RECENT_EVENTS_SCAN_MAX: usize = 262_144;
+
+/// An event received within the dedupe window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecentEvent {
+    pub project_id: Uuid,
+    pub id: Uuid,
+    pub received_at_us: i64,
 }
 
 /// One row to write. Project, Key and Issue carry the full row and upsert it by id; Event is
@@ -269,6 +289,7 @@ pub trait Backend: Send + 'static {
     fn directory(&mut self) -> Result<Snapshot, StoreError> {
         let mut snapshot = self.load()?;
         snapshot.issues.clear();
+        snapshot.recent_events.clear();
         Ok(snapshot)
     }
     /// One project's issues, as `load` reads them.
@@ -280,6 +301,13 @@ pub trait Backend: Send + 'static {
     /// Writes the whole batch in one transaction: all of it or nothing. Upserts of the same id
     /// within the batch keep the last row.
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError>;
+    /// Events received after `since_us`, oldest first: of one project or of every one, at most
+    /// `RECENT_EVENTS_PER_PROJECT_MAX` (the newest) per project.
+    fn recent_events(
+        &mut self,
+        project_id: Option<Uuid>,
+        since_us: i64,
+    ) -> Result<Vec<RecentEvent>, StoreError>;
     /// Whether any project has an issue with this id.
     fn has_issue(&mut self, issue_id: Uuid) -> Result<bool, StoreError>;
     /// The newest `limit` events of an issue, newest first.

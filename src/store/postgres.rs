@@ -16,8 +16,9 @@ use ::postgres::{Client, Config, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
-    ProjectRow, Scope, Snapshot, StoreError, StoreErrorKind, MICROS_PER_DAY,
+    now_us, retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
+    ProjectRow, RecentEvent, Scope, Snapshot, StoreError, StoreErrorKind, MICROS_PER_DAY,
+    RECENT_EVENTS_PER_PROJECT_MAX, RECENT_EVENTS_US,
 };
 
 const BACKEND: &str = "postgres";
@@ -273,6 +274,14 @@ const SELECT_PROJECT_ISSUES: &str = concat!(
     ", ",
     us_from_ts!("last_seen"),
     " FROM issues WHERE project_id = $1::text::uuid ORDER BY first_seen, id"
+);
+
+const SELECT_RECENT_EVENTS: &str = concat!(
+    "SELECT id::text, ",
+    us_from_ts!("received_at"),
+    " FROM events WHERE project_id = $1::text::uuid AND received_at > ",
+    ts_from_us!("$2::int8"),
+    " ORDER BY received_at DESC LIMIT $3"
 );
 
 const SELECT_LATEST_EVENTS: &str = concat!(
@@ -585,7 +594,47 @@ impl Backend for PostgresBackend {
         {
             snapshot.issues.push(issue_row(&row, "load")?);
         }
+        snapshot.recent_events = self.recent_events(None, now_us() - RECENT_EVENTS_US)?;
         Ok(snapshot)
+    }
+
+    fn recent_events(
+        &mut self,
+        project_id: Option<Uuid>,
+        since_us: i64,
+    ) -> Result<Vec<RecentEvent>, StoreError> {
+        let operation = "recent events";
+        let projects = match project_id {
+            Some(id) => vec![id],
+            None => self
+                .client
+                .query("SELECT id::text FROM projects", &[])
+                .map_err(|error| pg_error(operation, error))?
+                .iter()
+                .map(|row| parse_uuid(row.get(0), operation))
+                .collect::<Result<_, _>>()?,
+        };
+        // One backward scan of the (project_id, received_at) index per project.
+        let limit = RECENT_EVENTS_PER_PROJECT_MAX as i64;
+        let mut events = Vec::new();
+        for project_id in projects {
+            let rows = self
+                .client
+                .query(
+                    SELECT_RECENT_EVENTS,
+                    &[&project_id.to_string(), &since_us, &limit],
+                )
+                .map_err(|error| pg_error(operation, error))?;
+            for row in rows.iter().rev() {
+                events.push(RecentEvent {
+                    project_id,
+                    id: parse_uuid(row.get(0), operation)?,
+                    received_at_us: row.get(1),
+                });
+            }
+        }
+        events.sort_by_key(|event| event.received_at_us);
+        Ok(events)
     }
 
     fn directory(&mut self) -> Result<Snapshot, StoreError> {

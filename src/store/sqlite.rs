@@ -13,8 +13,9 @@ use rusqlite::{ffi, Connection, ErrorCode, OptionalExtension, TransactionBehavio
 use uuid::Uuid;
 
 use super::{
-    retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
-    ProjectRow, Scope, Snapshot, StoreError, StoreErrorKind,
+    now_us, retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
+    ProjectRow, RecentEvent, Scope, Snapshot, StoreError, StoreErrorKind, RECENT_EVENTS_SCAN_MAX,
+    RECENT_EVENTS_US,
 };
 
 const BACKEND: &str = "sqlite";
@@ -484,9 +485,41 @@ impl Backend for SqliteBackend {
                 projects,
                 keys,
                 issues,
+                recent_events: Vec::new(),
             })
         };
-        load().map_err(|error| sqlite_error("load", error))
+        let mut snapshot = load().map_err(|error| sqlite_error("load", error))?;
+        snapshot.recent_events = self.recent_events(None, now_us() - RECENT_EVENTS_US)?;
+        Ok(snapshot)
+    }
+
+    fn recent_events(
+        &mut self,
+        project_id: Option<Uuid>,
+        since_us: i64,
+    ) -> Result<Vec<RecentEvent>, StoreError> {
+        // Rows are numbered in insertion order: the newest are a range of rowids, read without
+        // a scan of the table.
+        let scan_max = RECENT_EVENTS_SCAN_MAX as i64;
+        let project = project_id.map(|id| id.as_bytes().to_vec());
+        let read = || -> rusqlite::Result<Vec<RecentEvent>> {
+            self.connection
+                .prepare(
+                    "SELECT project_id, id, received_at_us FROM events
+                     WHERE rowid > (SELECT coalesce(max(rowid), 0) FROM events) - ?1
+                       AND received_at_us > ?2 AND (?3 IS NULL OR project_id = ?3)
+                     ORDER BY received_at_us, rowid",
+                )?
+                .query_map(rusqlite::params![scan_max, since_us, project], |row| {
+                    Ok(RecentEvent {
+                        project_id: Uuid::from_bytes(row.get(0)?),
+                        id: Uuid::from_bytes(row.get(1)?),
+                        received_at_us: row.get(2)?,
+                    })
+                })?
+                .collect()
+        };
+        read().map_err(|error| sqlite_error("recent events", error))
     }
 
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError> {

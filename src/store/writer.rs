@@ -16,7 +16,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{now_us, Backend, Change, EventRow, IssueRow, Snapshot, StoreError, StoreErrorKind};
+use super::{
+    now_us, Backend, Change, EventRow, IssueRow, RecentEvent, Snapshot, StoreError, StoreErrorKind,
+    RECENT_EVENTS_US,
+};
+
+/// One project's stored state, for a node taking it over.
+#[derive(Debug)]
+pub struct ProjectRows {
+    pub issues: Vec<IssueRow>,
+    pub recent_events: Vec<RecentEvent>,
+}
 
 /// First wait after a failed commit; doubled after each further failure.
 const RETRY_BACKOFF_INITIAL_MS: u64 = 100;
@@ -130,7 +140,7 @@ enum Command {
     },
     ProjectIssues {
         project_id: Uuid,
-        reply: oneshot::Sender<Result<Vec<IssueRow>, StoreError>>,
+        reply: oneshot::Sender<Result<ProjectRows, StoreError>>,
     },
     HasIssue {
         issue_id: Uuid,
@@ -335,12 +345,12 @@ impl Store {
         }
     }
 
-    /// A project's stored issues (a node taking the project over), read after everything
-    /// submitted before it is committed.
+    /// A project's stored issues and the events of its dedupe window (a node taking the
+    /// project over), read after everything submitted before it is committed.
     pub fn project_issues(
         &self,
         project_id: Uuid,
-        reply: oneshot::Sender<Result<Vec<IssueRow>, StoreError>>,
+        reply: oneshot::Sender<Result<ProjectRows, StoreError>>,
     ) {
         let command = Command::ProjectIssues { project_id, reply };
         if let Err(Command::ProjectIssues { reply, .. }) = self.inner.commands.send(command) {
@@ -682,7 +692,13 @@ impl Writer {
             }
             Command::ProjectIssues { project_id, reply } => {
                 self.flush();
-                let result = self.query(|backend| backend.project_issues(project_id));
+                let since_us = now_us() - RECENT_EVENTS_US;
+                let result = self.query(|backend| {
+                    Ok(ProjectRows {
+                        issues: backend.project_issues(project_id)?,
+                        recent_events: backend.recent_events(Some(project_id), since_us)?,
+                    })
+                });
                 let _ = reply.send(result);
             }
             Command::HasIssue { issue_id, reply } => {
@@ -873,6 +889,13 @@ mod tests {
         }
         fn has_issue(&mut self, _: Uuid) -> Result<bool, StoreError> {
             Ok(false)
+        }
+        fn recent_events(
+            &mut self,
+            _: Option<Uuid>,
+            _: i64,
+        ) -> Result<Vec<RecentEvent>, StoreError> {
+            Ok(Vec::new())
         }
         fn latest_events(&mut self, _: Uuid, _: usize) -> Result<Vec<EventRow>, StoreError> {
             Ok(Vec::new())
