@@ -629,6 +629,82 @@ fn the_owner_killed_under_load_loses_no_acknowledged_event() {
     let _ = nodes.remove(0).wait(Duration::from_secs(5));
 }
 
+/// A node that loses its lock connection while alive (a PostgreSQL hiccup) keeps the other
+/// nodes waiting until the store has what it took: the node taking over then finds every event
+/// and issue there, and no fingerprint gets a second issue.
+#[test]
+fn a_node_that_loses_its_lock_hands_over_only_what_is_stored() {
+    let nodes = start_nodes(2, &nats_url(), &[]);
+    let project = nodes[0].project("handover");
+    wait_known(&nodes, &project);
+    let post = |node: &Server, fingerprint: &str| {
+        node.event(
+            &project.ingest_key,
+            &json!({"message": fingerprint, "fingerprint": [fingerprint]}),
+        )
+    };
+    // Node 0 takes the project over, and its first issue is stored.
+    assert_eq!(post(&nodes[0], "first").0, 202);
+    let url = nodes[0].database_url.clone().unwrap();
+    let mut db = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || {
+        db.query_one("SELECT count(*) FROM issues", &[])
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    }));
+    // Node 0's writes wait behind a lock the test holds; five events of a new issue queue.
+    let mut blocker = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let mut hold = blocker.transaction().unwrap();
+    hold.batch_execute("LOCK TABLE issues IN EXCLUSIVE MODE")
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(post(&nodes[0], "queued").0, 202);
+    }
+    // Node 0's lock connection ends (the project's advisory lock with it).
+    let key = uuid::Uuid::parse_str(&project.id).unwrap().as_u64_pair().1 as i64;
+    let terminated: bool = db
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'
+             AND ((classid::int8 << 32) | objid::int8) = $1",
+            &[&key],
+        )
+        .unwrap()
+        .get(0);
+    assert!(terminated);
+    thread::sleep(Duration::from_secs(2));
+    // Meanwhile node 1 is told to come back later, not given the project without those rows.
+    let (status, body) = post(&nodes[1], "queued");
+    assert_eq!(status, 503, "{body}");
+    hold.commit().unwrap();
+    // Once node 0's rows are written, node 1 takes over and counts on from them.
+    let accepted = wait_until(Duration::from_secs(15), || {
+        post(&nodes[1], "queued").0 == 202
+    });
+    assert!(accepted, "node 1 takes the project over");
+    let issues = nodes[1].all_issues(&project);
+    let counts: Vec<(String, u64)> = issues
+        .iter()
+        .map(|i| {
+            (
+                i["title"].as_str().unwrap().to_string(),
+                i["event_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(counts.len(), 2, "{counts:?}");
+    assert!(counts.contains(&("queued".to_string(), 6)), "{counts:?}");
+    let mut store = nodes[1].store_reader();
+    store.assert_event_rows(7);
+    let row = db
+        .query_one(
+            "SELECT count(*), count(DISTINCT fingerprint_hash) FROM issues",
+            &[],
+        )
+        .unwrap();
+    assert_eq!((row.get::<_, i64>(0), row.get::<_, i64>(1)), (2, 2));
+}
+
 /// A `nats-server` of this test's own, stopped when dropped.
 struct OwnNats(std::process::Child);
 

@@ -59,6 +59,9 @@ fn update_watched(
 #[derive(Default)]
 struct Owned {
     projects: IdMap<Uuid, Project>,
+    /// Projects whose lock this node lost while what it took for them is still on its way to
+    /// the store: other nodes are told to wait, so that none takes one over without it.
+    handing_over: HashSet<Uuid>,
     /// Slugs of projects being created (shard 0 only).
     pending_slugs: HashSet<String>,
     /// Projects this node is taking over (several nodes), with who waits for the outcome.
@@ -150,6 +153,11 @@ pub fn issue_rows(touched: &[(Uuid, Uuid)], changes: &mut Vec<Change>) {
 
 fn with_project<T>(project_id: Uuid, f: impl FnOnce(&mut Project) -> T) -> T {
     OWNED.with_borrow_mut(|owned| f(owned.projects.entry(project_id).or_default()))
+}
+
+/// Whether this node lost the project's lock and is still writing what it took for it.
+pub(super) fn handing_over(project_id: &Uuid) -> bool {
+    OWNED.with_borrow(|owned| owned.handing_over.contains(project_id))
 }
 
 /// Whether this shard serves the project as its owner. Alone, a node owns every project (a
@@ -256,15 +264,39 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
 }
 
 /// This node lost its lock connection, and with it every project: their subscribers here are
-/// closed (they reconnect and reach the new owner), their state is dropped.
+/// closed (they reconnect and reach the new owner), their state is dropped. Until the store
+/// has what this node took for them, it keeps answering their owner subject, telling other
+/// nodes to wait: a node taking one over loads it from the store, and must find it all there.
 pub fn disowned(shard: &Rc<Shard>) {
-    let dropped: Vec<(Uuid, Project)> =
-        OWNED.with_borrow_mut(|owned| owned.projects.drain().collect());
     let Some(cluster) = cluster::current() else {
         return;
     };
+    // This turn's rows are built from the projects' state: handed over before it is dropped.
+    let (ack, written) = oneshot::channel();
+    shard.flush_store(Some(ack));
+    let dropped: Vec<(Uuid, Project)> = OWNED.with_borrow_mut(|owned| {
+        let dropped: Vec<_> = owned.projects.drain().collect();
+        owned
+            .handing_over
+            .extend(dropped.iter().map(|(project_id, _)| *project_id));
+        dropped
+    });
+    let handed: Vec<Uuid> = dropped.iter().map(|(project_id, _)| *project_id).collect();
+    tokio_uring::spawn(async move {
+        // The writer retries until the database takes the rows (or refuses them for good).
+        let _ = written.await;
+        OWNED.with_borrow_mut(|owned| {
+            for project_id in &handed {
+                owned.handing_over.remove(project_id);
+            }
+        });
+        if let Some(cluster) = cluster::current() {
+            for project_id in handed {
+                cluster.stop_owner(project_id);
+            }
+        }
+    });
     for (project_id, project) in dropped {
-        cluster.stop_owner(project_id);
         cluster.metrics().ownership_lost.fetch_add(1, Relaxed);
         let mut stream = project.stream;
         on_stream(shard, &mut stream, |stream| stream.forget());

@@ -74,6 +74,9 @@ pub enum Reply {
     Resumed(Resumption),
     /// The node no longer owns the project (it lost its lock): ask again.
     NotOwner,
+    /// The node lost the project's lock and is writing what it took for it: wait, then ask
+    /// again (taking the project over before would miss those rows).
+    HandingOver,
     /// Taken note of (an `Interest`).
     Noted,
 }
@@ -134,6 +137,11 @@ pub async fn ask(shard: &Rc<Shard>, to: usize, project_id: Uuid, request: &Reque
         let failed = match answer {
             Ok(bytes) => match postcard::from_bytes::<Reply>(&bytes) {
                 Ok(Reply::NotOwner) => RemoteError::NoOwner,
+                Ok(Reply::HandingOver) if shard.now_ms() < deadline_ms => {
+                    shard.sleep(OWNER_RETRY_MS).await;
+                    continue;
+                }
+                Ok(Reply::HandingOver) => RemoteError::TimedOut,
                 Ok(reply) => {
                     cluster.metrics().forwarded_answered.fetch_add(1, Relaxed);
                     return Asked::Answered(reply);
@@ -193,6 +201,9 @@ pub fn serve(shard: &Rc<Shard>, project_id: Uuid, payload: Bytes, responder: Res
         cluster.metrics().served.fetch_add(1, Relaxed);
     }
     let answer = |reply: Reply| responder.send(encode(&reply));
+    if projects::handing_over(&project_id) {
+        return answer(Reply::HandingOver);
+    }
     if !projects::owns(&project_id) {
         return answer(Reply::NotOwner);
     }
