@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::ingest::event::{cut_at_char_boundary, Level, TITLE_BYTES_MAX};
 use crate::ingest::fingerprint::FingerprintHash;
-use crate::store::IssueRow;
+use crate::store::{IssueRow, RECENT_EVENT_IDS_MAX, RECENT_EVENT_IDS_TTL_US};
 use crate::IdMap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -179,18 +179,6 @@ struct RateWindow {
     minute: i64,
     used: u64,
 }
-
-/// How long a project remembers the id of an event it took (PROTOCOL 8): SDKs send an event
-/// again when they are not sure it arrived, and the copy must not count twice.
-/// The store reads the ids of this window when it loads projects, so the memory outlives a
-/// restart and a takeover by another node.
-pub const RECENT_EVENT_IDS_TTL_US: i64 = crate::store::RECENT_EVENTS_US;
-/// Most event ids one project remembers: about 40 bytes each, so at most ~700 KiB for a
-/// project that sends ids, nothing for one that does not (but for the window read at a
-/// start, which expires). Past it the oldest id is forgotten
-/// first, so at more than ~55 events per second the window is shorter than five minutes;
-/// retries come within seconds.
-pub const RECENT_EVENT_IDS_MAX: usize = crate::store::RECENT_EVENTS_PER_PROJECT_MAX;
 
 /// The event ids a project took within the last `RECENT_EVENT_IDS_TTL_US`, oldest first.
 #[derive(Default)]

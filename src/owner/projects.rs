@@ -38,22 +38,6 @@ struct Project {
     state: ProjectState,
     watchers: Watchers,
     stream: ProjectStream,
-    /// One of several nodes: until when (shard clock, ms) another node is known to mirror the
-    /// stream. Its messages are published over NATS only until then.
-    mirrored_until_ms: u64,
-}
-
-/// Whether anyone watches the stream, here or through another node's mirror whose interest
-/// has not lapsed (then messages are built and kept); answers whether a mirror does.
-fn update_watched(
-    watchers: &Watchers,
-    stream: &mut ProjectStream,
-    mirrored_until_ms: u64,
-    now_ms: u64,
-) -> bool {
-    let mirrored = now_ms < mirrored_until_ms;
-    stream.set_watched(watchers.any() || mirrored, now_ms);
-    mirrored
 }
 
 #[derive(Default)]
@@ -228,16 +212,12 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
             state,
             watchers: super::mirror::stop(&cluster, project_id),
             stream: ProjectStream::new(),
-            // The previous owner's mirrors are unknown here until they tell their interest:
-            // until then, every message is published.
-            mirrored_until_ms: now_ms + super::mirror::TAKEOVER_LEASE_MS,
         };
-        update_watched(
-            &project.watchers,
-            &mut project.stream,
-            project.mirrored_until_ms,
-            now_ms,
-        );
+        let stream = &mut project.stream;
+        stream.set_watched(project.watchers.any(), now_ms);
+        // The previous owner's mirrors are unknown here until they tell their interest: until
+        // then, every message is published.
+        stream.set_mirrored_until(now_ms + super::mirror::TAKEOVER_LEASE_MS);
         let announcement = vec![stream::epoch_message(
             project.stream.next_offset(),
             project.stream.epoch(),
@@ -253,7 +233,6 @@ async fn take_over(shard: &Rc<Shard>, project_id: Uuid) -> bool {
             &project.stream,
             &project.watchers,
             announcement,
-            true,
         );
         owned.projects.insert(project_id, project);
     });
@@ -274,26 +253,17 @@ pub fn disowned(shard: &Rc<Shard>) {
     // This turn's rows are built from the projects' state: handed over before it is dropped.
     let (ack, written) = oneshot::channel();
     shard.flush_store(Some(ack));
-    let dropped: Vec<(Uuid, Project)> = OWNED.with_borrow_mut(|owned| {
-        let dropped: Vec<_> = owned.projects.drain().collect();
-        owned
-            .handing_over
-            .extend(dropped.iter().map(|(project_id, _)| *project_id));
-        dropped
-    });
+    let dropped: Vec<(Uuid, Project)> =
+        OWNED.with_borrow_mut(|owned| owned.projects.drain().collect());
     let handed: Vec<Uuid> = dropped.iter().map(|(project_id, _)| *project_id).collect();
+    OWNED.with_borrow_mut(|owned| owned.handing_over.extend(&handed));
+    let handing = cluster.clone();
     tokio_uring::spawn(async move {
         // The writer retries until the database takes the rows (or refuses them for good).
         let _ = written.await;
-        OWNED.with_borrow_mut(|owned| {
-            for project_id in &handed {
-                owned.handing_over.remove(project_id);
-            }
-        });
-        if let Some(cluster) = cluster::current() {
-            for project_id in handed {
-                cluster.stop_owner(project_id);
-            }
+        for project_id in handed {
+            OWNED.with_borrow_mut(|owned| owned.handing_over.remove(&project_id));
+            handing.stop_owner(project_id);
         }
     });
     for (project_id, project) in dropped {
@@ -316,12 +286,11 @@ fn publish(
     stream: &ProjectStream,
     watchers: &Watchers,
     items: Vec<Published>,
-    mirrored: bool,
 ) {
     if items.is_empty() {
         return;
     }
-    if mirrored {
+    if stream.is_mirrored(shard.now_ms()) {
         cluster::with(|cluster| {
             let batch = stream::encode_batch(stream.epoch(), &items);
             cluster.publish_frames(&project_id, batch);
@@ -395,7 +364,6 @@ pub(super) fn ingest(
             state,
             watchers,
             stream,
-            mirrored_until_ms,
         } = project;
         // SDKs send an event again when unsure it arrived: a request whose events all carry
         // ids taken within the dedupe window is answered without counting them again.
@@ -475,7 +443,6 @@ pub(super) fn ingest(
         let mut turn = shard.store_turn();
         // Stream messages are built only when someone watches the project or could resume.
         let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
-        let mirrored = update_watched(watchers, stream, *mirrored_until_ms, now_ms);
         let builds = stream.builds(now_ms, &limits);
         let mut items = Vec::new();
         let mut skipped_messages = 0;
@@ -568,7 +535,7 @@ pub(super) fn ingest(
             }
             stream.keep(&items, now_ms, &limits);
         });
-        publish(shard, project_id, stream, watchers, items, mirrored);
+        publish(shard, project_id, stream, watchers, items);
         Ok(outcomes)
     });
     let outcomes = match accepted {
@@ -606,7 +573,6 @@ pub(super) fn set_status(
             state,
             watchers,
             stream,
-            mirrored_until_ms,
         } = owned.projects.get_mut(&project_id)?;
         let count_before = state.unresolved_count();
         let (changed, issue) = state.set_status(&issue_id, status)?;
@@ -615,7 +581,6 @@ pub(super) fn set_status(
         }
         shard.store_turn().touch(project_id, issue_id);
         let (now_ms, limits) = (shard.now_ms(), history_limits(shard));
-        let mirrored = update_watched(watchers, stream, *mirrored_until_ms, now_ms);
         if !stream.builds(now_ms, &limits) {
             let counted = state.unresolved_count() != count_before;
             on_stream(shard, stream, |stream| stream.skip(1 + u64::from(counted)));
@@ -632,7 +597,7 @@ pub(super) fn set_status(
             ));
         }
         on_stream(shard, stream, |stream| stream.keep(&items, now_ms, &limits));
-        publish(shard, project_id, stream, watchers, items, mirrored);
+        publish(shard, project_id, stream, watchers, items);
         Some(true)
     })
 }
@@ -743,12 +708,7 @@ pub(super) fn unwatch(shard: &Shard, project_id: Uuid, from: usize) {
     let now_ms = shard.now_ms();
     with_project(project_id, |project| {
         project.watchers.remove(from);
-        update_watched(
-            &project.watchers,
-            &mut project.stream,
-            project.mirrored_until_ms,
-            now_ms,
-        );
+        project.stream.set_watched(project.watchers.any(), now_ms);
     });
 }
 
@@ -757,13 +717,8 @@ pub(super) fn unwatch(shard: &Shard, project_id: Uuid, from: usize) {
 pub(super) fn mirrored(shard: &Shard, project_id: Uuid) {
     let now_ms = shard.now_ms();
     with_project(project_id, |project| {
-        project.mirrored_until_ms = now_ms + super::mirror::INTEREST_LEASE_MS;
-        update_watched(
-            &project.watchers,
-            &mut project.stream,
-            project.mirrored_until_ms,
-            now_ms,
-        );
+        let until_ms = now_ms + super::mirror::INTEREST_LEASE_MS;
+        project.stream.set_mirrored_until(until_ms);
     });
 }
 

@@ -162,19 +162,30 @@ pub struct Snapshot {
     pub projects: Vec<ProjectRow>,
     pub keys: Vec<KeyRow>,
     pub issues: Vec<IssueRow>,
-    /// Events of the dedupe window (`RECENT_EVENTS_US`), so an SDK's retry after a restart is
+    /// Events of the dedupe window (`RECENT_EVENT_IDS_TTL_US`), so an SDK's retry after a restart is
     /// known as one.
     pub recent_events: Vec<RecentEvent>,
 }
 
-/// How far back the ids of received events are read when projects are loaded: the window
-/// within which a repeated event id is a retry (PROTOCOL 8; `issues::RECENT_EVENT_IDS_TTL_US`).
-pub const RECENT_EVENTS_US: i64 = 5 * 60 * 1_000_000;
-/// Most ids read per project: the most a project remembers (`issues::RECENT_EVENT_IDS_MAX`).
-pub const RECENT_EVENTS_PER_PROJECT_MAX: usize = 16_384;
+/// How long a project remembers the id of an event it took (PROTOCOL 8): SDKs send an event
+/// again when they are not sure it arrived, and the copy must not count twice. The store
+/// reads the ids of this window back when it loads projects, so the memory outlives a restart
+/// and a takeover by another node.
+pub const RECENT_EVENT_IDS_TTL_US: i64 = 5 * 60 * 1_000_000;
+/// Most event ids one project remembers (and the store reads back): about 40 bytes each, so
+/// at most ~700 KiB for a project that sends ids, nothing for one that does not (but for the
+/// window read at a start, which expires). Past it the oldest id is forgotten first, so at
+/// more than ~55 events per second the window is shorter than five minutes; retries come
+/// within seconds.
+pub const RECENT_EVENT_IDS_MAX: usize = 16_384;
 /// Most rows SQLite looks at for every project's (the newest by insertion order), so a
 /// start after a burst stays quick.
 const RECENT_EVENTS_SCAN_MAX: usize = 262_144;
+
+/// Where the dedupe window starts now: events received after it are read back.
+fn recent_since_us() -> i64 {
+    now_us() - RECENT_EVENT_IDS_TTL_US
+}
 
 /// An event received within the dedupe window.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -302,7 +313,7 @@ pub trait Backend: Send + 'static {
     /// within the batch keep the last row.
     fn commit(&mut self, batch: &[Change]) -> Result<(), StoreError>;
     /// Events received after `since_us`, oldest first: of one project or of every one, at most
-    /// `RECENT_EVENTS_PER_PROJECT_MAX` (the newest) per project.
+    /// `RECENT_EVENT_IDS_MAX` (the newest) per project.
     fn recent_events(
         &mut self,
         project_id: Option<Uuid>,

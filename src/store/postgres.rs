@@ -16,9 +16,9 @@ use ::postgres::{Client, Config, NoTls, Statement};
 use uuid::Uuid;
 
 use super::{
-    now_us, retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
-    ProjectRow, RecentEvent, Scope, Snapshot, StoreError, StoreErrorKind, MICROS_PER_DAY,
-    RECENT_EVENTS_PER_PROJECT_MAX, RECENT_EVENTS_US,
+    recent_since_us, retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow,
+    Migration, ProjectRow, RecentEvent, Scope, Snapshot, StoreError, StoreErrorKind,
+    MICROS_PER_DAY, RECENT_EVENT_IDS_MAX,
 };
 
 const BACKEND: &str = "postgres";
@@ -594,7 +594,7 @@ impl Backend for PostgresBackend {
         {
             snapshot.issues.push(issue_row(&row, "load")?);
         }
-        snapshot.recent_events = self.recent_events(None, now_us() - RECENT_EVENTS_US)?;
+        snapshot.recent_events = self.recent_events(None, recent_since_us())?;
         Ok(snapshot)
     }
 
@@ -615,7 +615,7 @@ impl Backend for PostgresBackend {
                 .collect::<Result<_, _>>()?,
         };
         // One backward scan of the (project_id, received_at) index per project.
-        let limit = RECENT_EVENTS_PER_PROJECT_MAX as i64;
+        let limit = RECENT_EVENT_IDS_MAX as i64;
         let mut events = Vec::new();
         for project_id in projects {
             let rows = self

@@ -13,9 +13,9 @@ use rusqlite::{ffi, Connection, ErrorCode, OptionalExtension, TransactionBehavio
 use uuid::Uuid;
 
 use super::{
-    now_us, retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow, Migration,
-    ProjectRow, RecentEvent, Scope, Snapshot, StoreError, StoreErrorKind, RECENT_EVENTS_SCAN_MAX,
-    RECENT_EVENTS_US,
+    recent_since_us, retention_cutoff_us, Backend, BatchRows, Change, EventRow, IssueRow, KeyRow,
+    Migration, ProjectRow, RecentEvent, Scope, Snapshot, StoreError, StoreErrorKind,
+    RECENT_EVENTS_SCAN_MAX,
 };
 
 const BACKEND: &str = "sqlite";
@@ -489,7 +489,7 @@ impl Backend for SqliteBackend {
             })
         };
         let mut snapshot = load().map_err(|error| sqlite_error("load", error))?;
-        snapshot.recent_events = self.recent_events(None, now_us() - RECENT_EVENTS_US)?;
+        snapshot.recent_events = self.recent_events(None, recent_since_us())?;
         Ok(snapshot)
     }
 

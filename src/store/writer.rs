@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    now_us, Backend, Change, EventRow, IssueRow, RecentEvent, Snapshot, StoreError, StoreErrorKind,
-    RECENT_EVENTS_US,
+    now_us, recent_since_us, Backend, Change, EventRow, IssueRow, RecentEvent, Snapshot,
+    StoreError, StoreErrorKind,
 };
 
 /// One project's stored state, for a node taking it over.
@@ -692,7 +692,7 @@ impl Writer {
             }
             Command::ProjectIssues { project_id, reply } => {
                 self.flush();
-                let since_us = now_us() - RECENT_EVENTS_US;
+                let since_us = recent_since_us();
                 let result = self.query(|backend| {
                     Ok(ProjectRows {
                         issues: backend.project_issues(project_id)?,

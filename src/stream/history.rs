@@ -6,9 +6,9 @@
 //! one produced (or empty), bounded by count, bytes and age.
 //!
 //! Frames cost time to build, so the owner builds them only while someone could want them:
-//! while the project has subscribers, and for the history's age bound after the last one left
-//! (a client that left longer ago could not recover anyway: what followed its leaving has
-//! expired). Meanwhile offsets still advance, and the history is emptied, so a resume across
+//! while the project has subscribers (here, or on another node that mirrors the stream), and
+//! for the history's age bound after the last one left (a client that left longer ago could
+//! not recover anyway: what followed its leaving has expired). Meanwhile offsets still advance, and the history is emptied, so a resume across
 //! that stretch is told it did not recover.
 
 use std::collections::VecDeque;
@@ -53,6 +53,8 @@ pub struct ProjectStream {
     /// when none ever was.
     left_at_ms: Option<u64>,
     watched: bool,
+    /// One of several nodes: until when another node is known to mirror the stream (0: never).
+    mirrored_until_ms: u64,
 }
 
 impl Default for ProjectStream {
@@ -71,6 +73,7 @@ impl ProjectStream {
             kept_bytes: 0,
             left_at_ms: None,
             watched: false,
+            mirrored_until_ms: 0,
         }
     }
 
@@ -116,13 +119,26 @@ impl ProjectStream {
         self.watched = watched;
     }
 
+    /// Another node mirrors the stream until `until_ms` (its interest's lease).
+    pub fn set_mirrored_until(&mut self, until_ms: u64) {
+        self.mirrored_until_ms = until_ms;
+    }
+
+    /// Whether another node mirrors the stream: then its messages are published for it.
+    pub fn is_mirrored(&self, now_ms: u64) -> bool {
+        now_ms < self.mirrored_until_ms
+    }
+
     /// Whether messages are to be built now (see the module docs).
     pub fn builds(&self, now_ms: u64, limits: &HistoryLimits) -> bool {
-        self.watched
-            || (limits.messages_max > 0
-                && self
-                    .left_at_ms
-                    .is_some_and(|left| now_ms.saturating_sub(left) < limits.ttl_ms))
+        if self.watched || self.is_mirrored(now_ms) {
+            return true;
+        }
+        // Unwatched since the later of the last subscriber leaving and the last lease ending.
+        let mirror_left = (self.mirrored_until_ms > 0).then_some(self.mirrored_until_ms);
+        let left = self.left_at_ms.max(mirror_left);
+        limits.messages_max > 0
+            && left.is_some_and(|left| now_ms.saturating_sub(left) < limits.ttl_ms)
     }
 
     /// `messages` were produced without being built: their offsets are taken, and the history
@@ -307,5 +323,25 @@ mod tests {
         assert_eq!(stream.kept_bytes(), 0);
         assert!(!stream.resume(&since(&stream, 2), 5_500, &LIMITS).recovered);
         assert!(stream.resume(&since(&stream, 5), 5_500, &LIMITS).recovered);
+    }
+
+    #[test]
+    fn built_while_mirrored_and_for_the_age_bound_after_the_lease() {
+        let mut stream = ProjectStream::new();
+        stream.set_mirrored_until(3_000);
+        assert!(stream.is_mirrored(2_999) && stream.builds(2_999, &LIMITS));
+        assert!(!stream.is_mirrored(3_000));
+        assert!(
+            stream.builds(3_999, &LIMITS),
+            "within the age bound after the lease"
+        );
+        assert!(!stream.builds(4_000, &LIMITS));
+        stream.set_watched(true, 3_500);
+        stream.set_watched(false, 3_600);
+        assert!(
+            stream.builds(4_599, &LIMITS),
+            "the later of leaving and the lease"
+        );
+        assert!(!stream.builds(4_600, &LIMITS));
     }
 }
